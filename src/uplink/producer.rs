@@ -1,0 +1,222 @@
+//! The idempotent producer's state, without I/O.
+//!
+//! It decides which record goes next, keeps the window of sends awaiting
+//! their receipt, and says what a receipt or a reconnect means for the store.
+//! Records are sent strictly in record-number order on one producer, so the
+//! broker confirms them in that order and "confirmed up to N" is the whole
+//! truth about what the broker holds.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProducerError {
+    #[error("receipt for record {got} while {expected:?} was the oldest in flight")]
+    UnexpectedReceipt { expected: Option<u64>, got: u64 },
+    #[error("record {oldest} has waited more than {waited:?} for its receipt")]
+    ReceiptTimeout { oldest: u64, waited: Duration },
+}
+
+/// What a receipt changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipt {
+    /// Every record up to this number is held by the broker.
+    Confirmed(u64),
+    /// A receipt for a record already confirmed (a resend the broker
+    /// deduplicated); nothing changes.
+    Stale,
+}
+
+#[derive(Debug)]
+pub struct ProducerState {
+    window: usize,
+    /// Sends awaiting their receipt, oldest first, with the time sent.
+    in_flight: VecDeque<(u64, Instant)>,
+    /// Highest record number the broker is known to hold.
+    confirmed: u64,
+    /// Highest record number ever sent by this process, to count resends.
+    highest_sent: u64,
+    /// Resends since the last [`ProducerState::take_resent`].
+    resent: u64,
+    ready: bool,
+}
+
+impl ProducerState {
+    pub fn new(window: usize) -> ProducerState {
+        ProducerState {
+            window: window.max(1),
+            in_flight: VecDeque::new(),
+            confirmed: 0,
+            highest_sent: 0,
+            resent: 0,
+            ready: false,
+        }
+    }
+
+    /// The broker accepted the producer and holds every record up to
+    /// `last_sequence_id` (-1: it knows none). Returns the cursor: records
+    /// above it are to be sent.
+    pub fn on_ready(&mut self, last_sequence_id: i64) -> u64 {
+        self.in_flight.clear();
+        if last_sequence_id >= 0 {
+            self.confirmed = self.confirmed.max(last_sequence_id as u64);
+        }
+        self.ready = true;
+        self.confirmed
+    }
+
+    /// The connection or the producer is gone; whatever was in flight will be
+    /// sent again after the next [`ProducerState::on_ready`].
+    pub fn on_disconnect(&mut self) {
+        self.in_flight.clear();
+        self.ready = false;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// How many more sends the window allows now.
+    pub fn room(&self) -> usize {
+        if self.ready {
+            self.window - self.in_flight.len().min(self.window)
+        } else {
+            0
+        }
+    }
+
+    /// The highest record number sent or confirmed: the next send must be
+    /// above it.
+    pub fn cursor(&self) -> u64 {
+        self.in_flight.back().map(|(s, _)| *s).unwrap_or(self.confirmed)
+    }
+
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Records that a send of `seq` went out.
+    pub fn on_send(&mut self, seq: u64, now: Instant) {
+        debug_assert!(self.ready, "send before the producer is ready");
+        debug_assert!(seq > self.cursor(), "sends must go in increasing order");
+        if seq <= self.highest_sent {
+            self.resent += 1;
+        }
+        self.highest_sent = self.highest_sent.max(seq);
+        self.in_flight.push_back((seq, now));
+    }
+
+    pub fn on_receipt(&mut self, seq: u64) -> Result<Receipt, ProducerError> {
+        match self.in_flight.front() {
+            Some((oldest, _)) if *oldest == seq => {
+                self.in_flight.pop_front();
+                self.confirmed = seq;
+                Ok(Receipt::Confirmed(seq))
+            }
+            _ if seq <= self.confirmed => Ok(Receipt::Stale),
+            front => Err(ProducerError::UnexpectedReceipt {
+                expected: front.map(|(s, _)| *s),
+                got: seq,
+            }),
+        }
+    }
+
+    /// Fails when the oldest send has waited longer than `limit`.
+    pub fn check_timeout(&self, now: Instant, limit: Duration) -> Result<(), ProducerError> {
+        match self.in_flight.front() {
+            Some((seq, sent)) if now.duration_since(*sent) > limit => Err(ProducerError::ReceiptTimeout {
+                oldest: *seq,
+                waited: now.duration_since(*sent),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// When the oldest send times out, if any is in flight.
+    pub fn next_deadline(&self, limit: Duration) -> Option<Instant> {
+        self.in_flight.front().map(|(_, sent)| *sent + limit)
+    }
+
+    pub fn take_resent(&mut self) -> u64 {
+        std::mem::take(&mut self.resent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_confirm_in_order_and_free_the_window() {
+        let now = Instant::now();
+        let mut p = ProducerState::new(3);
+        assert_eq!(p.room(), 0, "no sends before the broker accepted the producer");
+        assert_eq!(p.on_ready(-1), 0);
+        for s in 1..=3 {
+            p.on_send(s, now);
+        }
+        assert_eq!(p.room(), 0);
+        assert_eq!(p.on_receipt(1), Ok(Receipt::Confirmed(1)));
+        assert_eq!(p.room(), 1);
+        assert_eq!(p.cursor(), 3);
+        assert_eq!(
+            p.on_receipt(3),
+            Err(ProducerError::UnexpectedReceipt {
+                expected: Some(2),
+                got: 3
+            })
+        );
+        assert_eq!(p.on_receipt(1), Ok(Receipt::Stale));
+    }
+
+    #[test]
+    fn resume_starts_after_the_brokers_last_sequence_id() {
+        let now = Instant::now();
+        let mut p = ProducerState::new(10);
+        p.on_ready(-1);
+        for s in 1..=5 {
+            p.on_send(s, now);
+        }
+        p.on_receipt(1).unwrap();
+        p.on_disconnect();
+        assert_eq!(p.room(), 0);
+        // The broker persisted up to 3 although only 1 was confirmed to us.
+        assert_eq!(p.on_ready(3), 3);
+        assert_eq!(p.cursor(), 3);
+        p.on_send(4, now);
+        p.on_send(5, now);
+        p.on_send(6, now);
+        assert_eq!(p.take_resent(), 2, "4 and 5 went out twice; 6 is new");
+        assert_eq!(p.take_resent(), 0);
+    }
+
+    #[test]
+    fn a_broker_that_knows_less_never_moves_the_cursor_back() {
+        let mut p = ProducerState::new(10);
+        p.on_ready(-1);
+        p.on_send(1, Instant::now());
+        p.on_receipt(1).unwrap();
+        p.on_disconnect();
+        assert_eq!(p.on_ready(-1), 1);
+    }
+
+    #[test]
+    fn the_oldest_send_times_out() {
+        let t0 = Instant::now();
+        let mut p = ProducerState::new(10);
+        p.on_ready(-1);
+        p.on_send(1, t0);
+        p.on_send(2, t0 + Duration::from_secs(5));
+        let limit = Duration::from_secs(10);
+        assert!(p.check_timeout(t0 + Duration::from_secs(9), limit).is_ok());
+        assert!(matches!(
+            p.check_timeout(t0 + Duration::from_secs(11), limit),
+            Err(ProducerError::ReceiptTimeout { oldest: 1, .. })
+        ));
+        assert_eq!(p.next_deadline(limit), Some(t0 + limit));
+    }
+}
