@@ -96,6 +96,14 @@ pub async fn run(
                     break Err(e.into());
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused {
+                    tracing::error!(pkid = ack.pkid, "mqtt broker refused a subscription");
+                } else {
+                    tracing::info!(pkid = ack.pkid, "mqtt subscribed");
+                }
+            }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 let n = epoch.fetch_add(1, Ordering::AcqRel) + 1;

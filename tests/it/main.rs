@@ -1,1 +1,10 @@
-fn main(){}
+//! Integration tests: ferry against the real Pulsar and Mosquitto.
+//!
+//! One test binary (see Cargo.toml, `autotests = false`); every scenario is a
+//! module. The harness starts the broker stack once with
+//! `tests/stack/stack up` and fails, never skips, when it cannot.
+
+mod bad_input;
+mod harness;
+mod outage;
+mod stream;

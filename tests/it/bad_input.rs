@@ -1,0 +1,103 @@
+//! Bad input gets a clear error, and nothing is lost.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[test]
+fn an_invalid_config_lists_every_error_with_its_path_and_exits_2() {
+    let dir = test_dir("badconfig");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+gateway_id = "gw 1"
+[mqtt]
+port = 70000
+[[mqtt.subscriptions]]
+filter = "devices/+/state"
+device_id_level = 2
+[pulsar]
+service_url = "http://broker:6650"
+topic = "device-status"
+[store]
+path = ""
+"#,
+    )
+    .unwrap();
+    for sub in ["check", "run"] {
+        let out = Command::new(ferry_bin()).args([sub, "--config"]).arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        report("badconfig", &format!("ferry {sub} exit {:?}:\n{stderr}", out.status.code()));
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        for line in [
+            "gateway_id: must be 1 to 64 characters",
+            "mqtt.port: must be between 1 and 65535, found 70000",
+            "mqtt.subscriptions[0].device_id_level: level 2 of `devices/+/state` is the fixed word `state`",
+            "pulsar.service_url: `http://broker:6650` must start with pulsar://",
+            "pulsar.topic: `device-status` must be fully qualified",
+            "store.path: must not be empty",
+        ] {
+            assert!(stderr.contains(line), "missing `{line}` in:\n{stderr}");
+        }
+        assert!(stderr.contains("6 problems"), "{stderr}");
+    }
+}
+
+#[test]
+fn the_example_config_passes_check() {
+    let out = Command::new(ferry_bin())
+        .args(["check", "--config"])
+        .arg(repo().join("config/ferry.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_is_dead_lettered_and_the_updates_behind_it_flow() {
+    let (stack, _shared) = Stack::shared();
+    let ns = Namespace::create(stack, "poison").await;
+    let topic = ns.topic("device-status");
+    let prefix = unique("poison");
+    let mut ferry = Ferry::new(stack, "poison", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", Duration::from_secs(30)).await;
+
+    let mut devices = Devices::connect(stack, &prefix, 10).await;
+    devices.publish_rounds(0, 5).await;
+    let poison_topic = devices.topic("dev-0003");
+    devices.publish_raw(&poison_topic, vec![b'x'; 5000]).await;
+    devices.publish_rounds(5, 10).await;
+    ferry.wait_drained(100, Duration::from_secs(60)).await;
+
+    let c = ferry.counters();
+    report("poison", &format!("counters: {c:?}"));
+    assert_eq!(c.get("dead_lettered").copied(), Some(1));
+    assert_eq!(c.get("received").copied(), Some(101));
+    let db = rusqlite::Connection::open(ferry.store_path()).unwrap();
+    let (topic_dl, size, reason): (String, i64, String) = db
+        .query_row("SELECT mqtt_topic, size, reason FROM dead_letters", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((topic_dl.as_str(), size), (poison_topic.as_str(), 5000));
+    assert!(reason.contains("max_payload_bytes"), "{reason}");
+
+    let msgs = read_topic(stack, &topic, false, 100, Duration::from_secs(30)).await;
+    let t = tally(&msgs, &devices.ids, 10);
+    assert_eq!(
+        t,
+        Tally {
+            received: 100,
+            lost: 0,
+            duplicated: 0,
+            out_of_order: 0
+        }
+    );
+    assert!(ferry.log_text().contains("message dead-lettered"));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}

@@ -1,0 +1,541 @@
+//! The test harness: the real broker stack, ferry as a child process,
+//! simulated devices, and a real Pulsar consumer that counts what arrived.
+//!
+//! The stack (Pulsar standalone + Mosquitto) is started once per test run by
+//! `tests/stack/stack up`, which reuses a stack already up. Each test gets its
+//! own Pulsar namespace, topic, MQTT topic prefix and client ids. Tests that
+//! stop a broker take the stack lock exclusively; the others share it.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use pulsar::consumer::InitialPosition;
+use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn env_port(name: &str, default: u16) -> u16 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Where the stack listens.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub pulsar_port: u16,
+    pub web_port: u16,
+    pub mqtt_port: u16,
+}
+
+static STACK: OnceLock<Stack> = OnceLock::new();
+static STACK_LOCK: RwLock<()> = RwLock::new(());
+
+impl Stack {
+    /// Brings the stack up once (or reuses it). Panics when it cannot: a
+    /// test that needs a broker fails without one.
+    pub fn get() -> &'static Stack {
+        STACK.get_or_init(|| {
+            let status = Command::new(repo().join("tests/stack/stack"))
+                .arg("up")
+                .status()
+                .expect("run tests/stack/stack up");
+            assert!(status.success(), "tests/stack/stack up failed: the broker stack is required");
+            Stack {
+                pulsar_port: env_port("FERRY_PULSAR_PORT", 6650),
+                web_port: env_port("FERRY_PULSAR_WEB_PORT", 8080),
+                mqtt_port: env_port("FERRY_MQTT_PORT", 1883),
+            }
+        })
+    }
+
+    /// For tests that leave the brokers running.
+    pub fn shared() -> (&'static Stack, RwLockReadGuard<'static, ()>) {
+        let s = Stack::get();
+        (s, STACK_LOCK.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// For tests that stop and start brokers.
+    pub fn exclusive() -> (&'static Stack, RwLockWriteGuard<'static, ()>) {
+        let s = Stack::get();
+        (s, STACK_LOCK.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn service_url(&self) -> String {
+        format!("pulsar://127.0.0.1:{}", self.pulsar_port)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/admin/v2/{path}", self.web_port)
+    }
+
+    /// Runs a `tests/stack/stack` subcommand (pulsar-stop, mqtt-start, ...).
+    pub fn ctl(&self, what: &str) {
+        let status = Command::new(repo().join("tests/stack/stack"))
+            .arg(what)
+            .status()
+            .expect("run tests/stack/stack");
+        assert!(status.success(), "tests/stack/stack {what} failed");
+    }
+}
+
+/// A unique, short name for this test's resources.
+pub fn unique(name: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 100_000_000;
+    format!("{name}-{t}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A Pulsar namespace of one test, with deduplication on.
+pub struct Namespace {
+    pub name: String,
+    stack: Stack,
+}
+
+impl Namespace {
+    pub async fn create(stack: &Stack, test: &str) -> Namespace {
+        let name = format!("public/{}", unique(test));
+        let http = reqwest::Client::new();
+        let r = http.put(stack.admin(&format!("namespaces/{name}"))).send().await.expect("admin api");
+        assert!(r.status().is_success(), "create namespace {name}: {}", r.status());
+        let r = http
+            .post(stack.admin(&format!("namespaces/{name}/deduplication")))
+            .header("Content-Type", "application/json")
+            .body("true")
+            .send()
+            .await
+            .expect("admin api");
+        assert!(r.status().is_success(), "enable deduplication on {name}: {}", r.status());
+        Namespace {
+            name,
+            stack: stack.clone(),
+        }
+    }
+
+    pub fn topic(&self, local: &str) -> String {
+        format!("persistent://{}/{local}", self.name)
+    }
+
+    /// Triggers compaction of a topic through the admin REST API and waits
+    /// until it has finished.
+    pub async fn compact(&self, local: &str) {
+        let http = reqwest::Client::new();
+        let url = self.stack.admin(&format!("persistent/{}/{local}/compaction", self.name));
+        let r = http.put(&url).send().await.expect("admin api");
+        assert!(r.status().is_success(), "trigger compaction: {}", r.status());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let body: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+            match body["status"].as_str() {
+                Some("SUCCESS") => return,
+                Some("ERROR") => panic!("compaction failed: {body}"),
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "compaction did not finish: {body}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// One message read back from Pulsar.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub sequence_id: u64,
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Received {
+    /// The simulated device's own update counter, from the payload.
+    pub fn n(&self) -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&self.payload).expect("json payload");
+        v["n"].as_u64().expect("n in payload")
+    }
+}
+
+/// Reads a topic from the start until `expected` messages arrived, then keeps
+/// listening for `grace` to catch anything extra (a duplicate). Gives up when
+/// nothing arrives for `idle`.
+pub async fn read_topic(stack: &Stack, topic: &str, compacted: bool, expected: usize, idle: Duration) -> Vec<Received> {
+    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(stack.service_url(), TokioExecutor)
+        .build()
+        .await
+        .expect("pulsar client");
+    let mut consumer = pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription(unique("reader"))
+        .with_subscription_type(SubType::Exclusive)
+        .with_options(ConsumerOptions {
+            initial_position: InitialPosition::Earliest,
+            read_compacted: Some(compacted),
+            durable: Some(false),
+            ..Default::default()
+        })
+        .build::<Vec<u8>>()
+        .await
+        .expect("pulsar consumer");
+    let grace = Duration::from_secs(3);
+    let mut out = Vec::new();
+    loop {
+        let wait = if out.len() >= expected { grace } else { idle };
+        match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(msg))) => {
+                let _ = consumer.ack(&msg).await;
+                let meta = msg.metadata();
+                out.push(Received {
+                    key: meta.partition_key.clone().unwrap_or_default(),
+                    sequence_id: meta.sequence_id,
+                    properties: meta.properties.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect(),
+                    payload: msg.payload.data.clone(),
+                });
+            }
+            Ok(Some(Err(e))) => panic!("consumer error: {e}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
+}
+
+/// What arrived, compared with what the devices published.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub received: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub out_of_order: usize,
+}
+
+/// Checks that each of `devices` sent updates 0..per_device and that the
+/// topic holds each exactly once, in order per device.
+pub fn tally(msgs: &[Received], devices: &[String], per_device: u64) -> Tally {
+    let mut by_device: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for m in msgs {
+        by_device.entry(m.key.as_str()).or_default().push(m.n());
+    }
+    let mut t = Tally {
+        received: msgs.len(),
+        ..Tally::default()
+    };
+    for d in devices {
+        let got = by_device.get(d.as_str()).cloned().unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        let mut last: Option<u64> = None;
+        for n in &got {
+            if !seen.insert(*n) {
+                t.duplicated += 1;
+                continue;
+            }
+            if last.is_some_and(|l| *n < l) {
+                t.out_of_order += 1;
+            }
+            last = Some(*n);
+        }
+        t.lost += (0..per_device).filter(|n| !seen.contains(n)).count();
+    }
+    t
+}
+
+/// Simulated devices publishing through one MQTT connection.
+pub struct Devices {
+    pub ids: Vec<String>,
+    pub prefix: String,
+    client: AsyncClient,
+    acked: tokio::sync::watch::Receiver<usize>,
+    published: usize,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Devices {
+    pub async fn connect(stack: &Stack, prefix: &str, count: usize) -> Devices {
+        let mut opts = MqttOptions::new(unique("devices"), "127.0.0.1", stack.mqtt_port);
+        opts.set_keep_alive(Duration::from_secs(30)).set_inflight(200).set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let (tx, acked) = tokio::sync::watch::channel(0usize);
+        let task = tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        n += 1;
+                        let _ = tx.send(n);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("simulated devices lost the MQTT broker: {e}"),
+                }
+            }
+        });
+        Devices {
+            ids: (0..count).map(|i| format!("dev-{i:04}")).collect(),
+            prefix: prefix.to_string(),
+            client,
+            acked,
+            published: 0,
+            task,
+        }
+    }
+
+    pub fn topic(&self, device: &str) -> String {
+        format!("{}/{device}/state", self.prefix)
+    }
+
+    /// Publishes updates `from..to` of every device, round robin, at QoS 1,
+    /// and waits until the broker acknowledged all of them.
+    pub async fn publish_rounds(&mut self, from: u64, to: u64) {
+        for n in from..to {
+            for d in &self.ids {
+                let payload = format!("{{\"device\":\"{d}\",\"n\":{n}}}");
+                self.client
+                    .publish(self.topic(d), QoS::AtLeastOnce, false, payload)
+                    .await
+                    .expect("publish");
+                self.published += 1;
+            }
+        }
+        self.wait_acked().await;
+    }
+
+    pub async fn publish_raw(&mut self, topic: &str, payload: Vec<u8>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish");
+        self.published += 1;
+        self.wait_acked().await;
+    }
+
+    async fn wait_acked(&mut self) {
+        let want = self.published;
+        tokio::time::timeout(Duration::from_secs(300), self.acked.wait_for(|n| *n >= want))
+            .await
+            .expect("broker acknowledged every publish in time")
+            .expect("device loop alive");
+    }
+
+    pub async fn disconnect(self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// A ferry process with its own config, store and log.
+pub struct Ferry {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// The ferry binary under test: `FERRY_BIN` (for example an ARM build run
+/// through qemu), or the one cargo built.
+pub fn ferry_bin() -> PathBuf {
+    std::env::var_os("FERRY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")))
+}
+
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = repo().join("target/it").join(unique(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Ferry {
+    /// Writes a config for this test; `extra` is appended to it as is.
+    pub fn new(stack: &Stack, test: &str, gateway: &str, mqtt_filter: &str, topic: &str, extra: &str) -> Ferry {
+        let dir = test_dir(test);
+        let config = dir.join("ferry.toml");
+        let text = format!(
+            r#"gateway_id = "{gateway}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt}
+client_id = "ferry-{gateway}"
+
+[[mqtt.subscriptions]]
+filter = "{mqtt_filter}"
+device_id_level = 1
+
+[pulsar]
+service_url = "{url}"
+topic = "{topic}"
+
+[store]
+path = "{store}"
+
+[uplink]
+backoff_max_ms = 2000
+{extra}
+"#,
+            mqtt = stack.mqtt_port,
+            url = stack.service_url(),
+            store = dir.join("ferry.db").display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Ferry {
+            log: dir.join("ferry.log"),
+            dir,
+            config,
+            child: None,
+        }
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.join("ferry.db")
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "ferry already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(ferry_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe_sigterm(c.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("ferry did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Waits until the store has stored `n` records in its life.
+    pub async fn wait_stored(&self, n: i64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !(self.store_path().exists() && self.counters().get("stored").copied().unwrap_or(0) >= n) {
+            assert!(Instant::now() < deadline, "store never held {n} records: {:?}", self.counters());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Rewrites one line of the config file.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains(from), "config has no `{from}`");
+        std::fs::write(&self.config, text.replace(from, to)).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log_text().contains(needle) {
+            assert!(Instant::now() < deadline, "ferry never logged `{needle}`; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The store's lifetime counters, read through a separate connection.
+    pub fn counters(&self) -> BTreeMap<String, i64> {
+        read_counters(&self.store_path())
+    }
+
+    /// Records still waiting in the store.
+    pub fn pending(&self) -> i64 {
+        let c = rusqlite::Connection::open(self.store_path()).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0)).unwrap()
+    }
+
+    /// Waits until the store has stored `stored` records in its life and
+    /// holds none pending.
+    pub async fn wait_drained(&self, stored: i64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.store_path().exists()
+                && self.counters().get("stored").copied().unwrap_or(0) >= stored
+                && self.pending() == 0
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "store stored {:?} and still holds {} records; log tail:\n{}",
+                self.counters().get("stored"),
+                self.pending(),
+                tail(&self.log_text(), 30)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn read_counters(store: &Path) -> BTreeMap<String, i64> {
+    let c = rusqlite::Connection::open(store).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = c.prepare("SELECT name, value FROM counters").unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn unsafe_sigterm(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+/// Prints a figure of a test, and keeps it in `target/it/figures.txt`.
+pub fn report(test: &str, line: &str) {
+    println!("[{test}] {line}");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(repo().join("target/it/figures.txt"))
+    {
+        let _ = writeln!(f, "[{test}] {line}");
+    }
+}

@@ -1,0 +1,156 @@
+//! Outages: Pulsar down mid-stream, both brokers gone, and SIGKILL at random
+//! moments. These tests stop brokers, so they hold the stack exclusively.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::harness::*;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn exact(n: usize) -> Tally {
+    Tally {
+        received: n,
+        lost: 0,
+        duplicated: 0,
+        out_of_order: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
+    let (stack, _exclusive) = Stack::exclusive();
+    let ns = Namespace::create(stack, "outage").await;
+    let topic = ns.topic("device-status");
+    let prefix = unique("outage");
+    let mut ferry = Ferry::new(stack, "outage", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    ferry.start();
+    ferry.wait_log("producer ready", SECS(30)).await;
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    let mut devices = Devices::connect(stack, &prefix, 50).await;
+    devices.publish_rounds(0, 20).await;
+    stack.ctl("pulsar-stop");
+    devices.publish_rounds(20, 100).await;
+    ferry.wait_stored(5000, SECS(60)).await;
+    let pending = ferry.pending();
+    report("outage", &format!("records held in the store while Pulsar was down: {pending}"));
+    assert!(pending >= 4000, "the 4,000 updates published while Pulsar was down wait in the store");
+    assert!(ferry.is_running(), "ferry keeps running without Pulsar");
+    stack.ctl("pulsar-start");
+
+    ferry.wait_drained(5000, SECS(240)).await;
+    let msgs = read_topic(stack, &topic, false, 5000, SECS(30)).await;
+    let t = tally(&msgs, &devices.ids, 100);
+    report("outage", &format!("{t:?}"));
+    assert_eq!(t, exact(5000));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
+    let (stack, _exclusive) = Stack::exclusive();
+    let ns = Namespace::create(stack, "unreachable").await;
+    let topic = ns.topic("device-status");
+    let prefix = unique("unreachable");
+    let mut ferry = Ferry::new(stack, "unreachable", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    ferry.start();
+    ferry.wait_log("producer ready", SECS(30)).await;
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    stack.ctl("mqtt-stop");
+    stack.ctl("pulsar-stop");
+    ferry.wait_log("mqtt connection lost", SECS(30)).await;
+    ferry.wait_log("uplink disconnected", SECS(60)).await;
+    tokio::time::sleep(SECS(5)).await;
+    assert!(ferry.is_running(), "ferry keeps running with both brokers gone");
+    let log = ferry.log_text();
+    let why: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("mqtt connection lost") || l.contains("uplink disconnected"))
+        .take(2)
+        .collect();
+    report("unreachable", &format!("ferry's log says: {why:?}"));
+
+    // MQTT returns first: updates pile up in ferry's store.
+    stack.ctl("mqtt-start");
+    let mut devices = Devices::connect(stack, &prefix, 20).await;
+    devices.publish_rounds(0, 50).await;
+    ferry.wait_stored(1000, SECS(60)).await;
+    stack.ctl("pulsar-start");
+    ferry.wait_drained(1000, SECS(240)).await;
+
+    let msgs = read_topic(stack, &topic, false, 1000, SECS(30)).await;
+    let t = tally(&msgs, &devices.ids, 50);
+    report("unreachable", &format!("{t:?}"));
+    assert_eq!(t, exact(1000));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothing() {
+    let (stack, _exclusive) = Stack::exclusive();
+    let ns = Namespace::create(stack, "kill9").await;
+    let topic = ns.topic("device-status");
+    let prefix = unique("kill9");
+    let mut ferry = Ferry::new(stack, "kill9", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    // 100 devices x 200 updates, with the MQTT broker restarted halfway.
+    let publisher = {
+        let stack = stack.clone();
+        let prefix = prefix.clone();
+        tokio::spawn(async move {
+            let mut devices = Devices::connect(&stack, &prefix, 100).await;
+            for chunk in 0..10 {
+                devices.publish_rounds(chunk * 10, chunk * 10 + 10).await;
+            }
+            let ids = devices.ids.clone();
+            devices.disconnect().await;
+            stack.ctl("mqtt-stop");
+            stack.ctl("mqtt-start");
+            let mut devices = Devices::connect(&stack, &prefix, 100).await;
+            for chunk in 10..20 {
+                devices.publish_rounds(chunk * 10, chunk * 10 + 10).await;
+            }
+            devices.disconnect().await;
+            ids
+        })
+    };
+
+    let mut kills = 0;
+    while kills < 20 {
+        let wait = rand::thread_rng().gen_range(100..1200);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        ferry.kill9();
+        kills += 1;
+        let down = rand::thread_rng().gen_range(0..300);
+        tokio::time::sleep(Duration::from_millis(down)).await;
+        ferry.start();
+    }
+    let ids = publisher.await.expect("publisher");
+    ferry.wait_drained(20_000, SECS(300)).await;
+
+    let c = ferry.counters();
+    report(
+        "kill9",
+        &format!(
+            "20 SIGKILLs: received {} stored {} redeliveries dropped {} skipped on resume {} resent {}",
+            c.get("received").unwrap_or(&0),
+            c.get("stored").unwrap_or(&0),
+            c.get("redeliveries_dropped").unwrap_or(&0),
+            c.get("skipped_on_resume").unwrap_or(&0),
+            c.get("resent").unwrap_or(&0),
+        ),
+    );
+    let msgs = read_topic(stack, &topic, false, 20_000, SECS(30)).await;
+    let t = tally(&msgs, &ids, 200);
+    report("kill9", &format!("{t:?}"));
+    assert_eq!(t, exact(20_000));
+    assert_eq!(c.get("stored").copied(), Some(20_000), "no redelivery was stored twice");
+    assert_eq!(ferry.terminate(), Some(0));
+}
