@@ -297,7 +297,8 @@ impl Devices {
     pub async fn publish_rounds(&mut self, from: u64, to: u64) {
         for n in from..to {
             for d in &self.ids {
-                let payload = format!("{{\"device\":\"{d}\",\"n\":{n}}}");
+                let temp = 20.0 + (n % 50) as f64 / 10.0;
+                let payload = format!("{{\"device\":\"{d}\",\"n\":{n},\"temp_c\":{temp:.1}}}");
                 self.client
                     .publish(self.topic(d), QoS::AtLeastOnce, false, payload)
                     .await
@@ -341,7 +342,8 @@ pub struct Ferry {
 pub fn ferry_bin() -> PathBuf {
     std::env::var_os("FERRY_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")))
+        .or_else(|| option_env!("CARGO_BIN_EXE_ferry").map(PathBuf::from))
+        .unwrap_or_else(|| repo().join("target/release/ferry"))
 }
 
 pub fn test_dir(name: &str) -> PathBuf {
