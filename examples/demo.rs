@@ -24,9 +24,18 @@ async fn main() {
     println!("2. ferry ({})", ferry_bin().display());
     let prefix = unique("demo");
     let gateway = "demo-gateway";
-    let mut ferry = Ferry::new(stack, "demo", gateway, &format!("{prefix}/+/state"), &topic, "");
+    let mut ferry = Ferry::new(
+        stack,
+        "demo",
+        gateway,
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
     ferry.start();
-    ferry.wait_log("mqtt subscribed", Duration::from_secs(30)).await;
+    ferry
+        .wait_log("mqtt subscribed", Duration::from_secs(30))
+        .await;
     println!("   config {}", ferry.config.display());
     println!("   log    {}", ferry.log.display());
 
@@ -35,10 +44,22 @@ async fn main() {
     let started = Instant::now();
     let mut devices = Devices::connect(stack, &prefix, DEVICES).await;
     devices.publish_rounds(0, UPDATES).await;
-    ferry.wait_drained(total as i64, Duration::from_secs(120)).await;
-    println!("   all {total} updates confirmed by Pulsar in {:.1} s", started.elapsed().as_secs_f64());
+    ferry
+        .wait_drained(total as i64, Duration::from_secs(120))
+        .await;
+    println!(
+        "   all {total} updates confirmed by Pulsar in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
-    let all = read_topic(stack, &topic, false, total as usize, Duration::from_secs(20)).await;
+    let all = read_topic(
+        stack,
+        &topic,
+        false,
+        total as usize,
+        Duration::from_secs(20),
+    )
+    .await;
     let t = tally(&all, &devices.ids, UPDATES);
     println!(
         "4. the topic holds {} messages: lost {}, duplicated {}, out of order {}",
@@ -50,18 +71,28 @@ async fn main() {
     let mut latest = read_topic(stack, &topic, true, DEVICES, Duration::from_secs(20)).await;
     latest.sort_by(|a, b| a.key.cmp(&b.key));
     println!();
-    println!("   {:<10} {:>8} {:>8}  payload", "device", "update", "record");
+    println!(
+        "   {:<10} {:>8} {:>8}  payload",
+        "device", "update", "record"
+    );
     for m in &latest {
         println!(
             "   {:<10} {:>8} {:>8}  {}",
             m.key,
             m.n(),
-            m.properties.get("ferry.record").map(String::as_str).unwrap_or("?"),
+            m.properties
+                .get("ferry.record")
+                .map(String::as_str)
+                .unwrap_or("?"),
             String::from_utf8_lossy(&m.payload)
         );
     }
     println!();
-    println!("   {} devices, {} messages in the compacted view", latest.len(), latest.len());
+    println!(
+        "   {} devices, {} messages in the compacted view",
+        latest.len(),
+        latest.len()
+    );
 
     devices.disconnect().await;
     let code = ferry.terminate();

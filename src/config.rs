@@ -256,7 +256,11 @@ impl RawConfig {
 
         let gateway_id = v.required("gateway_id", self.gateway_id);
         if let Some(id) = &gateway_id {
-            v.check("gateway_id", valid_name(id), "must be 1 to 64 characters of A-Z a-z 0-9 . _ -");
+            v.check(
+                "gateway_id",
+                valid_name(id),
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            );
         }
 
         let mqtt = self.mqtt.unwrap_or_default();
@@ -265,7 +269,11 @@ impl RawConfig {
         let port = v.int_in("mqtt.port", mqtt.port, 1883, 1, 65535) as u16;
         let client_id = match mqtt.client_id {
             Some(id) => {
-                v.check("mqtt.client_id", valid_name(&id), "must be 1 to 64 characters of A-Z a-z 0-9 . _ -");
+                v.check(
+                    "mqtt.client_id",
+                    valid_name(&id),
+                    "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                );
                 id
             }
             None => format!("ferry-{}", gateway_id.clone().unwrap_or_default()),
@@ -274,10 +282,14 @@ impl RawConfig {
         let inflight = v.int_in("mqtt.inflight", mqtt.inflight, 100, 1, 65535) as u16;
         let mut subscriptions = Vec::new();
         match mqtt.subscriptions {
-            None => v.error("mqtt.subscriptions", "at least one subscription is required"),
-            Some(list) if list.is_empty() => {
-                v.error("mqtt.subscriptions", "at least one subscription is required")
-            }
+            None => v.error(
+                "mqtt.subscriptions",
+                "at least one subscription is required",
+            ),
+            Some(list) if list.is_empty() => v.error(
+                "mqtt.subscriptions",
+                "at least one subscription is required",
+            ),
             Some(list) => {
                 for (i, s) in list.into_iter().enumerate() {
                     let at = format!("mqtt.subscriptions[{i}]");
@@ -328,16 +340,45 @@ impl RawConfig {
             1,
             (PULSAR_MAX_MESSAGE_BYTES - 64 * 1024) as i64,
         ) as usize;
-        let commit_max_wait = v.int_in("store.commit_max_wait_ms", store.commit_max_wait_ms, 10, 0, 1000);
-        let commit_max_batch = v.int_in("store.commit_max_batch", store.commit_max_batch, 1000, 1, 100_000);
+        let commit_max_wait = v.int_in(
+            "store.commit_max_wait_ms",
+            store.commit_max_wait_ms,
+            10,
+            0,
+            1000,
+        );
+        let commit_max_batch = v.int_in(
+            "store.commit_max_batch",
+            store.commit_max_batch,
+            1000,
+            1,
+            100_000,
+        );
 
         let up = self.uplink.unwrap_or_default();
         let max_in_flight = v.int_in("uplink.max_in_flight", up.max_in_flight, 1000, 1, 100_000);
-        let connect_timeout = v.int_in("uplink.connect_timeout_ms", up.connect_timeout_ms, 10_000, 100, 600_000);
-        let operation_timeout =
-            v.int_in("uplink.operation_timeout_ms", up.operation_timeout_ms, 30_000, 100, 600_000);
+        let connect_timeout = v.int_in(
+            "uplink.connect_timeout_ms",
+            up.connect_timeout_ms,
+            10_000,
+            100,
+            600_000,
+        );
+        let operation_timeout = v.int_in(
+            "uplink.operation_timeout_ms",
+            up.operation_timeout_ms,
+            30_000,
+            100,
+            600_000,
+        );
         let backoff_min = v.int_in("uplink.backoff_min_ms", up.backoff_min_ms, 100, 1, 600_000);
-        let backoff_max = v.int_in("uplink.backoff_max_ms", up.backoff_max_ms, 30_000, 1, 3_600_000);
+        let backoff_max = v.int_in(
+            "uplink.backoff_max_ms",
+            up.backoff_max_ms,
+            30_000,
+            1,
+            3_600_000,
+        );
         v.check(
             "uplink.backoff_max_ms",
             backoff_max >= backoff_min,
@@ -422,7 +463,8 @@ impl Validator {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// An MQTT topic filter: `+` fills a whole level, `#` only the last one.
@@ -433,10 +475,14 @@ fn check_filter(filter: &str) -> Result<(), String> {
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
         if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
-            return Err(format!("`{filter}` is not a valid MQTT filter: `#` must be a whole last level"));
+            return Err(format!(
+                "`{filter}` is not a valid MQTT filter: `#` must be a whole last level"
+            ));
         }
         if level.contains('+') && *level != "+" {
-            return Err(format!("`{filter}` is not a valid MQTT filter: `+` must fill a whole level"));
+            return Err(format!(
+                "`{filter}` is not a valid MQTT filter: `+` must fill a whole level"
+            ));
         }
     }
     Ok(())
@@ -546,7 +592,13 @@ max_payload_bytes = 0
 "#;
         let errs = parse(text).unwrap_err();
         // Unknown keys are found before validation; fix them and look again.
-        assert_eq!(errs, vec![ConfigError { path: "colour".into(), message: "unknown key".into() }]);
+        assert_eq!(
+            errs,
+            vec![ConfigError {
+                path: "colour".into(),
+                message: "unknown key".into()
+            }]
+        );
         let errs = parse(&text.replace("colour = \"blue\"\n", "")).unwrap_err();
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(

@@ -92,12 +92,19 @@ pub async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if let Err(e) = store.insert(inbound(&cfg.subscriptions, p, epoch.load(Ordering::Acquire))) {
+                if let Err(e) = store.insert(inbound(
+                    &cfg.subscriptions,
+                    p,
+                    epoch.load(Ordering::Acquire),
+                )) {
                     break Err(e.into());
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
                 if refused {
                     tracing::error!(pkid = ack.pkid, "mqtt broker refused a subscription");
                 } else {
@@ -111,7 +118,8 @@ pub async fn run(
                 // Subscribing from this task would block the loop it polls
                 // if the request channel were full.
                 let client = client.clone();
-                let filters: Vec<String> = cfg.subscriptions.iter().map(|s| s.filter.clone()).collect();
+                let filters: Vec<String> =
+                    cfg.subscriptions.iter().map(|s| s.filter.clone()).collect();
                 tokio::spawn(async move {
                     for f in filters {
                         if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
@@ -149,7 +157,10 @@ pub async fn run(
 
 fn inbound(subscriptions: &[Subscription], p: Publish, epoch: u64) -> Inbound {
     let device = device_id(subscriptions, &p.topic);
-    let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken { pkid: p.pkid, epoch });
+    let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
+        pkid: p.pkid,
+        epoch,
+    });
     Inbound {
         device,
         dup: p.dup,
@@ -162,7 +173,11 @@ fn inbound(subscriptions: &[Subscription], p: Publish, epoch: u64) -> Inbound {
 }
 
 /// Sends the PUBACK of every committed message of the current connection.
-async fn send_acks(client: AsyncClient, mut acks: UnboundedReceiver<AckToken>, epoch: Arc<AtomicU64>) {
+async fn send_acks(
+    client: AsyncClient,
+    mut acks: UnboundedReceiver<AckToken>,
+    epoch: Arc<AtomicU64>,
+) {
     while let Some(a) = acks.recv().await {
         if a.epoch != epoch.load(Ordering::Acquire) {
             continue;
@@ -194,8 +209,14 @@ mod tests {
 
     #[test]
     fn the_device_id_comes_from_the_matching_rule() {
-        assert_eq!(device_id(&subs(), "devices/s-1/state").as_deref(), Some("s-1"));
-        assert_eq!(device_id(&subs(), "zigbee2mqtt/lamp/availability").as_deref(), Some("lamp"));
+        assert_eq!(
+            device_id(&subs(), "devices/s-1/state").as_deref(),
+            Some("s-1")
+        );
+        assert_eq!(
+            device_id(&subs(), "zigbee2mqtt/lamp/availability").as_deref(),
+            Some("lamp")
+        );
         assert_eq!(device_id(&subs(), "devices/s-1/other"), None);
         assert_eq!(device_id(&subs(), "devices/s-1/state/x"), None);
         assert_eq!(device_id(&subs(), "zigbee2mqtt"), None);

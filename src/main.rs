@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "MQTT device state to Apache Pulsar, exactly once")]
+#[command(
+    name = "ferry",
+    version,
+    about = "MQTT device state to Apache Pulsar, exactly once"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,11 @@ fn main() -> ExitCode {
                     config.display(),
                     c.gateway_id,
                     c.mqtt.subscriptions.len(),
-                    if c.mqtt.subscriptions.len() == 1 { "" } else { "s" },
+                    if c.mqtt.subscriptions.len() == 1 {
+                        ""
+                    } else {
+                        "s"
+                    },
                     c.pulsar.topic
                 );
                 ExitCode::SUCCESS

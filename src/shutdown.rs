@@ -13,7 +13,10 @@ pub fn on_signals(token: CancellationToken) -> std::io::Result<()> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "stopping: intake first, then in-flight receipts");
+        tracing::info!(
+            signal = name,
+            "stopping: intake first, then in-flight receipts"
+        );
         token.cancel();
     });
     Ok(())

@@ -86,8 +86,10 @@ const SQL_SET_NEXT_SEQ: &str = "UPDATE meta SET value = ?1 WHERE key = 'next_seq
 const SQL_INSERT: &str =
     "INSERT INTO journal (seq, device, received_ms, payload, props) VALUES (?1, ?2, ?3, ?4, ?5)";
 const SQL_SEEN_GET: &str = "SELECT topic, digest FROM mqtt_seen WHERE pkid = ?1";
-const SQL_SEEN_PUT: &str = "INSERT OR REPLACE INTO mqtt_seen (pkid, topic, digest) VALUES (?1, ?2, ?3)";
-const SQL_DEAD_LETTER: &str = "INSERT INTO dead_letters (received_ms, mqtt_topic, reason, size, payload)
+const SQL_SEEN_PUT: &str =
+    "INSERT OR REPLACE INTO mqtt_seen (pkid, topic, digest) VALUES (?1, ?2, ?3)";
+const SQL_DEAD_LETTER: &str =
+    "INSERT INTO dead_letters (received_ms, mqtt_topic, reason, size, payload)
      VALUES (?1, ?2, ?3, ?4, ?5)";
 const SQL_FETCH: &str = "SELECT seq, device, received_ms, payload, props FROM journal
      WHERE seq > ?1 ORDER BY seq LIMIT ?2";
@@ -97,7 +99,8 @@ const SQL_MAX_SEQ: &str = "SELECT MAX(seq) FROM journal";
 const SQL_COUNTER_ADD: &str = "INSERT INTO counters (name, value) VALUES (?1, ?2)
      ON CONFLICT(name) DO UPDATE SET value = value + excluded.value";
 const SQL_COUNTERS: &str = "SELECT name, value FROM counters";
-const SQL_PENDING: &str = "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM journal";
+const SQL_PENDING: &str =
+    "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM journal";
 const SQL_RENUMBER_NEG: &str = "UPDATE journal SET seq = -(seq + ?1)";
 const SQL_RENUMBER_POS: &str = "UPDATE journal SET seq = -seq";
 
@@ -170,7 +173,10 @@ pub enum Command {
     },
     /// The broker confirmed every record up to `seq`; `resent` of them had
     /// been sent more than once.
-    Delivered { up_to: u64, resent: u64 },
+    Delivered {
+        up_to: u64,
+        resent: u64,
+    },
     /// A producer (re)connected and the broker holds every record up to
     /// `last_sequence_id` (-1: none).
     Resume {
@@ -205,7 +211,11 @@ pub struct Stats {
 
 impl Stats {
     pub fn counter(&self, name: &str) -> i64 {
-        self.counters.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(0)
+        self.counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
     }
 }
 
@@ -217,12 +227,18 @@ pub struct StoreHandle {
 
 impl StoreHandle {
     pub fn insert(&self, msg: Inbound) -> Result<(), StoreError> {
-        self.tx.send(Command::Insert(msg)).map_err(|_| StoreError::Closed)
+        self.tx
+            .send(Command::Insert(msg))
+            .map_err(|_| StoreError::Closed)
     }
 
     pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Fetch { after, limit, reply })?;
+        self.send(Command::Fetch {
+            after,
+            limit,
+            reply,
+        })?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -232,7 +248,10 @@ impl StoreHandle {
 
     pub async fn resume(&self, last_sequence_id: i64) -> Result<ResumeOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Resume { last_sequence_id, reply })?;
+        self.send(Command::Resume {
+            last_sequence_id,
+            reply,
+        })?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -306,11 +325,16 @@ impl Db {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
-        let next_seq: i64 = conn.query_row(SQL_NEXT_SEQ, [], |r| r.get(0)).map_err(open_err)?;
+        let next_seq: i64 = conn
+            .query_row(SQL_NEXT_SEQ, [], |r| r.get(0))
+            .map_err(open_err)?;
         Ok(Db {
             conn,
             next_seq: next_seq as u64,
@@ -319,7 +343,11 @@ impl Db {
 
     /// Stores a batch in one transaction. Returns the ack tokens to release
     /// (in arrival order) and the highest record number now committed.
-    pub fn insert_batch(&mut self, batch: Vec<Inbound>, max_payload: usize) -> Result<Vec<AckToken>, StoreError> {
+    pub fn insert_batch(
+        &mut self,
+        batch: Vec<Inbound>,
+        max_payload: usize,
+    ) -> Result<Vec<AckToken>, StoreError> {
         let now = now_ms();
         let mut acks = Vec::with_capacity(batch.len());
         let mut next = self.next_seq;
@@ -336,8 +364,11 @@ impl Db {
                 continue;
             }
             if msg.pkid != 0 {
-                tx.prepare_cached(SQL_SEEN_PUT)?
-                    .execute(params![msg.pkid, msg.mqtt_topic, digest])?;
+                tx.prepare_cached(SQL_SEEN_PUT)?.execute(params![
+                    msg.pkid,
+                    msg.mqtt_topic,
+                    digest
+                ])?;
             }
             let reason = match &msg.device {
                 None => Some("no device id in topic".to_string()),
@@ -376,7 +407,8 @@ impl Db {
             counts.stored += 1;
         }
         if next != self.next_seq {
-            tx.prepare_cached(SQL_SET_NEXT_SEQ)?.execute([next as i64])?;
+            tx.prepare_cached(SQL_SET_NEXT_SEQ)?
+                .execute([next as i64])?;
         }
         counts.write(&tx)?;
         tx.commit()?;
@@ -404,7 +436,9 @@ impl Db {
 
     pub fn delivered(&mut self, up_to: u64, resent: u64) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        let n = tx.prepare_cached(SQL_DELETE_UPTO)?.execute([up_to as i64])?;
+        let n = tx
+            .prepare_cached(SQL_DELETE_UPTO)?
+            .execute([up_to as i64])?;
         Counts {
             delivered: n as i64,
             resent: resent as i64,
@@ -426,7 +460,8 @@ impl Db {
             // was lost or replaced. Its pending records are new to the
             // broker; number them above what it holds, or deduplication
             // would drop them.
-            let lowest: Option<i64> = tx.query_row("SELECT MIN(seq) FROM journal", [], |r| r.get(0))?;
+            let lowest: Option<i64> =
+                tx.query_row("SELECT MIN(seq) FROM journal", [], |r| r.get(0))?;
             let delta = match lowest {
                 Some(low) => last + 1 - low as u64,
                 None => 0,
@@ -462,7 +497,8 @@ impl Db {
 
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let (pending, oldest, newest): (i64, i64, i64) =
-            self.conn.query_row(SQL_PENDING, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            self.conn
+                .query_row(SQL_PENDING, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let mut stmt = self.conn.prepare_cached(SQL_COUNTERS)?;
         let counters = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -591,7 +627,9 @@ impl Worker {
                 };
             }
             if !inserts.is_empty() {
-                let acks = self.db.insert_batch(std::mem::take(&mut inserts), self.max_payload)?;
+                let acks = self
+                    .db
+                    .insert_batch(std::mem::take(&mut inserts), self.max_payload)?;
                 self.committed.send_replace(self.db.last_seq());
                 for a in acks {
                     let _ = self.acks.send(a);
@@ -614,7 +652,11 @@ impl Worker {
                     let (u, r) = delivered.unwrap_or((0, 0));
                     delivered = Some((u.max(up_to), r + resent));
                 }
-                Command::Fetch { after, limit, reply } => {
+                Command::Fetch {
+                    after,
+                    limit,
+                    reply,
+                } => {
                     let _ = reply.send(self.db.fetch(after, limit));
                 }
                 Command::Resume {
@@ -689,13 +731,17 @@ mod tests {
     #[test]
     fn numbers_are_never_reused_after_delete_and_reopen() {
         let (dir, mut db) = temp_db();
-        db.insert_batch(vec![msg("d/a/s", b"1", 1, false), msg("d/b/s", b"2", 2, false)], 100)
-            .unwrap();
+        db.insert_batch(
+            vec![msg("d/a/s", b"1", 1, false), msg("d/b/s", b"2", 2, false)],
+            100,
+        )
+        .unwrap();
         assert_eq!(db.last_seq(), 2);
         db.delivered(2, 0).unwrap();
         drop(db);
         let mut db = Db::open(&dir.path.join("s.db")).unwrap();
-        db.insert_batch(vec![msg("d/a/s", b"3", 3, false)], 100).unwrap();
+        db.insert_batch(vec![msg("d/a/s", b"3", 3, false)], 100)
+            .unwrap();
         let recs = db.fetch(0, 10).unwrap();
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].seq, 3);
@@ -706,13 +752,18 @@ mod tests {
     #[test]
     fn a_redelivered_message_is_acked_but_not_stored_twice() {
         let (_dir, mut db) = temp_db();
-        let acks = db.insert_batch(vec![msg("d/a/s", b"x", 7, false)], 100).unwrap();
+        let acks = db
+            .insert_batch(vec![msg("d/a/s", b"x", 7, false)], 100)
+            .unwrap();
         assert_eq!(acks.len(), 1);
         // The broker redelivers with DUP: same pkid, topic and payload.
-        let acks = db.insert_batch(vec![msg("d/a/s", b"x", 7, true)], 100).unwrap();
+        let acks = db
+            .insert_batch(vec![msg("d/a/s", b"x", 7, true)], 100)
+            .unwrap();
         assert_eq!(acks.len(), 1, "a redelivery is still acknowledged");
         // A DUP message that differs is new.
-        db.insert_batch(vec![msg("d/a/s", b"y", 7, true)], 100).unwrap();
+        db.insert_batch(vec![msg("d/a/s", b"y", 7, true)], 100)
+            .unwrap();
         let stats = db.stats().unwrap();
         assert_eq!(stats.pending, 2);
         assert_eq!(stats.counter("redeliveries_dropped"), 1);
@@ -726,7 +777,11 @@ mod tests {
         no_device.device = None;
         let acks = db
             .insert_batch(
-                vec![msg("d/a/s", &[0u8; 200], 1, false), no_device, msg("d/a/s", b"ok", 3, false)],
+                vec![
+                    msg("d/a/s", &[0u8; 200], 1, false),
+                    no_device,
+                    msg("d/a/s", b"ok", 3, false),
+                ],
                 100,
             )
             .unwrap();
@@ -734,17 +789,28 @@ mod tests {
         let stats = db.stats().unwrap();
         assert_eq!(stats.pending, 1);
         assert_eq!(stats.counter("dead_lettered"), 2);
-        let n: i64 = db.conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0)).unwrap();
+        let n: i64 = db
+            .conn
+            .query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 2);
     }
 
     #[test]
     fn resume_skips_what_the_broker_holds() {
         let (_dir, mut db) = temp_db();
-        let batch = (0..5).map(|i| msg("d/a/s", &[i], i as u16 + 1, false)).collect();
+        let batch = (0..5)
+            .map(|i| msg("d/a/s", &[i], i as u16 + 1, false))
+            .collect();
         db.insert_batch(batch, 100).unwrap();
         let out = db.resume(3).unwrap();
-        assert_eq!(out, ResumeOutcome { skipped: 3, renumbered_by: 0 });
+        assert_eq!(
+            out,
+            ResumeOutcome {
+                skipped: 3,
+                renumbered_by: 0
+            }
+        );
         let seqs: Vec<u64> = db.fetch(0, 10).unwrap().iter().map(|r| r.seq).collect();
         assert_eq!(seqs, vec![4, 5]);
         assert_eq!(db.resume(-1).unwrap(), ResumeOutcome::default());
@@ -753,7 +819,9 @@ mod tests {
     #[test]
     fn resume_renumbers_when_the_broker_is_ahead_of_a_replaced_store() {
         let (_dir, mut db) = temp_db();
-        let batch = (0..3).map(|i| msg("d/a/s", &[i], i as u16 + 1, false)).collect();
+        let batch = (0..3)
+            .map(|i| msg("d/a/s", &[i], i as u16 + 1, false))
+            .collect();
         db.insert_batch(batch, 100).unwrap();
         // The broker already holds 1..=50 from an earlier store.
         let out = db.resume(50).unwrap();
@@ -762,7 +830,8 @@ mod tests {
         let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, vec![51, 52, 53]);
         assert_eq!(recs[0].payload, vec![0]);
-        db.insert_batch(vec![msg("d/a/s", b"n", 9, false)], 100).unwrap();
+        db.insert_batch(vec![msg("d/a/s", b"n", 9, false)], 100)
+            .unwrap();
         assert_eq!(db.last_seq(), 54);
     }
 }

@@ -47,7 +47,12 @@ pub fn encode_command(command: &BaseCommand, dst: &mut BytesMut) {
 }
 
 /// Appends a frame with payload (a SEND) to `dst`.
-pub fn encode_with_payload(command: &BaseCommand, metadata: &MessageMetadata, payload: &[u8], dst: &mut BytesMut) {
+pub fn encode_with_payload(
+    command: &BaseCommand,
+    metadata: &MessageMetadata,
+    payload: &[u8],
+    dst: &mut BytesMut,
+) {
     let cmd_len = command.encoded_len();
     let meta_len = metadata.encoded_len();
     let total = 4 + cmd_len + 2 + 4 + 4 + meta_len + payload.len();
@@ -88,9 +93,13 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     if cmd_len > frame.len() {
         return Err(FrameError::Malformed("command size beyond frame"));
     }
-    let command = BaseCommand::decode(frame.split_to(cmd_len)).map_err(|e| FrameError::Protobuf(e.to_string()))?;
+    let command = BaseCommand::decode(frame.split_to(cmd_len))
+        .map_err(|e| FrameError::Protobuf(e.to_string()))?;
     if frame.is_empty() {
-        return Ok(Some(Frame { command, payload: None }));
+        return Ok(Some(Frame {
+            command,
+            payload: None,
+        }));
     }
     if frame.len() < 10 {
         return Err(FrameError::Malformed("payload header truncated"));
@@ -106,8 +115,8 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     if meta_len > frame.len() {
         return Err(FrameError::Malformed("metadata size beyond frame"));
     }
-    let metadata =
-        MessageMetadata::decode(frame.split_to(meta_len)).map_err(|e| FrameError::Protobuf(e.to_string()))?;
+    let metadata = MessageMetadata::decode(frame.split_to(meta_len))
+        .map_err(|e| FrameError::Protobuf(e.to_string()))?;
     Ok(Some(Frame {
         command,
         payload: Some((metadata, frame)),
@@ -152,9 +161,18 @@ mod tests {
         encode_with_payload(&command, &metadata, &payload, &mut buf);
         let cmd_len = command.encoded_len();
         let meta_len = metadata.encoded_len();
-        assert_eq!(buf.len(), 4 + 4 + cmd_len + 2 + 4 + 4 + meta_len + payload.len());
-        assert_eq!(u32::from_be_bytes(buf[0..4].try_into().unwrap()) as usize, buf.len() - 4);
-        assert_eq!(u32::from_be_bytes(buf[4..8].try_into().unwrap()) as usize, cmd_len);
+        assert_eq!(
+            buf.len(),
+            4 + 4 + cmd_len + 2 + 4 + 4 + meta_len + payload.len()
+        );
+        assert_eq!(
+            u32::from_be_bytes(buf[0..4].try_into().unwrap()) as usize,
+            buf.len() - 4
+        );
+        assert_eq!(
+            u32::from_be_bytes(buf[4..8].try_into().unwrap()) as usize,
+            cmd_len
+        );
         let at = 8 + cmd_len;
         assert_eq!(&buf[at..at + 2], &[0x0e, 0x01]);
         let crc = u32::from_be_bytes(buf[at + 2..at + 6].try_into().unwrap());
@@ -168,7 +186,10 @@ mod tests {
         let (command, metadata, payload) = send_frame();
         let mut buf = BytesMut::new();
         encode_with_payload(&command, &metadata, &payload, &mut buf);
-        let msg = pulsar::message::Codec.decode(&mut buf).unwrap().expect("one whole frame");
+        let msg = pulsar::message::Codec
+            .decode(&mut buf)
+            .unwrap()
+            .expect("one whole frame");
         assert_eq!(msg.command, command);
         let p = msg.payload.expect("payload");
         assert_eq!(p.metadata, metadata);

@@ -46,9 +46,15 @@ const PRODUCER_ID: u64 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connection to {addr} failed: {source}")]
-    Io { addr: String, source: std::io::Error },
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("broker closed the connection")]
     Closed,
     #[error("timed out waiting for {0}")]
@@ -74,7 +80,11 @@ pub enum UplinkError {
     #[error("broker closed the producer")]
     ProducerClosed,
     #[error("broker refused record {seq}: {error} ({message})")]
-    SendError { seq: u64, error: String, message: String },
+    SendError {
+        seq: u64,
+        error: String,
+        message: String,
+    },
     #[error(transparent)]
     Producer(#[from] ProducerError),
     #[error(transparent)]
@@ -140,7 +150,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, current: min }
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
     }
 
     pub fn reset(&mut self) {
@@ -152,7 +166,11 @@ impl Backoff {
         let base = self.current;
         self.current = (self.current * 2).min(self.max);
         let jitter = base.as_millis() as u64 / 4;
-        base + Duration::from_millis(if jitter > 0 { rand::random::<u64>() % jitter } else { 0 })
+        base + Duration::from_millis(if jitter > 0 {
+            rand::random::<u64>() % jitter
+        } else {
+            0
+        })
     }
 }
 
@@ -306,7 +324,9 @@ impl Uplink {
                 message: e.message,
             });
         } else if c.ping.is_some() {
-            conn.push(&command(Type::Pong, |c| c.pong = Some(proto::CommandPong {})));
+            conn.push(&command(Type::Pong, |c| {
+                c.pong = Some(proto::CommandPong {})
+            }));
         } else if c.close_producer.is_some() {
             return Err(UplinkError::ProducerClosed);
         } else if let Some(e) = c.error {
@@ -341,7 +361,10 @@ impl Uplink {
         }
         let left = self.state.in_flight();
         let _ = self.report_delivered();
-        tracing::info!(unconfirmed = left, "uplink stopped; unconfirmed records stay in the store");
+        tracing::info!(
+            unconfirmed = left,
+            "uplink stopped; unconfirmed records stay in the store"
+        );
     }
 
     /// Connects to the broker that serves the topic.
@@ -359,7 +382,9 @@ impl Uplink {
                     ..Default::default()
                 })
             });
-            let reply = conn.request(&lookup, request_id, "lookup", s.operation_timeout).await?;
+            let reply = conn
+                .request(&lookup, request_id, "lookup", s.operation_timeout)
+                .await?;
             let Some(r) = reply.command.lookup_topic_response else {
                 return Err(UplinkError::Timeout("lookup response"));
             };
@@ -373,7 +398,8 @@ impl Uplink {
                     })
                 }
                 LookupType::Redirect => {
-                    let (host, port) = parse_service_url(&url).map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
+                    let (host, port) = parse_service_url(&url)
+                        .map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
                     authoritative = r.authoritative.unwrap_or(false);
                     conn = if r.proxy_through_service_url.unwrap_or(false) {
                         Conn::open(&s.service_host, s.service_port, Some(&url), s).await?
@@ -385,7 +411,8 @@ impl Uplink {
                     if r.proxy_through_service_url.unwrap_or(false) {
                         return Conn::open(&s.service_host, s.service_port, Some(&url), s).await;
                     }
-                    let (host, port) = parse_service_url(&url).map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
+                    let (host, port) = parse_service_url(&url)
+                        .map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
                     if (host.as_str(), port) == (conn.host.as_str(), conn.port) {
                         return Ok(conn);
                     }
@@ -410,14 +437,20 @@ impl Uplink {
                 ..Default::default()
             })
         });
-        let mut reply = conn.request(&cmd, request_id, "producer", s.operation_timeout).await?;
+        let mut reply = conn
+            .request(&cmd, request_id, "producer", s.operation_timeout)
+            .await?;
         loop {
             match reply.command.producer_success {
-                Some(ok) if ok.producer_ready != Some(false) => return Ok(ok.last_sequence_id.unwrap_or(-1)),
+                Some(ok) if ok.producer_ready != Some(false) => {
+                    return Ok(ok.last_sequence_id.unwrap_or(-1))
+                }
                 Some(_) => {
                     // Waiting for exclusive access; the broker sends another
                     // PRODUCER_SUCCESS when it is granted.
-                    reply = conn.wait_for(request_id, "producer", s.operation_timeout).await?;
+                    reply = conn
+                        .wait_for(request_id, "producer", s.operation_timeout)
+                        .await?;
                 }
                 None => return Err(UplinkError::Timeout("producer success")),
             }
@@ -458,7 +491,10 @@ fn encode_send(s: &UplinkSettings, rec: &Record, dst: &mut BytesMut) {
             ..Default::default()
         })
     });
-    let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
+    let kv = |k: &str, v: String| KeyValue {
+        key: k.into(),
+        value: v,
+    };
     let metadata = MessageMetadata {
         producer_name: s.producer_name.clone(),
         sequence_id: rec.seq,
@@ -491,7 +527,12 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(host: &str, port: u16, proxy_to: Option<&str>, s: &UplinkSettings) -> Result<Conn, UplinkError> {
+    async fn open(
+        host: &str,
+        port: u16,
+        proxy_to: Option<&str>,
+        s: &UplinkSettings,
+    ) -> Result<Conn, UplinkError> {
         let addr = format!("{host}:{port}");
         let stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect((host, port)))
             .await
@@ -556,10 +597,13 @@ impl Conn {
 
     async fn flush(&mut self) -> Result<(), UplinkError> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await.map_err(|source| UplinkError::Io {
-                addr: self.addr.clone(),
-                source,
-            })?;
+            self.stream
+                .write_all(&self.wbuf)
+                .await
+                .map_err(|source| UplinkError::Io {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
             self.wbuf.clear();
         }
         Ok(())
@@ -576,10 +620,14 @@ impl Conn {
             if let Some(f) = frame::decode(&mut self.rbuf)? {
                 return Ok(f);
             }
-            let n = self.stream.read_buf(&mut self.rbuf).await.map_err(|source| UplinkError::Io {
-                addr: self.addr.clone(),
-                source,
-            })?;
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|source| UplinkError::Io {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
             if n == 0 {
                 return Err(UplinkError::Closed);
             }
@@ -600,13 +648,20 @@ impl Conn {
     }
 
     /// Waits for the answer to `request_id`, answering pings meanwhile.
-    async fn wait_for(&mut self, request_id: u64, during: &'static str, limit: Duration) -> Result<Frame, UplinkError> {
+    async fn wait_for(
+        &mut self,
+        request_id: u64,
+        during: &'static str,
+        limit: Duration,
+    ) -> Result<Frame, UplinkError> {
         let wait = async {
             loop {
                 let f = self.read_frame().await?;
                 let c = &f.command;
                 if c.ping.is_some() {
-                    self.push(&command(Type::Pong, |c| c.pong = Some(proto::CommandPong {})));
+                    self.push(&command(Type::Pong, |c| {
+                        c.pong = Some(proto::CommandPong {})
+                    }));
                     self.flush().await?;
                     continue;
                 }
@@ -619,14 +674,17 @@ impl Conn {
                         });
                     }
                 }
-                let answers = c.lookup_topic_response.as_ref().map(|r| r.request_id) == Some(request_id)
+                let answers = c.lookup_topic_response.as_ref().map(|r| r.request_id)
+                    == Some(request_id)
                     || c.producer_success.as_ref().map(|r| r.request_id) == Some(request_id);
                 if answers {
                     return Ok(f);
                 }
             }
         };
-        tokio::time::timeout(limit, wait).await.map_err(|_| UplinkError::Timeout(during))?
+        tokio::time::timeout(limit, wait)
+            .await
+            .map_err(|_| UplinkError::Timeout(during))?
     }
 }
 

@@ -88,7 +88,10 @@ impl ProducerState {
     /// The highest record number sent or confirmed: the next send must be
     /// above it.
     pub fn cursor(&self) -> u64 {
-        self.in_flight.back().map(|(s, _)| *s).unwrap_or(self.confirmed)
+        self.in_flight
+            .back()
+            .map(|(s, _)| *s)
+            .unwrap_or(self.confirmed)
     }
 
     pub fn confirmed(&self) -> u64 {
@@ -128,10 +131,12 @@ impl ProducerState {
     /// Fails when the oldest send has waited longer than `limit`.
     pub fn check_timeout(&self, now: Instant, limit: Duration) -> Result<(), ProducerError> {
         match self.in_flight.front() {
-            Some((seq, sent)) if now.duration_since(*sent) > limit => Err(ProducerError::ReceiptTimeout {
-                oldest: *seq,
-                waited: now.duration_since(*sent),
-            }),
+            Some((seq, sent)) if now.duration_since(*sent) > limit => {
+                Err(ProducerError::ReceiptTimeout {
+                    oldest: *seq,
+                    waited: now.duration_since(*sent),
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -154,7 +159,11 @@ mod tests {
     fn receipts_confirm_in_order_and_free_the_window() {
         let now = Instant::now();
         let mut p = ProducerState::new(3);
-        assert_eq!(p.room(), 0, "no sends before the broker accepted the producer");
+        assert_eq!(
+            p.room(),
+            0,
+            "no sends before the broker accepted the producer"
+        );
         assert_eq!(p.on_ready(-1), 0);
         for s in 1..=3 {
             p.on_send(s, now);

@@ -27,9 +27,16 @@ path = ""
     )
     .unwrap();
     for sub in ["check", "run"] {
-        let out = Command::new(ferry_bin()).args([sub, "--config"]).arg(&path).output().unwrap();
+        let out = Command::new(ferry_bin())
+            .args([sub, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        report("badconfig", &format!("ferry {sub} exit {:?}:\n{stderr}", out.status.code()));
+        report(
+            "badconfig",
+            &format!("ferry {sub} exit {:?}:\n{stderr}", out.status.code()),
+        );
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         for line in [
             "gateway_id: must be 1 to 64 characters",
@@ -52,19 +59,32 @@ fn the_example_config_passes_check() {
         .arg(repo().join("config/ferry.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_payload_is_dead_lettered_and_the_updates_behind_it_flow() {
-    let (stack, _shared) = Stack::shared();
+    let (stack, _shared) = Stack::shared().await;
     let ns = Namespace::create(stack, "poison").await;
     let topic = ns.topic("device-status");
     let prefix = unique("poison");
-    let mut ferry = Ferry::new(stack, "poison", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    let mut ferry = Ferry::new(
+        stack,
+        "poison",
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
     ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
     ferry.start();
-    ferry.wait_log("mqtt subscribed", Duration::from_secs(30)).await;
+    ferry
+        .wait_log("mqtt subscribed", Duration::from_secs(30))
+        .await;
 
     let mut devices = Devices::connect(stack, &prefix, 10).await;
     devices.publish_rounds(0, 5).await;
@@ -79,9 +99,11 @@ async fn an_oversized_payload_is_dead_lettered_and_the_updates_behind_it_flow() 
     assert_eq!(c.get("received").copied(), Some(101));
     let db = rusqlite::Connection::open(ferry.store_path()).unwrap();
     let (topic_dl, size, reason): (String, i64, String) = db
-        .query_row("SELECT mqtt_topic, size, reason FROM dead_letters", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT mqtt_topic, size, reason FROM dead_letters",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     assert_eq!((topic_dl.as_str(), size), (poison_topic.as_str(), 5000));
     assert!(reason.contains("max_payload_bytes"), "{reason}");

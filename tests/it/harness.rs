@@ -10,20 +10,24 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pulsar::consumer::InitialPosition;
 use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn env_port(name: &str, default: u16) -> u16 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Where the stack listens.
@@ -35,7 +39,7 @@ pub struct Stack {
 }
 
 static STACK: OnceLock<Stack> = OnceLock::new();
-static STACK_LOCK: RwLock<()> = RwLock::new(());
+static STACK_LOCK: RwLock<()> = RwLock::const_new(());
 
 impl Stack {
     /// Brings the stack up once (or reuses it). Panics when it cannot: a
@@ -46,7 +50,10 @@ impl Stack {
                 .arg("up")
                 .status()
                 .expect("run tests/stack/stack up");
-            assert!(status.success(), "tests/stack/stack up failed: the broker stack is required");
+            assert!(
+                status.success(),
+                "tests/stack/stack up failed: the broker stack is required"
+            );
             Stack {
                 pulsar_port: env_port("FERRY_PULSAR_PORT", 6650),
                 web_port: env_port("FERRY_PULSAR_WEB_PORT", 8080),
@@ -56,15 +63,15 @@ impl Stack {
     }
 
     /// For tests that leave the brokers running.
-    pub fn shared() -> (&'static Stack, RwLockReadGuard<'static, ()>) {
-        let s = Stack::get();
-        (s, STACK_LOCK.read().unwrap_or_else(|e| e.into_inner()))
+    pub async fn shared() -> (&'static Stack, RwLockReadGuard<'static, ()>) {
+        let s = tokio::task::block_in_place(Stack::get);
+        (s, STACK_LOCK.read().await)
     }
 
     /// For tests that stop and start brokers.
-    pub fn exclusive() -> (&'static Stack, RwLockWriteGuard<'static, ()>) {
-        let s = Stack::get();
-        (s, STACK_LOCK.write().unwrap_or_else(|e| e.into_inner()))
+    pub async fn exclusive() -> (&'static Stack, RwLockWriteGuard<'static, ()>) {
+        let s = tokio::task::block_in_place(Stack::get);
+        (s, STACK_LOCK.write().await)
     }
 
     pub fn service_url(&self) -> String {
@@ -107,8 +114,16 @@ impl Namespace {
     pub async fn create(stack: &Stack, test: &str) -> Namespace {
         let name = format!("public/{}", unique(test));
         let http = reqwest::Client::new();
-        let r = http.put(stack.admin(&format!("namespaces/{name}"))).send().await.expect("admin api");
-        assert!(r.status().is_success(), "create namespace {name}: {}", r.status());
+        let r = http
+            .put(stack.admin(&format!("namespaces/{name}")))
+            .send()
+            .await
+            .expect("admin api");
+        assert!(
+            r.status().is_success(),
+            "create namespace {name}: {}",
+            r.status()
+        );
         let r = http
             .post(stack.admin(&format!("namespaces/{name}/deduplication")))
             .header("Content-Type", "application/json")
@@ -116,7 +131,11 @@ impl Namespace {
             .send()
             .await
             .expect("admin api");
-        assert!(r.status().is_success(), "enable deduplication on {name}: {}", r.status());
+        assert!(
+            r.status().is_success(),
+            "enable deduplication on {name}: {}",
+            r.status()
+        );
         Namespace {
             name,
             stack: stack.clone(),
@@ -131,18 +150,28 @@ impl Namespace {
     /// until it has finished.
     pub async fn compact(&self, local: &str) {
         let http = reqwest::Client::new();
-        let url = self.stack.admin(&format!("persistent/{}/{local}/compaction", self.name));
+        let url = self
+            .stack
+            .admin(&format!("persistent/{}/{local}/compaction", self.name));
         let r = http.put(&url).send().await.expect("admin api");
-        assert!(r.status().is_success(), "trigger compaction: {}", r.status());
+        assert!(
+            r.status().is_success(),
+            "trigger compaction: {}",
+            r.status()
+        );
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let body: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+            let body: serde_json::Value =
+                http.get(&url).send().await.unwrap().json().await.unwrap();
             match body["status"].as_str() {
                 Some("SUCCESS") => return,
                 Some("ERROR") => panic!("compaction failed: {body}"),
                 _ => {}
             }
-            assert!(Instant::now() < deadline, "compaction did not finish: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "compaction did not finish: {body}"
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
@@ -168,7 +197,13 @@ impl Received {
 /// Reads a topic from the start until `expected` messages arrived, then keeps
 /// listening for `grace` to catch anything extra (a duplicate). Gives up when
 /// nothing arrives for `idle`.
-pub async fn read_topic(stack: &Stack, topic: &str, compacted: bool, expected: usize, idle: Duration) -> Vec<Received> {
+pub async fn read_topic(
+    stack: &Stack,
+    topic: &str,
+    compacted: bool,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
     let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(stack.service_url(), TokioExecutor)
         .build()
         .await
@@ -198,7 +233,11 @@ pub async fn read_topic(stack: &Stack, topic: &str, compacted: bool, expected: u
                 out.push(Received {
                     key: meta.partition_key.clone().unwrap_or_default(),
                     sequence_id: meta.sequence_id,
-                    properties: meta.properties.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect(),
+                    properties: meta
+                        .properties
+                        .iter()
+                        .map(|kv| (kv.key.clone(), kv.value.clone()))
+                        .collect(),
                     payload: msg.payload.data.clone(),
                 });
             }
@@ -261,7 +300,9 @@ pub struct Devices {
 impl Devices {
     pub async fn connect(stack: &Stack, prefix: &str, count: usize) -> Devices {
         let mut opts = MqttOptions::new(unique("devices"), "127.0.0.1", stack.mqtt_port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_inflight(200).set_max_packet_size(16 << 20, 16 << 20);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(200)
+            .set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let (tx, acked) = tokio::sync::watch::channel(0usize);
         let task = tokio::spawn(async move {
@@ -310,17 +351,23 @@ impl Devices {
     }
 
     pub async fn publish_raw(&mut self, topic: &str, payload: Vec<u8>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish");
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish");
         self.published += 1;
         self.wait_acked().await;
     }
 
     async fn wait_acked(&mut self) {
         let want = self.published;
-        tokio::time::timeout(Duration::from_secs(300), self.acked.wait_for(|n| *n >= want))
-            .await
-            .expect("broker acknowledged every publish in time")
-            .expect("device loop alive");
+        tokio::time::timeout(
+            Duration::from_secs(300),
+            self.acked.wait_for(|n| *n >= want),
+        )
+        .await
+        .expect("broker acknowledged every publish in time")
+        .expect("device loop alive");
     }
 
     pub async fn disconnect(self) {
@@ -354,7 +401,14 @@ pub fn test_dir(name: &str) -> PathBuf {
 
 impl Ferry {
     /// Writes a config for this test; `extra` is appended to it as is.
-    pub fn new(stack: &Stack, test: &str, gateway: &str, mqtt_filter: &str, topic: &str, extra: &str) -> Ferry {
+    pub fn new(
+        stack: &Stack,
+        test: &str,
+        gateway: &str,
+        mqtt_filter: &str,
+        topic: &str,
+        extra: &str,
+    ) -> Ferry {
         let dir = test_dir(test);
         let config = dir.join("ferry.toml");
         let text = format!(
@@ -399,7 +453,11 @@ backoff_max_ms = 2000
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "ferry already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(ferry_bin())
             .args(["run", "--config"])
             .arg(&self.config)
@@ -446,8 +504,14 @@ backoff_max_ms = 2000
     /// Waits until the store has stored `n` records in its life.
     pub async fn wait_stored(&self, n: i64, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while !(self.store_path().exists() && self.counters().get("stored").copied().unwrap_or(0) >= n) {
-            assert!(Instant::now() < deadline, "store never held {n} records: {:?}", self.counters());
+        while !(self.store_path().exists()
+            && self.counters().get("stored").copied().unwrap_or(0) >= n)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "store never held {n} records: {:?}",
+                self.counters()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -467,7 +531,11 @@ backoff_max_ms = 2000
     pub async fn wait_log(&self, needle: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         while !self.log_text().contains(needle) {
-            assert!(Instant::now() < deadline, "ferry never logged `{needle}`; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "ferry never logged `{needle}`; log:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -481,7 +549,8 @@ backoff_max_ms = 2000
     pub fn pending(&self) -> i64 {
         let c = rusqlite::Connection::open(self.store_path()).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0)).unwrap()
+        c.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0))
+            .unwrap()
     }
 
     /// Waits until the store has stored `stored` records in its life and
@@ -527,7 +596,9 @@ pub fn tail(text: &str, lines: usize) -> String {
 }
 
 fn unsafe_sigterm(pid: u32) {
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }
 
 /// Prints a figure of a test, and keeps it in `target/it/figures.txt`.

@@ -20,11 +20,18 @@ fn exact(n: usize) -> Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
-    let (stack, _exclusive) = Stack::exclusive();
+    let (stack, _exclusive) = Stack::exclusive().await;
     let ns = Namespace::create(stack, "outage").await;
     let topic = ns.topic("device-status");
     let prefix = unique("outage");
-    let mut ferry = Ferry::new(stack, "outage", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    let mut ferry = Ferry::new(
+        stack,
+        "outage",
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
     ferry.start();
     ferry.wait_log("producer ready", SECS(30)).await;
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
@@ -35,8 +42,14 @@ async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
     devices.publish_rounds(20, 100).await;
     ferry.wait_stored(5000, SECS(60)).await;
     let pending = ferry.pending();
-    report("outage", &format!("records held in the store while Pulsar was down: {pending}"));
-    assert!(pending >= 4000, "the 4,000 updates published while Pulsar was down wait in the store");
+    report(
+        "outage",
+        &format!("records held in the store while Pulsar was down: {pending}"),
+    );
+    assert!(
+        pending >= 4000,
+        "the 4,000 updates published while Pulsar was down wait in the store"
+    );
     assert!(ferry.is_running(), "ferry keeps running without Pulsar");
     stack.ctl("pulsar-start");
 
@@ -51,11 +64,18 @@ async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
-    let (stack, _exclusive) = Stack::exclusive();
+    let (stack, _exclusive) = Stack::exclusive().await;
     let ns = Namespace::create(stack, "unreachable").await;
     let topic = ns.topic("device-status");
     let prefix = unique("unreachable");
-    let mut ferry = Ferry::new(stack, "unreachable", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    let mut ferry = Ferry::new(
+        stack,
+        "unreachable",
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
     ferry.start();
     ferry.wait_log("producer ready", SECS(30)).await;
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
@@ -65,7 +85,10 @@ async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
     ferry.wait_log("mqtt connection lost", SECS(30)).await;
     ferry.wait_log("uplink disconnected", SECS(60)).await;
     tokio::time::sleep(SECS(5)).await;
-    assert!(ferry.is_running(), "ferry keeps running with both brokers gone");
+    assert!(
+        ferry.is_running(),
+        "ferry keeps running with both brokers gone"
+    );
     let log = ferry.log_text();
     let why: Vec<&str> = log
         .lines()
@@ -92,15 +115,23 @@ async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothing() {
-    let (stack, _exclusive) = Stack::exclusive();
+    let (stack, _exclusive) = Stack::exclusive().await;
     let ns = Namespace::create(stack, "kill9").await;
     let topic = ns.topic("device-status");
     let prefix = unique("kill9");
-    let mut ferry = Ferry::new(stack, "kill9", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    let mut ferry = Ferry::new(
+        stack,
+        "kill9",
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
     ferry.start();
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
 
-    // 100 devices x 200 updates, with the MQTT broker restarted halfway.
+    // 100 devices x 200 updates, about 1,000 a second so that every kill
+    // lands inside the stream, with the MQTT broker restarted halfway.
     let publisher = {
         let stack = stack.clone();
         let prefix = prefix.clone();
@@ -108,6 +139,7 @@ async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothi
             let mut devices = Devices::connect(&stack, &prefix, 100).await;
             for chunk in 0..10 {
                 devices.publish_rounds(chunk * 10, chunk * 10 + 10).await;
+                tokio::time::sleep(Duration::from_millis(800)).await;
             }
             let ids = devices.ids.clone();
             devices.disconnect().await;
@@ -116,6 +148,7 @@ async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothi
             let mut devices = Devices::connect(&stack, &prefix, 100).await;
             for chunk in 10..20 {
                 devices.publish_rounds(chunk * 10, chunk * 10 + 10).await;
+                tokio::time::sleep(Duration::from_millis(800)).await;
             }
             devices.disconnect().await;
             ids
@@ -132,6 +165,10 @@ async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothi
         tokio::time::sleep(Duration::from_millis(down)).await;
         ferry.start();
     }
+    assert!(
+        !publisher.is_finished(),
+        "all 20 kills landed while devices were still publishing"
+    );
     let ids = publisher.await.expect("publisher");
     ferry.wait_drained(20_000, SECS(300)).await;
 
@@ -151,6 +188,10 @@ async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothi
     let t = tally(&msgs, &ids, 200);
     report("kill9", &format!("{t:?}"));
     assert_eq!(t, exact(20_000));
-    assert_eq!(c.get("stored").copied(), Some(20_000), "no redelivery was stored twice");
+    assert_eq!(
+        c.get("stored").copied(),
+        Some(20_000),
+        "no redelivery was stored twice"
+    );
     assert_eq!(ferry.terminate(), Some(0));
 }

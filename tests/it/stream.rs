@@ -9,12 +9,19 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_devices_ten_thousand_updates_arrive_exactly_once_in_order() {
-    let (stack, _shared) = Stack::shared();
+    let (stack, _shared) = Stack::shared().await;
     let ns = Namespace::create(stack, "stream").await;
     let topic = ns.topic("device-status");
     let prefix = unique("stream");
     let gateway = unique("gw");
-    let mut ferry = Ferry::new(stack, "stream", &gateway, &format!("{prefix}/+/state"), &topic, "");
+    let mut ferry = Ferry::new(
+        stack,
+        "stream",
+        &gateway,
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
     ferry.start();
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
 
@@ -42,13 +49,19 @@ async fn hundred_devices_ten_thousand_updates_arrive_exactly_once_in_order() {
 
     ns.compact("device-status").await;
     let latest = read_topic(stack, &topic, true, 100, SECS(30)).await;
-    report("stream", &format!("compacted read: {} messages", latest.len()));
+    report(
+        "stream",
+        &format!("compacted read: {} messages", latest.len()),
+    );
     assert_eq!(latest.len(), 100);
     let mut keys: Vec<&str> = latest.iter().map(|m| m.key.as_str()).collect();
     keys.sort();
     keys.dedup();
     assert_eq!(keys.len(), 100, "one message per device");
-    assert!(latest.iter().all(|m| m.n() == 99), "each device's last update");
+    assert!(
+        latest.iter().all(|m| m.n() == 99),
+        "each device's last update"
+    );
 
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
@@ -59,11 +72,18 @@ async fn hundred_devices_ten_thousand_updates_arrive_exactly_once_in_order() {
 /// copy of the store taken while 1,000 records were pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_ferry_skips_what_the_broker_already_holds() {
-    let (stack, _shared) = Stack::shared();
+    let (stack, _shared) = Stack::shared().await;
     let ns = Namespace::create(stack, "resume").await;
     let topic = ns.topic("device-status");
     let prefix = unique("resume");
-    let mut ferry = Ferry::new(stack, "resume", &unique("gw"), &format!("{prefix}/+/state"), &topic, "");
+    let mut ferry = Ferry::new(
+        stack,
+        "resume",
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
     // First with Pulsar out of reach, so that records pile up in the store.
     let closed = closed_port();
     let good_url = stack.service_url();
