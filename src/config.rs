@@ -77,8 +77,6 @@ pub struct MqttConfig {
     pub client_id: String,
     pub keep_alive: Duration,
     pub subscriptions: Vec<Subscription>,
-    /// How many unacknowledged QoS 1 messages the broker may send at once.
-    pub inflight: u16,
 }
 
 /// One MQTT topic filter and the rule that extracts the device id from the
@@ -118,6 +116,8 @@ pub struct UplinkConfig {
     pub operation_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// On shutdown, how long to wait for receipts of what is in flight.
+    pub drain_timeout: Duration,
 }
 
 // ---------------------------------------------------------------------------
@@ -140,7 +140,6 @@ pub struct RawMqtt {
     pub port: Option<i64>,
     pub client_id: Option<String>,
     pub keep_alive_secs: Option<i64>,
-    pub inflight: Option<i64>,
     pub subscriptions: Option<Vec<RawSubscription>>,
 }
 
@@ -175,6 +174,7 @@ pub struct RawUplink {
     pub operation_timeout_ms: Option<i64>,
     pub backoff_min_ms: Option<i64>,
     pub backoff_max_ms: Option<i64>,
+    pub drain_timeout_ms: Option<i64>,
 }
 
 /// Reads and validates a configuration file.
@@ -279,7 +279,6 @@ impl RawConfig {
             None => format!("ferry-{}", gateway_id.clone().unwrap_or_default()),
         };
         let keep_alive = v.int_in("mqtt.keep_alive_secs", mqtt.keep_alive_secs, 30, 5, 3600);
-        let inflight = v.int_in("mqtt.inflight", mqtt.inflight, 100, 1, 65535) as u16;
         let mut subscriptions = Vec::new();
         match mqtt.subscriptions {
             None => v.error(
@@ -379,6 +378,7 @@ impl RawConfig {
             1,
             3_600_000,
         );
+        let drain_timeout = v.int_in("uplink.drain_timeout_ms", up.drain_timeout_ms, 5_000, 0, 600_000);
         v.check(
             "uplink.backoff_max_ms",
             backoff_max >= backoff_min,
@@ -397,7 +397,6 @@ impl RawConfig {
                 client_id,
                 keep_alive: Duration::from_secs(keep_alive as u64),
                 subscriptions,
-                inflight,
             },
             pulsar: PulsarConfig {
                 host: phost,
@@ -417,6 +416,7 @@ impl RawConfig {
                 operation_timeout: ms(operation_timeout),
                 backoff_min: ms(backoff_min),
                 backoff_max: ms(backoff_max),
+                drain_timeout: ms(drain_timeout),
             },
         })
     }

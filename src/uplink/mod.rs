@@ -128,7 +128,7 @@ impl UplinkSettings {
             operation_timeout: cfg.uplink.operation_timeout,
             backoff_min: cfg.uplink.backoff_min,
             backoff_max: cfg.uplink.backoff_max,
-            drain_timeout: Duration::from_secs(5),
+            drain_timeout: cfg.uplink.drain_timeout,
         }
     }
 }
