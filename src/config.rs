@@ -95,6 +95,30 @@ pub struct PulsarConfig {
     pub service_url: String,
     /// Fully qualified: `persistent://tenant/namespace/topic`.
     pub topic: String,
+    /// Present exactly when the service URL is `pulsar+ssl://`.
+    pub tls: Option<TlsConfig>,
+    pub auth: Option<TokenSource>,
+}
+
+/// Trust anchors and the optional client certificate of a TLS uplink.
+/// Hostname verification is always on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub ca_file: Option<PathBuf>,
+    pub use_system_roots: bool,
+    /// Client certificate chain and key (PEM, PKCS#8 or PKCS#1/SEC1) for mTLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Where the JWT comes from. Never the token itself: it is read when
+/// connecting and again on every AUTH_CHALLENGE, so a rotated token takes
+/// effect without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A file; `token_credential` resolves to one in `$CREDENTIALS_DIRECTORY`.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +179,27 @@ pub struct RawSubscription {
 pub struct RawPulsar {
     pub service_url: Option<String>,
     pub topic: Option<String>,
+    pub tls: Option<RawTls>,
+    pub auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_file: Option<String>,
+    pub use_system_roots: Option<bool>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub token_file: Option<String>,
+    pub token_credential: Option<String>,
+    pub token_env: Option<String>,
+    /// Refused with a clear message: a token must not sit in the config.
+    pub token: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,14 +357,58 @@ impl RawConfig {
 
         let pulsar = self.pulsar.unwrap_or_default();
         let service_url = v.required("pulsar.service_url", pulsar.service_url);
-        let (phost, pport) = match service_url.as_deref().map(parse_service_url) {
+        let (phost, pport, tls_url) = match service_url.as_deref().map(parse_service_url) {
             Some(Ok(hp)) => hp,
             Some(Err(msg)) => {
                 v.error("pulsar.service_url", &msg);
-                (String::new(), 0)
+                (String::new(), 0, false)
             }
-            None => (String::new(), 0),
+            None => (String::new(), 0, false),
         };
+        let tls = match (tls_url, pulsar.tls) {
+            (true, raw) => {
+                let raw = raw.unwrap_or_default();
+                let use_system_roots = raw.use_system_roots.unwrap_or(false);
+                if raw.ca_file.is_none() && !use_system_roots {
+                    v.error(
+                        "pulsar.tls.ca_file",
+                        "is required for pulsar+ssl:// unless pulsar.tls.use_system_roots = true",
+                    );
+                }
+                let client_cert = match (raw.cert_file, raw.key_file) {
+                    (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        v.error(
+                            "pulsar.tls.key_file",
+                            "is required with pulsar.tls.cert_file",
+                        );
+                        None
+                    }
+                    (None, Some(_)) => {
+                        v.error(
+                            "pulsar.tls.cert_file",
+                            "is required with pulsar.tls.key_file",
+                        );
+                        None
+                    }
+                };
+                Some(TlsConfig {
+                    ca_file: raw.ca_file.map(PathBuf::from),
+                    use_system_roots,
+                    client_cert,
+                })
+            }
+            (false, Some(_)) if service_url.is_some() => {
+                v.error(
+                    "pulsar.tls",
+                    "is set, but pulsar.service_url is not pulsar+ssl://",
+                );
+                None
+            }
+            (false, _) => None,
+        };
+        let auth = pulsar.auth.and_then(|a| token_source(&mut v, a));
         let topic = v.required("pulsar.topic", pulsar.topic);
         if let Some(t) = &topic {
             if let Err(msg) = check_topic(t) {
@@ -378,7 +467,13 @@ impl RawConfig {
             1,
             3_600_000,
         );
-        let drain_timeout = v.int_in("uplink.drain_timeout_ms", up.drain_timeout_ms, 5_000, 0, 600_000);
+        let drain_timeout = v.int_in(
+            "uplink.drain_timeout_ms",
+            up.drain_timeout_ms,
+            5_000,
+            0,
+            600_000,
+        );
         v.check(
             "uplink.backoff_max_ms",
             backoff_max >= backoff_min,
@@ -403,6 +498,8 @@ impl RawConfig {
                 port: pport,
                 service_url: service_url.unwrap_or_default(),
                 topic: topic.unwrap_or_default(),
+                tls,
+                auth,
             },
             store: StoreConfig {
                 path: PathBuf::from(path.unwrap_or_default()),
@@ -507,26 +604,86 @@ fn check_device_level(filter: &str, level: i64) -> Result<(), String> {
     }
 }
 
-/// `pulsar://host:port`; the port defaults to 6650.
-pub(crate) fn parse_service_url(url: &str) -> Result<(String, u16), String> {
-    let rest = if let Some(rest) = url.strip_prefix("pulsar://") {
-        rest
-    } else if url.starts_with("pulsar+ssl://") {
-        return Err("pulsar+ssl:// (TLS) is not supported yet; use pulsar://".into());
+/// `pulsar://host[:port]` (port 6650) or `pulsar+ssl://host[:port]` (port
+/// 6651). Returns host, port and whether TLS is asked for.
+pub fn parse_service_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("pulsar://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("pulsar+ssl://") {
+        (rest, true)
     } else {
-        return Err(format!("`{url}` must start with pulsar://"));
+        return Err(format!(
+            "`{url}` must start with pulsar:// or pulsar+ssl://"
+        ));
     };
     let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') {
-        return Err(format!("`{url}` must be pulsar://host[:port]"));
+    if rest.is_empty() || rest.contains('/') || rest.contains(',') {
+        return Err(format!(
+            "`{url}` must be pulsar[+ssl]://host[:port] (one host)"
+        ));
     }
+    let default_port = if tls { 6651 } else { 6650 };
     match rest.rsplit_once(':') {
         Some((host, port)) => match port.parse::<u16>() {
-            Ok(p) if p > 0 && !host.is_empty() => Ok((host.to_string(), p)),
+            Ok(p) if p > 0 && !host.is_empty() => Ok((host.to_string(), p, tls)),
             _ => Err(format!("`{url}` has an invalid port")),
         },
-        None => Ok((rest.to_string(), 6650)),
+        None => Ok((rest.to_string(), default_port, tls)),
     }
+}
+
+/// Exactly one token source; never an inline token.
+fn token_source(v: &mut Validator, a: RawAuth) -> Option<TokenSource> {
+    if a.token.is_some() {
+        v.error(
+            "pulsar.auth.token",
+            "inline tokens are not allowed (config files are often world-readable): use token_file, token_credential or token_env",
+        );
+        return None;
+    }
+    let given = [
+        a.token_file.is_some(),
+        a.token_credential.is_some(),
+        a.token_env.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if given != 1 {
+        v.error(
+            "pulsar.auth",
+            "needs exactly one of token_file, token_credential, token_env",
+        );
+        return None;
+    }
+    if let Some(f) = a.token_file {
+        return Some(TokenSource::File(PathBuf::from(f)));
+    }
+    if let Some(name) = a.token_credential {
+        if name.is_empty() || name.contains('/') {
+            v.error(
+                "pulsar.auth.token_credential",
+                "must be a credential name, without `/`",
+            );
+            return None;
+        }
+        return match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => Some(TokenSource::File(PathBuf::from(dir).join(name))),
+            None => {
+                v.error(
+                    "pulsar.auth.token_credential",
+                    "needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with LoadCredential=",
+                );
+                None
+            }
+        };
+    }
+    let name = a.token_env.unwrap_or_default();
+    if name.is_empty() {
+        v.error("pulsar.auth.token_env", "must name an environment variable");
+        return None;
+    }
+    Some(TokenSource::Env(name))
 }
 
 fn check_topic(topic: &str) -> Result<(), String> {
@@ -630,6 +787,44 @@ bogus = 1
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, vec!["gateway_id", "mqtt", "store"]);
         assert!(errs[2].message.contains("bogus"), "{}", errs[2].message);
+    }
+
+    #[test]
+    fn tls_and_auth_settings_are_checked_together() {
+        let tls = GOOD.replace("pulsar://127.0.0.1:6650", "pulsar+ssl://broker.example");
+        let errs = parse(&tls).unwrap_err();
+        assert_eq!(errs[0].path, "pulsar.tls.ca_file");
+
+        let ok = format!(
+            "{tls}\n[pulsar.tls]\nca_file = \"/etc/ferry/ca.pem\"\n[pulsar.auth]\ntoken_file = \"/etc/ferry/t\"\n"
+        );
+        let ok = ok.replace("[store]\npath = \"/tmp/ferry.db\"\n", "");
+        let ok = format!("{ok}[store]\npath = \"/tmp/ferry.db\"\n");
+        let c = parse(&ok).unwrap();
+        assert_eq!(c.pulsar.port, 6651);
+        assert_eq!(
+            c.pulsar.tls.unwrap().ca_file,
+            Some(PathBuf::from("/etc/ferry/ca.pem"))
+        );
+        assert_eq!(
+            c.pulsar.auth,
+            Some(TokenSource::File(PathBuf::from("/etc/ferry/t")))
+        );
+
+        let inline = format!("{GOOD}[pulsar.auth]\ntoken = \"eyJ...\"\n");
+        // [pulsar.auth] after [store] is still the pulsar table in TOML.
+        let errs = parse(&inline).unwrap_err();
+        assert_eq!(errs[0].path, "pulsar.auth.token");
+        assert!(
+            !errs[0].message.contains("eyJ"),
+            "the token is never echoed"
+        );
+
+        let both = format!("{GOOD}[pulsar.auth]\ntoken_file = \"a\"\ntoken_env = \"B\"\n");
+        assert_eq!(parse(&both).unwrap_err()[0].path, "pulsar.auth");
+
+        let plain_with_tls = format!("{GOOD}[pulsar.tls]\nca_file = \"x\"\n");
+        assert_eq!(parse(&plain_with_tls).unwrap_err()[0].path, "pulsar.tls");
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! - [`uplink`]: ferry's own idempotent Pulsar producer, sequence id = record
 //!   number, resume from the broker's `last_sequence_id`.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
+//! - [`check`]: what `ferry check` reports to installers.
 //!
 //! [`run`] wires them together. See ARCHITECTURE.md for the invariants.
 
+pub mod check;
 pub mod config;
 pub mod ingest;
 pub mod shutdown;
@@ -39,6 +41,9 @@ pub enum RunError {
 /// short while for receipts of what is in flight, then close the store.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel();
+    for w in check::secret_file_warnings(&config) {
+        tracing::warn!("{w}");
+    }
     let store = store::Store::open(&config.store, ack_tx)?;
     tracing::info!(gateway = %config.gateway_id, store = %config.store.path.display(),
         topic = %config.pulsar.topic, "ferry starting");

@@ -1,7 +1,8 @@
 //! The `ferry` command: `run` the agent, `check` a configuration file.
 //!
 //! Exit codes: 0 success; 1 runtime failure (store unusable, fatal error);
-//! 2 invalid configuration or command line.
+//! 2 invalid configuration or command line; 3 `check --online` found a
+//! broker unreachable or refusing.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,13 +33,19 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also connect to both brokers and report (for installers).
+        #[arg(long)]
+        online: bool,
     },
 }
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+const EXIT_ONLINE: u8 = 3;
 
 fn main() -> ExitCode {
+    // One crypto provider for every TLS user in the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -47,27 +54,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { config } => match ferry::config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok (gateway {}, {} subscription{}, topic {})",
-                    config.display(),
-                    c.gateway_id,
-                    c.mqtt.subscriptions.len(),
-                    if c.mqtt.subscriptions.len() == 1 {
-                        ""
-                    } else {
-                        "s"
-                    },
-                    c.pulsar.topic
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Check { config, online } => check(&config, online),
         Command::Run { config } => {
             let cfg = match ferry::config::load(&config) {
                 Ok(c) => c,
@@ -85,6 +72,56 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn check(path: &std::path::Path, online: bool) -> ExitCode {
+    let cfg = match ferry::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let subs = cfg.mqtt.subscriptions.len();
+    println!(
+        "{}: ok (gateway {}, {subs} subscription{}, topic {})",
+        path.display(),
+        cfg.gateway_id,
+        if subs == 1 { "" } else { "s" },
+        cfg.pulsar.topic
+    );
+    for w in ferry::check::secret_file_warnings(&cfg) {
+        eprintln!("warning: {w}");
+    }
+    if !online {
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let probes = rt.block_on(ferry::check::online(&cfg));
+    let mut ok = true;
+    for p in probes {
+        match p.result {
+            Ok(line) => println!("{}: ok, {line}", p.what),
+            Err(line) => {
+                ok = false;
+                println!("{}: FAILED, {line}", p.what);
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ONLINE)
     }
 }
 

@@ -13,29 +13,28 @@
 //! The decisions live in [`producer::ProducerState`] and the byte layout in
 //! [`frame`]; this module owns the sockets and the timers.
 
+pub mod auth;
+pub mod conn;
 pub mod frame;
 pub mod producer;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use pulsar::proto::{
-    self, base_command::Type, command_lookup_topic_response::LookupType, BaseCommand, KeyValue,
-    MessageMetadata,
+    self, base_command::Type, command_lookup_topic_response::LookupType, KeyValue, MessageMetadata,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{parse_service_url, Config};
+use crate::config::{parse_service_url, Config, TlsConfig, TokenSource};
 use crate::store::{Record, StoreError, StoreHandle};
+use conn::{command, server_error, Conn, Endpoint};
 use frame::{Frame, FrameError};
 use producer::{ProducerError, ProducerState};
 
-/// Pulsar protocol version ferry speaks.
-const PROTOCOL_VERSION: i32 = 19;
 /// Lookups may redirect this many times before ferry gives up.
 const MAX_REDIRECTS: usize = 8;
 /// Ferry pings the broker this often and expects some frame within twice it.
@@ -55,6 +54,28 @@ pub enum UplinkError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("TLS with {addr} failed: {failure}")]
+    Tls {
+        addr: String,
+        failure: tls::TlsFailure,
+    },
+    #[error(transparent)]
+    TlsSetup(#[from] tls::TlsSetupError),
+    #[error(transparent)]
+    Token(#[from] auth::AuthError),
+    #[error("broker rejected the token{}: {message}", role_suffix(.role))]
+    AuthRejected {
+        message: String,
+        role: Option<String>,
+    },
+    #[error("not authorized to produce on {topic}{}: {message}", role_suffix(.role))]
+    NotAuthorized {
+        topic: String,
+        role: Option<String>,
+        message: String,
+    },
+    #[error("topic {topic} is terminated: it accepts no more messages")]
+    TopicTerminated { topic: String },
     #[error("broker closed the connection")]
     Closed,
     #[error("timed out waiting for {0}")]
@@ -91,10 +112,39 @@ pub enum UplinkError {
     Store(#[from] StoreError),
 }
 
+fn role_suffix(role: &Option<String>) -> String {
+    role.as_ref()
+        .map(|r| format!(" as role {r}"))
+        .unwrap_or_default()
+}
+
+/// What an error means for the uplink loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Network or broker trouble: back off and try again.
+    Transient,
+    /// Needs an operator (certificate, token, permission, terminated
+    /// topic): keep the data, retry slowly, say why.
+    NeedsOperator,
+    /// The store is unusable: ferry stops.
+    Fatal,
+}
+
 impl UplinkError {
-    /// Store failures end ferry; everything else is worth another try.
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, UplinkError::Store(_))
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            UplinkError::Store(_) => ErrorClass::Fatal,
+            UplinkError::Tls { failure, .. } => match failure {
+                tls::TlsFailure::Other(_) => ErrorClass::Transient,
+                _ => ErrorClass::NeedsOperator,
+            },
+            UplinkError::TlsSetup(_)
+            | UplinkError::Token(_)
+            | UplinkError::AuthRejected { .. }
+            | UplinkError::NotAuthorized { .. }
+            | UplinkError::TopicTerminated { .. } => ErrorClass::NeedsOperator,
+            _ => ErrorClass::Transient,
+        }
     }
 }
 
@@ -102,8 +152,9 @@ impl UplinkError {
 #[derive(Debug, Clone)]
 pub struct UplinkSettings {
     pub gateway_id: String,
-    pub service_host: String,
-    pub service_port: u16,
+    pub service: Endpoint,
+    pub tls: Option<TlsConfig>,
+    pub auth: Option<TokenSource>,
     pub topic: String,
     pub producer_name: String,
     pub max_in_flight: usize,
@@ -119,8 +170,13 @@ impl UplinkSettings {
     pub fn from_config(cfg: &Config) -> UplinkSettings {
         UplinkSettings {
             gateway_id: cfg.gateway_id.clone(),
-            service_host: cfg.pulsar.host.clone(),
-            service_port: cfg.pulsar.port,
+            service: Endpoint {
+                host: cfg.pulsar.host.clone(),
+                port: cfg.pulsar.port,
+                tls: cfg.pulsar.tls.is_some(),
+            },
+            tls: cfg.pulsar.tls.clone(),
+            auth: cfg.pulsar.auth.clone(),
             topic: cfg.pulsar.topic.clone(),
             producer_name: producer_name(&cfg.gateway_id, &cfg.pulsar.topic),
             max_in_flight: cfg.uplink.max_in_flight,
@@ -198,16 +254,27 @@ pub async fn run(
     loop {
         match uplink.session().await {
             Ok(SessionEnd::Shutdown) => return Ok(()),
-            Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
+                let class = e.class();
+                if class == ErrorClass::Fatal {
+                    return Err(e);
+                }
                 uplink.state.on_disconnect();
                 uplink.report_delivered()?;
-                let delay = match e {
-                    UplinkError::ProducerClosed => uplink.settings.backoff_min,
+                let delay = match (&e, class) {
+                    (UplinkError::ProducerClosed, _) => uplink.settings.backoff_min,
+                    // Retrying fast cannot fix a certificate or a permission.
+                    (_, ErrorClass::NeedsOperator) => uplink.settings.backoff_max,
                     _ => uplink.backoff.next_delay(),
                 };
-                tracing::warn!(error = %e, topic = %uplink.settings.topic, retry_in_ms = delay.as_millis() as u64,
-                    "uplink disconnected; records stay in the store");
+                let retry_in_ms = delay.as_millis() as u64;
+                if class == ErrorClass::NeedsOperator {
+                    tracing::error!(error = %e, topic = %uplink.settings.topic, retry_in_ms,
+                        "uplink blocked until an operator fixes this; records stay in the store");
+                } else {
+                    tracing::warn!(error = %e, topic = %uplink.settings.topic, retry_in_ms,
+                        "uplink disconnected; records stay in the store");
+                }
                 tokio::select! {
                     _ = uplink.shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -244,7 +311,7 @@ impl Uplink {
             tracing::error!(last_sequence_id, renumbered_by = outcome.renumbered_by,
                 "broker holds record numbers this store never gave out (store replaced?); pending records renumbered above them");
         }
-        tracing::info!(topic = %self.settings.topic, producer = %self.settings.producer_name, broker = %conn.addr,
+        tracing::info!(topic = %self.settings.topic, producer = %self.settings.producer_name, broker = %conn.endpoint,
             last_sequence_id, skipped = outcome.skipped, "producer ready");
 
         let mut buffer: VecDeque<Record> = VecDeque::new();
@@ -327,6 +394,8 @@ impl Uplink {
             conn.push(&command(Type::Pong, |c| {
                 c.pong = Some(proto::CommandPong {})
             }));
+        } else if c.auth_challenge.is_some() {
+            conn.answer_challenge(&self.settings)?;
         } else if c.close_producer.is_some() {
             return Err(UplinkError::ProducerClosed);
         } else if let Some(e) = c.error {
@@ -354,9 +423,8 @@ impl Uplink {
                 _ = tokio::time::sleep_until(deadline) => break,
                 f = conn.read_frame() => f,
             };
-            match frame.and_then(|f| self.handle(conn, f)) {
-                Ok(()) => {}
-                Err(_) => break,
+            if frame.and_then(|f| self.handle(conn, f)).is_err() || conn.flush().await.is_err() {
+                break;
             }
         }
         let left = self.state.in_flight();
@@ -369,91 +437,112 @@ impl Uplink {
 
     /// Connects to the broker that serves the topic.
     async fn connect_to_topic(&self) -> Result<Conn, UplinkError> {
-        let s = &self.settings;
-        let mut conn = Conn::open(&s.service_host, s.service_port, None, s).await?;
-        let mut authoritative = false;
-        for _ in 0..MAX_REDIRECTS {
-            let request_id = conn.next_request_id();
-            let lookup = command(Type::Lookup, |c| {
-                c.lookup_topic = Some(proto::CommandLookupTopic {
-                    topic: s.topic.clone(),
-                    request_id,
-                    authoritative: Some(authoritative),
-                    ..Default::default()
-                })
-            });
-            let reply = conn
-                .request(&lookup, request_id, "lookup", s.operation_timeout)
-                .await?;
-            let Some(r) = reply.command.lookup_topic_response else {
-                return Err(UplinkError::Timeout("lookup response"));
-            };
-            let url = r.broker_service_url.clone().unwrap_or_default();
-            match LookupType::try_from(r.response.unwrap_or(0)).unwrap_or(LookupType::Failed) {
-                LookupType::Failed => {
-                    return Err(UplinkError::Lookup {
-                        topic: s.topic.clone(),
-                        error: r.error.map(server_error).unwrap_or_default(),
-                        message: r.message.unwrap_or_default(),
-                    })
-                }
-                LookupType::Redirect => {
-                    let (host, port) = parse_service_url(&url)
-                        .map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
-                    authoritative = r.authoritative.unwrap_or(false);
-                    conn = if r.proxy_through_service_url.unwrap_or(false) {
-                        Conn::open(&s.service_host, s.service_port, Some(&url), s).await?
-                    } else {
-                        Conn::open(&host, port, None, s).await?
-                    };
-                }
-                LookupType::Connect => {
-                    if r.proxy_through_service_url.unwrap_or(false) {
-                        return Conn::open(&s.service_host, s.service_port, Some(&url), s).await;
-                    }
-                    let (host, port) = parse_service_url(&url)
-                        .map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
-                    if (host.as_str(), port) == (conn.host.as_str(), conn.port) {
-                        return Ok(conn);
-                    }
-                    return Conn::open(&host, port, None, s).await;
-                }
-            }
-        }
-        Err(UplinkError::TooManyRedirects(s.topic.clone()))
+        connect_to_topic(&self.settings).await
     }
 
     /// Creates the producer; returns the broker's `last_sequence_id`.
     async fn create_producer(&mut self, conn: &mut Conn) -> Result<i64, UplinkError> {
-        let s = &self.settings;
+        let name = self.settings.producer_name.clone();
+        create_producer(conn, &self.settings, &name).await
+    }
+}
+
+/// Connects to the broker that serves the topic: LOOKUP on the service URL,
+/// following redirects, connecting directly or through a proxy as told.
+pub async fn connect_to_topic(s: &UplinkSettings) -> Result<Conn, UplinkError> {
+    let mut conn = Conn::open(s.service.clone(), None, s).await?;
+    let mut authoritative = false;
+    for _ in 0..MAX_REDIRECTS {
         let request_id = conn.next_request_id();
-        let cmd = command(Type::Producer, |c| {
-            c.producer = Some(proto::CommandProducer {
+        let lookup = command(Type::Lookup, |c| {
+            c.lookup_topic = Some(proto::CommandLookupTopic {
                 topic: s.topic.clone(),
-                producer_id: PRODUCER_ID,
                 request_id,
-                producer_name: Some(s.producer_name.clone()),
-                user_provided_producer_name: Some(true),
+                authoritative: Some(authoritative),
                 ..Default::default()
             })
         });
-        let mut reply = conn
-            .request(&cmd, request_id, "producer", s.operation_timeout)
-            .await?;
-        loop {
-            match reply.command.producer_success {
-                Some(ok) if ok.producer_ready != Some(false) => {
-                    return Ok(ok.last_sequence_id.unwrap_or(-1))
-                }
-                Some(_) => {
-                    // Waiting for exclusive access; the broker sends another
-                    // PRODUCER_SUCCESS when it is granted.
-                    reply = conn
-                        .wait_for(request_id, "producer", s.operation_timeout)
-                        .await?;
-                }
-                None => return Err(UplinkError::Timeout("producer success")),
+        let reply = conn.request(&lookup, request_id, "lookup", s).await?;
+        let Some(r) = reply.command.lookup_topic_response else {
+            return Err(UplinkError::Timeout("lookup response"));
+        };
+        let url = if s.service.tls {
+            r.broker_service_url_tls.clone()
+        } else {
+            r.broker_service_url.clone()
+        }
+        .unwrap_or_default();
+        let kind = LookupType::try_from(r.response.unwrap_or(0)).unwrap_or(LookupType::Failed);
+        if kind == LookupType::Failed {
+            return Err(match r.error {
+                Some(code) if conn::is_refusal(code) => conn::refusal(
+                    "lookup",
+                    code,
+                    r.message.unwrap_or_default(),
+                    s,
+                    conn.role.clone(),
+                ),
+                code => UplinkError::Lookup {
+                    topic: s.topic.clone(),
+                    error: code.map(server_error).unwrap_or_default(),
+                    message: r.message.unwrap_or_default(),
+                },
+            });
+        }
+        let proxy = r.proxy_through_service_url.unwrap_or(false);
+        if proxy {
+            // Keep talking to the service URL; the proxy forwards to `url`.
+            let next = Conn::open(s.service.clone(), Some(&url), s).await?;
+            if kind == LookupType::Connect {
+                return Ok(next);
             }
+            conn = next;
+        } else {
+            let (host, port, tls) =
+                parse_service_url(&url).map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
+            let target = Endpoint { host, port, tls };
+            if kind == LookupType::Connect && target == conn.endpoint {
+                return Ok(conn);
+            }
+            conn = Conn::open(target, None, s).await?;
+            if kind == LookupType::Connect {
+                return Ok(conn);
+            }
+        }
+        authoritative = r.authoritative.unwrap_or(false);
+    }
+    Err(UplinkError::TooManyRedirects(s.topic.clone()))
+}
+
+/// Creates a producer named `name`; returns the broker's `last_sequence_id`.
+pub async fn create_producer(
+    conn: &mut Conn,
+    s: &UplinkSettings,
+    name: &str,
+) -> Result<i64, UplinkError> {
+    let request_id = conn.next_request_id();
+    let cmd = command(Type::Producer, |c| {
+        c.producer = Some(proto::CommandProducer {
+            topic: s.topic.clone(),
+            producer_id: PRODUCER_ID,
+            request_id,
+            producer_name: Some(name.to_string()),
+            user_provided_producer_name: Some(true),
+            ..Default::default()
+        })
+    });
+    let mut reply = conn.request(&cmd, request_id, "producer", s).await?;
+    loop {
+        match reply.command.producer_success {
+            Some(ok) if ok.producer_ready != Some(false) => {
+                return Ok(ok.last_sequence_id.unwrap_or(-1))
+            }
+            Some(_) => {
+                // Waiting for exclusive access; the broker sends another
+                // PRODUCER_SUCCESS when it is granted.
+                reply = conn.wait_for(request_id, "producer", s).await?;
+            }
+            None => return Err(UplinkError::Timeout("producer success")),
         }
     }
 }
@@ -463,22 +552,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
     }
-}
-
-fn server_error(code: i32) -> String {
-    proto::ServerError::try_from(code)
-        .map(|e| format!("{e:?}"))
-        .unwrap_or_else(|_| format!("error {code}"))
-}
-
-/// Builds a `BaseCommand` of one type.
-fn command(t: Type, fill: impl FnOnce(&mut BaseCommand)) -> BaseCommand {
-    let mut c = BaseCommand {
-        r#type: t as i32,
-        ..Default::default()
-    };
-    fill(&mut c);
-    c
 }
 
 /// Appends the SEND frame of one record.
@@ -513,179 +586,6 @@ fn encode_send(s: &UplinkSettings, rec: &Record, dst: &mut BytesMut) {
         ..Default::default()
     };
     frame::encode_with_payload(&send, &metadata, &rec.payload, dst);
-}
-
-/// One TCP connection to a broker, after CONNECT/CONNECTED.
-struct Conn {
-    host: String,
-    port: u16,
-    addr: String,
-    stream: TcpStream,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    request_id: u64,
-}
-
-impl Conn {
-    async fn open(
-        host: &str,
-        port: u16,
-        proxy_to: Option<&str>,
-        s: &UplinkSettings,
-    ) -> Result<Conn, UplinkError> {
-        let addr = format!("{host}:{port}");
-        let stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect((host, port)))
-            .await
-            .map_err(|_| UplinkError::Timeout("tcp connect"))?
-            .map_err(|source| UplinkError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let mut conn = Conn {
-            host: host.to_string(),
-            port,
-            addr,
-            stream,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            wbuf: BytesMut::with_capacity(64 * 1024),
-            request_id: 0,
-        };
-        let connect = command(Type::Connect, |c| {
-            c.connect = Some(proto::CommandConnect {
-                client_version: format!("ferry/{}", env!("CARGO_PKG_VERSION")),
-                protocol_version: Some(PROTOCOL_VERSION),
-                proxy_to_broker_url: proxy_to.map(str::to_string),
-                feature_flags: Some(proto::FeatureFlags {
-                    supports_auth_refresh: Some(true),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-        });
-        conn.push(&connect);
-        conn.flush().await?;
-        let wait = async {
-            loop {
-                let f = conn.read_frame().await?;
-                if f.command.connected.is_some() {
-                    return Ok(());
-                }
-                if let Some(e) = f.command.error {
-                    return Err(UplinkError::Broker {
-                        during: "connect",
-                        error: server_error(e.error),
-                        message: e.message,
-                    });
-                }
-            }
-        };
-        tokio::time::timeout(s.operation_timeout, wait)
-            .await
-            .map_err(|_| UplinkError::Timeout("connected"))??;
-        Ok(conn)
-    }
-
-    fn next_request_id(&mut self) -> u64 {
-        self.request_id += 1;
-        self.request_id
-    }
-
-    fn push(&mut self, cmd: &BaseCommand) {
-        frame::encode_command(cmd, &mut self.wbuf);
-    }
-
-    async fn flush(&mut self) -> Result<(), UplinkError> {
-        if !self.wbuf.is_empty() {
-            self.stream
-                .write_all(&self.wbuf)
-                .await
-                .map_err(|source| UplinkError::Io {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
-            self.wbuf.clear();
-        }
-        Ok(())
-    }
-
-    /// A frame already in the read buffer, if any.
-    fn try_frame(&mut self) -> Result<Option<Frame>, UplinkError> {
-        Ok(frame::decode(&mut self.rbuf)?)
-    }
-
-    /// Reads the next frame. Cancel-safe: partial input stays in `rbuf`.
-    async fn read_frame(&mut self) -> Result<Frame, UplinkError> {
-        loop {
-            if let Some(f) = frame::decode(&mut self.rbuf)? {
-                return Ok(f);
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(|source| UplinkError::Io {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
-            if n == 0 {
-                return Err(UplinkError::Closed);
-            }
-        }
-    }
-
-    /// Sends a request and waits for the answer with the same request id.
-    async fn request(
-        &mut self,
-        cmd: &BaseCommand,
-        request_id: u64,
-        during: &'static str,
-        limit: Duration,
-    ) -> Result<Frame, UplinkError> {
-        self.push(cmd);
-        self.flush().await?;
-        self.wait_for(request_id, during, limit).await
-    }
-
-    /// Waits for the answer to `request_id`, answering pings meanwhile.
-    async fn wait_for(
-        &mut self,
-        request_id: u64,
-        during: &'static str,
-        limit: Duration,
-    ) -> Result<Frame, UplinkError> {
-        let wait = async {
-            loop {
-                let f = self.read_frame().await?;
-                let c = &f.command;
-                if c.ping.is_some() {
-                    self.push(&command(Type::Pong, |c| {
-                        c.pong = Some(proto::CommandPong {})
-                    }));
-                    self.flush().await?;
-                    continue;
-                }
-                if let Some(e) = &c.error {
-                    if e.request_id == request_id {
-                        return Err(UplinkError::Broker {
-                            during,
-                            error: server_error(e.error),
-                            message: e.message.clone(),
-                        });
-                    }
-                }
-                let answers = c.lookup_topic_response.as_ref().map(|r| r.request_id)
-                    == Some(request_id)
-                    || c.producer_success.as_ref().map(|r| r.request_id) == Some(request_id);
-                if answers {
-                    return Ok(f);
-                }
-            }
-        };
-        tokio::time::timeout(limit, wait)
-            .await
-            .map_err(|_| UplinkError::Timeout(during))?
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,102 @@
+//! `ferry check`: what an installer wants to know before starting the
+//! service. Offline: the configuration and the permissions of secret files.
+//! Online (`--online`): that the MQTT broker accepts a connection and that
+//! Pulsar accepts TLS, the token, the topic lookup and a producer.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+
+use crate::config::{Config, TokenSource};
+use crate::uplink::{self, auth, UplinkSettings};
+
+/// Secret files that others can read, as warnings.
+pub fn secret_file_warnings(cfg: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(TokenSource::File(p)) = &cfg.pulsar.auth {
+        out.extend(auth::permission_warning("token file", p));
+    }
+    if let Some((_, key)) = cfg.pulsar.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
+        out.extend(auth::permission_warning("TLS key file", key));
+    }
+    out
+}
+
+/// One line of the online report.
+#[derive(Debug)]
+pub struct Probe {
+    pub what: &'static str,
+    pub result: Result<String, String>,
+}
+
+/// Connects to both brokers as ferry would, without disturbing a running
+/// ferry (other client id and producer name).
+pub async fn online(cfg: &Config) -> Vec<Probe> {
+    vec![
+        Probe {
+            what: "mqtt",
+            result: probe_mqtt(cfg).await,
+        },
+        Probe {
+            what: "pulsar",
+            result: probe_pulsar(cfg).await,
+        },
+    ]
+}
+
+async fn probe_mqtt(cfg: &Config) -> Result<String, String> {
+    let m = &cfg.mqtt;
+    let mut opts = MqttOptions::new(format!("{}-check", m.client_id), m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let addr = format!("{}:{}", m.host, m.port);
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("no answer within 10 s".into()));
+    let _ = client.try_disconnect();
+    connected
+        .map(|()| format!("connected to {addr}"))
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))
+}
+
+async fn probe_pulsar(cfg: &Config) -> Result<String, String> {
+    let s = UplinkSettings::from_config(cfg);
+    let mut conn = uplink::connect_to_topic(&s)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = format!("{}-check", s.producer_name);
+    uplink::create_producer(&mut conn, &s, &name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut how = vec![if s.service.tls {
+        "TLS verified".to_string()
+    } else {
+        "plain TCP".to_string()
+    }];
+    if let Some(src) = &s.auth {
+        let token = auth::read(src).map_err(|e| e.to_string())?;
+        how.push(format!(
+            "token from {} accepted{}",
+            auth::describe(src),
+            token
+                .role()
+                .map(|r| format!(" (role {r})"))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(format!(
+        "broker {} ({}); producer accepted on {}",
+        conn.endpoint,
+        how.join(", "),
+        s.topic
+    ))
+}
