@@ -137,7 +137,17 @@ impl Conn {
                     continue;
                 }
                 if let Some(e) = f.command.error {
-                    return Err(refusal("connect", e.error, e.message, s, conn.role.clone()));
+                    let mut message = e.message;
+                    if let Some(exp) = token.as_ref().and_then(Secret::expires_at) {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        if exp <= now {
+                            message.push_str(&format!(" (the token expired {} s ago)", now - exp));
+                        }
+                    }
+                    return Err(refusal("connect", e.error, message, s, conn.role.clone()));
                 }
             }
         };

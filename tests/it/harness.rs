@@ -48,6 +48,7 @@ impl Stack {
         STACK.get_or_init(|| {
             let status = Command::new(repo().join("tests/stack/stack"))
                 .arg("up")
+                .env("FERRY_STACK_PROFILE", "plain")
                 .status()
                 .expect("run tests/stack/stack up");
             assert!(
@@ -86,10 +87,217 @@ impl Stack {
     pub fn ctl(&self, what: &str) {
         let status = Command::new(repo().join("tests/stack/stack"))
             .arg(what)
+            .env("FERRY_STACK_PROFILE", "plain")
             .status()
             .expect("run tests/stack/stack");
         assert!(status.success(), "tests/stack/stack {what} failed");
     }
+}
+
+/// A secured Pulsar (TLS, token authentication, authorization) started by
+/// `FERRY_STACK_PROFILE=secure|mtls tests/stack/stack up`, beside the plain
+/// stack whose Mosquitto the tests keep using.
+#[derive(Debug, Clone)]
+pub struct Secure {
+    pub profile: &'static str,
+    pub tls_port: u16,
+    pub web_port: u16,
+    /// Test CA, broker and client certificates, secret key, admin token.
+    pub pki: PathBuf,
+}
+
+static SECURE: OnceLock<Secure> = OnceLock::new();
+static MTLS: OnceLock<Secure> = OnceLock::new();
+
+impl Secure {
+    /// The broker with TLS and tokens; client certificates optional.
+    pub fn get() -> &'static Secure {
+        SECURE.get_or_init(|| Secure::up("secure", 6651, 8081))
+    }
+
+    /// The broker that also requires a client certificate.
+    pub fn mtls() -> &'static Secure {
+        MTLS.get_or_init(|| Secure::up("mtls", 6652, 8082))
+    }
+
+    fn up(profile: &'static str, tls_port: u16, web_port: u16) -> Secure {
+        let status = Command::new(repo().join("tests/stack/stack"))
+            .arg("up")
+            .env("FERRY_STACK_PROFILE", profile)
+            .status()
+            .expect("run tests/stack/stack up");
+        assert!(
+            status.success(),
+            "the {profile} broker is required: tests/stack/stack up failed"
+        );
+        let base = std::env::var_os("FERRY_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join(".stack"));
+        Secure {
+            profile,
+            tls_port,
+            web_port,
+            pki: base.join(profile).join("pki"),
+        }
+    }
+
+    pub fn service_url(&self) -> String {
+        format!("pulsar+ssl://localhost:{}", self.tls_port)
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.pki.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// A JWT for `role` signed with the broker's secret key, expiring `ttl`
+    /// seconds from now (negative: already expired).
+    pub fn token(&self, role: &str, ttl: Option<i64>) -> String {
+        let mut cmd = Command::new(repo().join("tests/stack/stack"));
+        cmd.env("FERRY_STACK_PROFILE", self.profile)
+            .args(["token", role]);
+        if let Some(t) = ttl {
+            cmd.arg(t.to_string());
+        }
+        let out = cmd.output().expect("tests/stack/stack token");
+        assert!(
+            out.status.success(),
+            "token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A namespace with deduplication on, made with the admin token.
+    pub async fn namespace(&self, test: &str) -> String {
+        let name = format!("public/{}", unique(test));
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{}/admin/v2", self.web_port);
+        let r = http
+            .put(format!("{base}/namespaces/{name}"))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "create namespace {name}: {}",
+            r.status()
+        );
+        let r = http
+            .post(format!("{base}/namespaces/{name}/deduplication"))
+            .bearer_auth(self.admin_token())
+            .header("Content-Type", "application/json")
+            .body("true")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "deduplication on {name}: {}",
+            r.status()
+        );
+        name
+    }
+
+    /// Creates the topic if needed and grants `role` the right to produce on
+    /// it, and nothing else.
+    pub async fn grant_produce(&self, topic: &str, role: &str) {
+        let path = topic
+            .strip_prefix("persistent://")
+            .expect("persistent topic");
+        let base = format!(
+            "http://127.0.0.1:{}/admin/v2/persistent/{path}",
+            self.web_port
+        );
+        let http = reqwest::Client::new();
+        let r = http
+            .put(&base)
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT,
+            "create {topic}: {}",
+            r.status()
+        );
+        let r = http
+            .post(format!("{base}/permissions/{role}"))
+            .bearer_auth(self.admin_token())
+            .header("Content-Type", "application/json")
+            .body(r#"["produce"]"#)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "grant produce on {topic} to {role}: {}",
+            r.status()
+        );
+    }
+
+    /// How many entries the topic's ledgers hold (admin REST internal
+    /// stats). Ferry sends unbatched, so that is the message count. For the
+    /// mTLS broker, which the `pulsar` crate's consumer cannot reach (it has
+    /// no client certificates).
+    pub async fn entries_in_topic(&self, topic: &str) -> u64 {
+        let path = topic
+            .strip_prefix("persistent://")
+            .expect("persistent topic");
+        let url = format!(
+            "http://127.0.0.1:{}/admin/v2/persistent/{path}/internalStats",
+            self.web_port
+        );
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["numberOfEntries"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("internal stats: {body}"))
+    }
+
+    /// The `[pulsar.tls]` and `[pulsar.auth]` tables of a ferry config.
+    pub fn ferry_tables(&self, ca: &Path, token_file: &Path, client_cert: bool) -> String {
+        let mut t = format!("\n[pulsar.tls]\nca_file = \"{}\"\n", ca.display());
+        if client_cert {
+            t.push_str(&format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                self.pki.join("client.pem").display(),
+                self.pki.join("client.key").display()
+            ));
+        }
+        t.push_str(&format!(
+            "\n[pulsar.auth]\ntoken_file = \"{}\"\n",
+            token_file.display()
+        ));
+        t
+    }
+}
+
+/// Writes a secret file the way an installer should: mode 0600, replaced
+/// atomically so a reader never sees half of it.
+pub fn write_secret(path: &Path, content: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A unique, short name for this test's resources.
@@ -208,6 +416,37 @@ pub async fn read_topic(
         .build()
         .await
         .expect("pulsar client");
+    read_with(pulsar, topic, compacted, expected, idle).await
+}
+
+/// [`read_topic`] on a secured broker, as its super-user.
+pub async fn read_secure_topic(
+    secure: &Secure,
+    topic: &str,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
+    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(secure.service_url(), TokioExecutor)
+        .with_auth(pulsar::Authentication {
+            name: "token".into(),
+            data: secure.admin_token().into_bytes(),
+        })
+        .with_certificate_chain_file(secure.pki.join("ca.pem"))
+        .expect("read ca.pem")
+        .with_tls_hostname_verification_enabled(true)
+        .build()
+        .await
+        .expect("pulsar client");
+    read_with(pulsar, topic, false, expected, idle).await
+}
+
+async fn read_with(
+    pulsar: Pulsar<TokioExecutor>,
+    topic: &str,
+    compacted: bool,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
     let mut consumer = pulsar
         .consumer()
         .with_topic(topic)
@@ -514,6 +753,30 @@ backoff_max_ms = 2000
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Runs `ferry check --online` on this ferry's config: exit code and
+    /// everything it printed.
+    pub fn check_online(&self) -> (Option<i32>, String) {
+        let out = Command::new(ferry_bin())
+            .args(["check", "--online", "--config"])
+            .arg(&self.config)
+            .output()
+            .expect("run ferry check");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// Rewrites one line of the config file.

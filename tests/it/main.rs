@@ -7,4 +7,5 @@
 mod bad_input;
 mod harness;
 mod outage;
+mod secure;
 mod stream;

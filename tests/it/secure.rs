@@ -1,0 +1,389 @@
+//! The secured uplink against a real broker with TLS, token authentication
+//! and authorization: exactly once over TLS, tokens rotated without dropping
+//! the connection, refusals told apart, nothing lost while refused.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn exact(n: usize) -> Tally {
+    Tally {
+        received: n,
+        lost: 0,
+        duplicated: 0,
+        out_of_order: 0,
+    }
+}
+
+/// A ferry for `role` writing to `topic` on a secured broker.
+fn secure_ferry(
+    stack: &Stack,
+    secure: &Secure,
+    test: &str,
+    role: &str,
+    prefix: &str,
+    topic: &str,
+    cert: bool,
+) -> Ferry {
+    let dir = test_dir(&format!("{test}-secrets"));
+    let token = dir.join("pulsar.token");
+    write_secret(&token, &secure.token(role, None));
+    let ca = dir.join("ca.pem");
+    std::fs::copy(secure.pki.join("ca.pem"), &ca).unwrap();
+    let tables = secure.ferry_tables(&ca, &token, cert);
+    let ferry = Ferry::new(
+        stack,
+        test,
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        topic,
+        &tables,
+    );
+    ferry.edit_config(&stack.service_url(), &secure.service_url());
+    ferry
+}
+
+fn token_path(ferry: &Ferry) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&ferry.config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("token_file")).unwrap();
+    line.split('"').nth(1).unwrap().into()
+}
+
+fn ca_path(ferry: &Ferry) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&ferry.config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("ca_file")).unwrap();
+    line.split('"').nth(1).unwrap().into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_updates_over_tls_with_a_token_arrive_exactly_once() {
+    let (stack, _shared) = Stack::shared().await;
+    let secure = tokio::task::block_in_place(Secure::get);
+    let ns = secure.namespace("tls").await;
+    let topic = format!("persistent://{ns}/device-status");
+    let role = unique("gw-tls");
+    secure.grant_produce(&topic, &role).await;
+    let prefix = unique("tls");
+    let mut ferry = secure_ferry(stack, secure, "tls", &role, &prefix, &topic, false);
+    ferry.start();
+    ferry.wait_log("producer ready", SECS(30)).await;
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    let mut devices = Devices::connect(stack, &prefix, 100).await;
+    devices.publish_rounds(0, 100).await;
+    ferry.wait_drained(10_000, SECS(180)).await;
+    let msgs = read_secure_topic(secure, &topic, 10_000, SECS(30)).await;
+    let t = tally(&msgs, &devices.ids, 100);
+    report("tls", &format!("over TLS as role {role}: {t:?}"));
+    assert_eq!(t, exact(10_000));
+    let log = ferry.log_text();
+    assert!(!log.contains("eyJ"), "a token never appears in the log");
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_rotated_on_disk_never_drop_the_connection() {
+    let (stack, _shared) = Stack::shared().await;
+    let secure = tokio::task::block_in_place(Secure::get);
+    let ns = secure.namespace("rotate").await;
+    let topic = format!("persistent://{ns}/device-status");
+    let role = unique("gw-rot");
+    secure.grant_produce(&topic, &role).await;
+    let prefix = unique("rotate");
+    let mut ferry = secure_ferry(stack, secure, "rotate", &role, &prefix, &topic, false);
+    // Tokens live 12 s; a new one lands on disk every 4 s.
+    let token = token_path(&ferry);
+    write_secret(&token, &secure.token(&role, Some(12)));
+    ferry.start();
+    ferry.wait_log("producer ready", SECS(30)).await;
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    let mut devices = Devices::connect(stack, &prefix, 20).await;
+    let started = Instant::now();
+    let mut rotations = 0;
+    let mut next_rotation = Instant::now() + SECS(4);
+    for round in 0..40u64 {
+        devices.publish_rounds(round * 5, round * 5 + 5).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        if Instant::now() >= next_rotation {
+            write_secret(&token, &secure.token(&role, Some(12)));
+            rotations += 1;
+            next_rotation = Instant::now() + SECS(4);
+        }
+    }
+    ferry.wait_drained(4000, SECS(60)).await;
+    let challenges = ferry.log_count("auth challenge answered");
+    let reconnects = ferry.log_count("uplink disconnected") + ferry.log_count("uplink blocked");
+    let sessions = ferry.log_count("producer ready");
+    report(
+        "rotate",
+        &format!(
+            "{:.0} s stream, {rotations} token rotations, {challenges} auth challenges answered, {reconnects} reconnects, {sessions} producer session(s)",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    let msgs = read_secure_topic(secure, &topic, 4000, SECS(30)).await;
+    let t = tally(&msgs, &devices.ids, 200);
+    report("rotate", &format!("{t:?}"));
+    assert_eq!(t, exact(4000));
+    assert!(
+        challenges >= 2,
+        "the broker challenged expiring tokens: {challenges}"
+    );
+    assert_eq!(reconnects, 0, "expiry never dropped the connection");
+    assert_eq!(sessions, 1);
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_a_cannot_write_gateway_b_topic_and_its_own_data_keeps_flowing() {
+    let (stack, _shared) = Stack::shared().await;
+    let secure = tokio::task::block_in_place(Secure::get);
+    let ns = secure.namespace("authz").await;
+    let topic_a = format!("persistent://{ns}/status-a");
+    let topic_b = format!("persistent://{ns}/status-b");
+    let role_a = unique("gw-a");
+    let role_b = unique("gw-b");
+    secure.grant_produce(&topic_a, &role_a).await;
+    secure.grant_produce(&topic_b, &role_b).await;
+
+    // A's own ferry, and a second one with A's token aimed at B's topic.
+    let prefix_a = unique("authz-a");
+    let prefix_b = unique("authz-b");
+    let mut good = secure_ferry(
+        stack,
+        secure,
+        "authz-good",
+        &role_a,
+        &prefix_a,
+        &topic_a,
+        false,
+    );
+    let mut bad = secure_ferry(
+        stack,
+        secure,
+        "authz-bad",
+        &role_a,
+        &prefix_b,
+        &topic_b,
+        false,
+    );
+    good.start();
+    bad.start();
+    good.wait_log("producer ready", SECS(30)).await;
+    good.wait_log("mqtt subscribed", SECS(30)).await;
+    bad.wait_log("mqtt subscribed", SECS(30)).await;
+    let refusal = format!("not authorized to produce on {topic_b} as role {role_a}");
+    bad.wait_log(&refusal, SECS(30)).await;
+
+    let mut devices_a = Devices::connect(stack, &prefix_a, 10).await;
+    let mut devices_b = Devices::connect(stack, &prefix_b, 10).await;
+    devices_a.publish_rounds(0, 50).await;
+    devices_b.publish_rounds(0, 50).await;
+    good.wait_drained(500, SECS(60)).await;
+    bad.wait_stored(500, SECS(60)).await;
+    let attempts_before = bad.log_count("uplink blocked");
+    tokio::time::sleep(SECS(6)).await;
+    let attempts = bad.log_count("uplink blocked") - attempts_before;
+    assert!(bad.is_running(), "a refusal does not end ferry");
+    assert_eq!(bad.pending(), 500, "nothing refused is lost");
+    let (code, out) = bad.check_online();
+    report(
+        "authz",
+        &format!(
+            "refused ferry: {attempts} attempts in 6 s; check --online exit {code:?}: {}",
+            out.trim()
+        ),
+    );
+    assert_eq!(code, Some(3));
+    assert!(out.contains(&refusal), "{out}");
+    assert!(
+        attempts <= 4,
+        "no busy loop: {attempts} attempts in 6 s with backoff_max 2 s"
+    );
+
+    let msgs = read_secure_topic(secure, &topic_a, 500, SECS(30)).await;
+    let t = tally(&msgs, &devices_a.ids, 50);
+    report("authz", &format!("gateway A's own topic: {t:?}"));
+    assert_eq!(t, exact(500));
+
+    // The operator grants the permission: the held records go out.
+    secure.grant_produce(&topic_b, &role_a).await;
+    bad.wait_drained(500, SECS(60)).await;
+    let msgs = read_secure_topic(secure, &topic_b, 500, SECS(30)).await;
+    assert_eq!(tally(&msgs, &devices_b.ids, 50), exact(500));
+    devices_a.disconnect().await;
+    devices_b.disconnect().await;
+    assert_eq!(good.terminate(), Some(0));
+    assert_eq!(bad.terminate(), Some(0));
+}
+
+/// Starts `ferry` broken, checks the message and that `check --online` says
+/// the same, publishes 100 updates that must wait, then applies `fix`.
+async fn broken_then_fixed(
+    stack: &Stack,
+    secure: &Secure,
+    ferry: &mut Ferry,
+    prefix: &str,
+    topic: &str,
+    expect: &str,
+    fix: impl FnOnce(&mut Ferry),
+) -> String {
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.wait_log(expect, SECS(30)).await;
+    let line = ferry
+        .log_text()
+        .lines()
+        .find(|l| l.contains(expect))
+        .unwrap_or_default()
+        .to_string();
+    let (code, out) = ferry.check_online();
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains(expect), "check --online says why: {out}");
+    let mut devices = Devices::connect(stack, prefix, 10).await;
+    devices.publish_rounds(0, 10).await;
+    ferry.wait_stored(100, SECS(30)).await;
+    assert_eq!(ferry.pending(), 100, "held, not lost");
+    fix(ferry);
+    ferry.wait_drained(100, SECS(60)).await;
+    let msgs = read_secure_topic(secure, topic, 100, SECS(30)).await;
+    assert_eq!(tally(&msgs, &devices.ids, 10), exact(100));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover() {
+    let (stack, _shared) = Stack::shared().await;
+    let secure = tokio::task::block_in_place(Secure::get);
+    let ns = secure.namespace("tlsfail").await;
+
+    // Wrong CA: the CA file is re-read at every connection, so fixing the
+    // file is enough.
+    let topic = format!("persistent://{ns}/wrong-ca");
+    let role = unique("gw-ca");
+    secure.grant_produce(&topic, &role).await;
+    let prefix = unique("wrong-ca");
+    let mut ferry = secure_ferry(stack, secure, "wrong-ca", &role, &prefix, &topic, false);
+    let ca = ca_path(&ferry);
+    std::fs::copy(secure.pki.join("other-ca.pem"), &ca).unwrap();
+    let real_ca = secure.pki.join("ca.pem");
+    let line = broken_then_fixed(
+        stack,
+        secure,
+        &mut ferry,
+        &prefix,
+        &topic,
+        "not signed by a trusted CA",
+        |_| {
+            std::fs::copy(&real_ca, &ca).unwrap();
+        },
+    )
+    .await;
+    report("tlsfail", &format!("wrong CA: {line}"));
+
+    // Hostname mismatch: the certificate names localhost only.
+    let topic = format!("persistent://{ns}/hostname");
+    let role = unique("gw-host");
+    secure.grant_produce(&topic, &role).await;
+    let prefix = unique("hostname");
+    let mut ferry = secure_ferry(stack, secure, "hostname", &role, &prefix, &topic, false);
+    let by_ip = format!("pulsar+ssl://127.0.0.1:{}", secure.tls_port);
+    ferry.edit_config(&secure.service_url(), &by_ip);
+    let fixed_url = secure.service_url();
+    let line = broken_then_fixed(
+        stack,
+        secure,
+        &mut ferry,
+        &prefix,
+        &topic,
+        "hostname mismatch",
+        |f| {
+            f.terminate();
+            f.edit_config(&by_ip, &fixed_url);
+            f.start();
+        },
+    )
+    .await;
+    report("tlsfail", &format!("hostname mismatch: {line}"));
+
+    // Expired token: the token file is re-read at every connection.
+    let topic = format!("persistent://{ns}/expired");
+    let role = unique("gw-exp");
+    secure.grant_produce(&topic, &role).await;
+    let prefix = unique("expired");
+    let mut ferry = secure_ferry(stack, secure, "expired", &role, &prefix, &topic, false);
+    let token = token_path(&ferry);
+    write_secret(&token, &secure.token(&role, Some(-60)));
+    let fresh = secure.token(&role, None);
+    let line = broken_then_fixed(
+        stack,
+        secure,
+        &mut ferry,
+        &prefix,
+        &topic,
+        "broker rejected the token",
+        |_| {
+            write_secret(&token, &fresh);
+        },
+    )
+    .await;
+    report("tlsfail", &format!("expired token: {line}"));
+    assert!(line.contains(&role), "the message names the role: {line}");
+    assert!(
+        line.contains("the token expired"),
+        "the message says the token expired: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_requiring_client_certificates_accepts_ferry_with_one_and_refuses_it_without() {
+    let (stack, _shared) = Stack::shared().await;
+    let mtls = tokio::task::block_in_place(Secure::mtls);
+    let ns = mtls.namespace("mtls").await;
+
+    let topic = format!("persistent://{ns}/without");
+    let role = unique("gw-nocert");
+    mtls.grant_produce(&topic, &role).await;
+    let prefix = unique("nocert");
+    let mut without = secure_ferry(stack, mtls, "mtls-without", &role, &prefix, &topic, false);
+    without.start();
+    without.wait_log("uplink blocked", SECS(30)).await;
+    let line = without
+        .log_text()
+        .lines()
+        .find(|l| l.contains("uplink blocked"))
+        .unwrap_or_default()
+        .to_string();
+    report("mtls", &format!("without a client certificate: {line}"));
+    assert!(line.contains("client certificate"), "{line}");
+    assert_eq!(without.check_online().0, Some(3));
+    assert_eq!(without.terminate(), Some(0));
+
+    let topic = format!("persistent://{ns}/with");
+    let role = unique("gw-cert");
+    mtls.grant_produce(&topic, &role).await;
+    let prefix = unique("withcert");
+    let mut with = secure_ferry(stack, mtls, "mtls-with", &role, &prefix, &topic, true);
+    with.start();
+    with.wait_log("producer ready", SECS(30)).await;
+    with.wait_log("mqtt subscribed", SECS(30)).await;
+    let (code, out) = with.check_online();
+    assert_eq!(code, Some(0), "{out}");
+    let mut devices = Devices::connect(stack, &prefix, 10).await;
+    devices.publish_rounds(0, 100).await;
+    with.wait_drained(1000, SECS(60)).await;
+    let entries = mtls.entries_in_topic(&topic).await;
+    let delivered = with.counters().get("delivered").copied();
+    report("mtls", &format!("with a client certificate: {entries} messages in the topic, store delivered {delivered:?}"));
+    assert_eq!(entries, 1000);
+    assert_eq!(delivered, Some(1000));
+    devices.disconnect().await;
+    assert_eq!(with.terminate(), Some(0));
+}
