@@ -591,6 +591,161 @@ fn encode_send(s: &UplinkSettings, rec: &Record, dst: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::{BaseCommand, CommandConnect, CommandLookupTopic, CommandLookupTopicResponse};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    fn settings(port: u16) -> UplinkSettings {
+        UplinkSettings {
+            gateway_id: "gw".into(),
+            service: Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+                tls: false,
+            },
+            tls: None,
+            auth: None,
+            topic: "persistent://t/n/status".into(),
+            producer_name: "ferry-gw-status".into(),
+            max_in_flight: 10,
+            connect_timeout: Duration::from_secs(2),
+            operation_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+            drain_timeout: Duration::from_millis(100),
+        }
+    }
+
+    type Answer = Box<dyn Fn(&CommandLookupTopic, u16) -> CommandLookupTopicResponse + Send + Sync>;
+
+    /// A fake broker at the I/O seam: answers CONNECT, and LOOKUP as told;
+    /// reports every CONNECT and LOOKUP it saw.
+    async fn fake_broker(answer: Answer) -> (u16, mpsc::UnboundedReceiver<BaseCommand>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, rx) = mpsc::unbounded_channel();
+        let answer = std::sync::Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (seen, answer) = (seen.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    loop {
+                        while let Some(f) = frame::decode(&mut buf).unwrap() {
+                            let mut out = BytesMut::new();
+                            let c = f.command.clone();
+                            let _ = seen.send(f.command);
+                            if c.connect.is_some() {
+                                let reply = command(Type::Connected, |r| {
+                                    r.connected = Some(proto::CommandConnected {
+                                        server_version: "fake".into(),
+                                        ..Default::default()
+                                    })
+                                });
+                                frame::encode_command(&reply, &mut out);
+                            } else if let Some(l) = &c.lookup_topic {
+                                let reply = command(Type::LookupResponse, |r| {
+                                    r.lookup_topic_response = Some(answer(l, port))
+                                });
+                                frame::encode_command(&reply, &mut out);
+                            }
+                            sock.write_all(&out).await.unwrap();
+                        }
+                        if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    fn lookup_reply(
+        l: &CommandLookupTopic,
+        kind: LookupType,
+        url: String,
+        authoritative: bool,
+        proxy: bool,
+    ) -> CommandLookupTopicResponse {
+        CommandLookupTopicResponse {
+            broker_service_url: Some(url),
+            response: Some(kind as i32),
+            request_id: l.request_id,
+            authoritative: Some(authoritative),
+            proxy_through_service_url: Some(proxy),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_redirect_is_followed_to_the_owning_broker() {
+        let (owner, mut owner_seen) = fake_broker(Box::new(|l, me| {
+            lookup_reply(
+                l,
+                LookupType::Connect,
+                format!("pulsar://127.0.0.1:{me}"),
+                true,
+                false,
+            )
+        }))
+        .await;
+        let (service, _) = fake_broker(Box::new(move |l, _| {
+            lookup_reply(
+                l,
+                LookupType::Redirect,
+                format!("pulsar://127.0.0.1:{owner}"),
+                true,
+                false,
+            )
+        }))
+        .await;
+        let conn = connect_to_topic(&settings(service)).await.unwrap();
+        assert_eq!(conn.endpoint.port, owner);
+        let mut lookups = Vec::new();
+        while let Ok(c) = owner_seen.try_recv() {
+            lookups.extend(c.lookup_topic);
+        }
+        assert_eq!(lookups.len(), 1);
+        assert_eq!(
+            lookups[0].authoritative,
+            Some(true),
+            "the redirect's authority is passed on"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_asks_for_the_proxy_keeps_the_service_url() {
+        let (service, mut seen) = fake_broker(Box::new(|l, _| {
+            lookup_reply(
+                l,
+                LookupType::Connect,
+                "pulsar://10.1.2.3:6650".into(),
+                false,
+                true,
+            )
+        }))
+        .await;
+        let conn = connect_to_topic(&settings(service)).await.unwrap();
+        assert_eq!(conn.endpoint.port, service);
+        let mut connects: Vec<CommandConnect> = Vec::new();
+        while let Ok(c) = seen.try_recv() {
+            connects.extend(c.connect);
+        }
+        assert_eq!(connects.len(), 2);
+        assert_eq!(connects[0].proxy_to_broker_url, None);
+        assert_eq!(
+            connects[1].proxy_to_broker_url.as_deref(),
+            Some("pulsar://10.1.2.3:6650")
+        );
+        assert_eq!(
+            connects[1]
+                .feature_flags
+                .as_ref()
+                .and_then(|f| f.supports_auth_refresh),
+            Some(true)
+        );
+    }
 
     #[test]
     fn producer_names_are_stable_per_gateway_and_topic() {

@@ -53,17 +53,63 @@ path = ""
 }
 
 #[test]
-fn the_example_config_passes_check() {
+fn every_example_config_passes_check() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo().join("config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(ferry_bin())
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "config/ holds the example configs");
+}
+
+#[test]
+fn check_warns_about_a_token_readable_by_others_and_never_prints_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = test_dir("tokenperm");
+    let token = dir.join("pulsar.token");
+    std::fs::write(
+        &token,
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJndy0xIn0.c2lnbmF0dXJl",
+    )
+    .unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.join("ferry.toml");
+    let text = std::fs::read_to_string(repo().join("config/ferry.toml"))
+        .unwrap()
+        .replace(
+            "[store]",
+            &format!(
+                "[pulsar.auth]\ntoken_file = \"{}\"\n\n[store]",
+                token.display()
+            ),
+        );
+    std::fs::write(&config, text).unwrap();
     let out = Command::new(ferry_bin())
         .args(["check", "--config"])
-        .arg(repo().join("config/ferry.toml"))
+        .arg(&config)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("is readable by others (mode 644)"), "{all}");
+    assert!(!all.contains("eyJ"), "the token is never printed: {all}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
