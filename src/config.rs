@@ -59,16 +59,19 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// The validated configuration ferry runs with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub gateway_id: String,
+    /// A `tracing` filter such as `info` or `ferry=debug,info`; `RUST_LOG`
+    /// overrides it at start. Changes apply on reload.
+    pub log_level: String,
     pub mqtt: MqttConfig,
     pub pulsar: PulsarConfig,
     pub store: StoreConfig,
     pub uplink: UplinkConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttConfig {
     pub host: String,
     pub port: u16,
@@ -88,7 +91,7 @@ pub struct Subscription {
     pub device_id_level: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PulsarConfig {
     pub host: String,
     pub port: u16,
@@ -121,7 +124,7 @@ pub enum TokenSource {
     Env(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     pub path: PathBuf,
     /// Larger payloads go to the dead-letter table instead of the journal.
@@ -132,7 +135,7 @@ pub struct StoreConfig {
     pub commit_max_batch: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UplinkConfig {
     /// Sends awaiting their receipt, at most.
     pub max_in_flight: usize,
@@ -151,6 +154,7 @@ pub struct UplinkConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub gateway_id: Option<String>,
+    pub log_level: Option<String>,
     pub mqtt: Option<RawMqtt>,
     pub pulsar: Option<RawPulsar>,
     pub store: Option<RawStore>,
@@ -222,6 +226,31 @@ pub struct RawUplink {
     pub drain_timeout_ms: Option<i64>,
 }
 
+impl Config {
+    /// The settings that differ from `new` and take effect only after a
+    /// restart (everything but `log_level` and the store's batching and
+    /// payload limits).
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.gateway_id != new.gateway_id {
+            out.push("gateway_id");
+        }
+        if self.mqtt != new.mqtt {
+            out.push("mqtt");
+        }
+        if self.pulsar != new.pulsar {
+            out.push("pulsar");
+        }
+        if self.store.path != new.store.path {
+            out.push("store.path");
+        }
+        if self.uplink != new.uplink {
+            out.push("uplink");
+        }
+        out
+    }
+}
+
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let fail = |errors| ConfigErrors {
@@ -277,6 +306,7 @@ impl RawConfig {
             }
         }
         raw.gateway_id = section(&mut table, "gateway_id", &mut errors);
+        raw.log_level = section(&mut table, "log_level", &mut errors);
         raw.mqtt = section(&mut table, "mqtt", &mut errors);
         raw.pulsar = section(&mut table, "pulsar", &mut errors);
         raw.store = section(&mut table, "store", &mut errors);
@@ -306,6 +336,11 @@ impl RawConfig {
                 valid_name(id),
                 "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
             );
+        }
+
+        let log_level = self.log_level.unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            v.error("log_level", &format!("is not a valid log filter: {e}"));
         }
 
         let mqtt = self.mqtt.unwrap_or_default();
@@ -486,6 +521,7 @@ impl RawConfig {
         let ms = |n: i64| Duration::from_millis(n as u64);
         Ok(Config {
             gateway_id: gateway_id.unwrap_or_default(),
+            log_level,
             mqtt: MqttConfig {
                 host,
                 port,

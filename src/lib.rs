@@ -9,12 +9,15 @@
 //!   number, resume from the broker's `last_sequence_id`.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
 //! - [`check`]: what `ferry check` reports to installers.
+//! - [`notify`]: systemd readiness and a watchdog fed only while all loops
+//!   are alive.
 //!
 //! [`run`] wires them together. See ARCHITECTURE.md for the invariants.
 
 pub mod check;
 pub mod config;
 pub mod ingest;
+pub mod notify;
 pub mod shutdown;
 pub mod store;
 pub mod uplink;
@@ -34,17 +37,24 @@ pub enum RunError {
     Uplink(#[from] uplink::UplinkError),
 }
 
-/// Runs ferry until `shutdown` is cancelled or a fatal error occurs.
+/// Runs ferry until `shutdown` is cancelled or a fatal error occurs. A new
+/// configuration on `reload` applies the store's limits at once and names
+/// the settings that need a restart.
 ///
 /// Shutdown order: stop intake (ingest disconnects, leaving unacked messages
 /// with the broker), let the store commit what it holds, give the uplink a
 /// short while for receipts of what is in flight, then close the store.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    mut reload: tokio::sync::watch::Receiver<Config>,
+) -> Result<(), RunError> {
+    let health = notify::Health::default();
     let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel();
     for w in check::secret_file_warnings(&config) {
         tracing::warn!("{w}");
     }
-    let store = store::Store::open(&config.store, ack_tx)?;
+    let store = store::Store::open(&config.store, ack_tx, health.beat("store"))?;
     tracing::info!(gateway = %config.gateway_id, store = %config.store.path.display(),
         topic = %config.pulsar.topic, "ferry starting");
 
@@ -52,36 +62,70 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     // one stops the other, and so ingest can stop before the uplink does.
     let intake = shutdown.child_token();
     let outlet = CancellationToken::new();
-    let ingest = tokio::spawn(ingest::run(
-        config.mqtt.clone(),
-        store.handle.clone(),
-        ack_rx,
-        intake.clone(),
+    let mut ingest = tokio::spawn(alive(
+        "ingest",
+        health.beat("ingest"),
+        ingest::run(
+            config.mqtt.clone(),
+            store.handle.clone(),
+            ack_rx,
+            intake.clone(),
+        ),
     ));
-    let uplink = tokio::spawn(uplink::run(
-        uplink::UplinkSettings::from_config(&config),
-        store.handle.clone(),
-        store.committed.clone(),
-        outlet.clone(),
+    let mut uplink = tokio::spawn(alive(
+        "uplink",
+        health.beat("uplink"),
+        uplink::run(
+            uplink::UplinkSettings::from_config(&config),
+            store.handle.clone(),
+            store.committed.clone(),
+            outlet.clone(),
+        ),
+    ));
+    let watchdog_stop = CancellationToken::new();
+    if let Some(interval) = notify::watchdog_interval() {
+        tokio::spawn(notify::watchdog(
+            health.clone(),
+            interval,
+            watchdog_stop.clone(),
+        ));
+    }
+    notify::notify(&format!(
+        "READY=1\nSTATUS=forwarding to {}",
+        config.pulsar.topic
     ));
 
-    let mut ingest = ingest;
-    let mut uplink = uplink;
+    let mut current = config;
     let mut failure: Option<RunError> = None;
     let mut ingest_done = false;
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        r = &mut ingest => {
-            ingest_done = true;
-            if let Ok(Err(e)) = r { failure = Some(e.into()); }
-        }
-        r = &mut uplink => {
-            if let Ok(Err(e)) = r { failure = Some(e.into()); }
-            intake.cancel();
-            let _ = (&mut ingest).await;
-            return finish(store, failure);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = reload.changed() => {
+                if changed.is_err() {
+                    // No more reloads can come; keep running.
+                    std::future::pending::<()>().await;
+                }
+                let new = reload.borrow_and_update().clone();
+                apply_reload(&current, &new, &store.handle);
+                current = new;
+            }
+            r = &mut ingest => {
+                ingest_done = true;
+                if let Ok(Err(e)) = r { failure = Some(e.into()); }
+                break;
+            }
+            r = &mut uplink => {
+                if let Ok(Err(e)) = r { failure = Some(e.into()); }
+                notify::notify("STOPPING=1");
+                intake.cancel();
+                let _ = (&mut ingest).await;
+                watchdog_stop.cancel();
+                return finish(store, failure);
+            }
         }
     }
+    notify::notify("STOPPING=1");
     intake.cancel();
     if !ingest_done {
         if let Ok(Err(e)) = ingest.await {
@@ -92,7 +136,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if let Ok(Err(e)) = uplink.await {
         failure.get_or_insert(e.into());
     }
+    watchdog_stop.cancel();
     finish(store, failure)
+}
+
+/// Ticks `beat` while `fut` runs; honours the `FERRY_DEBUG_HANG` test hook.
+async fn alive<F: std::future::Future>(
+    name: &'static str,
+    beat: notify::Beat,
+    fut: F,
+) -> F::Output {
+    if notify::hang_requested(name) {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        notify::hang_forever(name);
+    }
+    notify::with_beat(beat, fut).await
+}
+
+fn apply_reload(old: &Config, new: &Config, store: &store::StoreHandle) {
+    if new.store != old.store {
+        let _ = store.set_limits(new.store.clone());
+    }
+    let restart = old.needs_restart(new);
+    if restart.is_empty() {
+        tracing::info!("configuration reloaded");
+    } else {
+        tracing::warn!(settings = ?restart, "configuration reloaded; these changes take effect after a restart");
+    }
 }
 
 fn finish(store: store::Store, failure: Option<RunError>) -> Result<(), RunError> {

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +30,15 @@ enum Command {
         /// The gateway's configuration file.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Write a starting configuration for one gateway.
+    Init {
+        /// The gateway's id: stable, unique in the fleet.
+        #[arg(long)]
+        gateway_id: String,
+        /// Where to write it (refuses to overwrite); standard output if absent.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
     /// Check a configuration file and list every problem.
     Check {
@@ -55,6 +66,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check { config, online } => check(&config, online),
+        Command::Init { gateway_id, output } => init(&gateway_id, output.as_deref()),
         Command::Run { config } => {
             let cfg = match ferry::config::load(&config) {
                 Ok(c) => c,
@@ -63,11 +75,51 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging();
-            match run(cfg) {
+            let log = init_logging(&cfg.log_level);
+            match run(cfg, config, log) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "ferry failed");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+    }
+}
+
+/// The commented example configuration, with the gateway id filled in.
+fn init(gateway_id: &str, output: Option<&std::path::Path>) -> ExitCode {
+    const TEMPLATE: &str = include_str!("../config/ferry.toml");
+    const PLACEHOLDER: &str = "gateway_id = \"gw-0001\"";
+    let text = TEMPLATE.replacen(PLACEHOLDER, &format!("gateway_id = \"{gateway_id}\""), 1);
+    if let Err(errors) = ferry::config::parse(&text) {
+        for e in errors {
+            eprintln!("{e}");
+        }
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match output {
+        None => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Some(path) => {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+            match written {
+                Ok(()) => {
+                    eprintln!(
+                        "wrote {}; edit it, then run: ferry check --config {}",
+                        path.display(),
+                        path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot write {}: {e}", path.display());
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
@@ -125,7 +177,9 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
     }
 }
 
-fn run(cfg: ferry::config::Config) -> anyhow::Result<()> {
+type LogHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+fn run(cfg: ferry::config::Config, path: PathBuf, log: LogHandle) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -133,18 +187,45 @@ fn run(cfg: ferry::config::Config) -> anyhow::Result<()> {
     rt.block_on(async {
         let token = CancellationToken::new();
         ferry::shutdown::on_signals(token.clone())?;
-        ferry::run(cfg, token).await?;
+        let (reload_tx, reload_rx) = tokio::sync::watch::channel(cfg.clone());
+        let mut hangup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                ferry::notify::notify("RELOADING=1");
+                match ferry::config::load(&path) {
+                    Ok(new) => {
+                        if std::env::var_os("RUST_LOG").is_none() {
+                            let _ = log.reload(EnvFilter::new(&new.log_level));
+                        }
+                        let _ = reload_tx.send(new);
+                    }
+                    Err(e) => {
+                        tracing::error!("reload refused, keeping the running configuration: {e}")
+                    }
+                }
+                ferry::notify::notify("READY=1");
+            }
+        });
+        ferry::run(cfg, token, reload_rx).await?;
         Ok(())
     })
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default `info` level.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Logs to stderr at `level` (`RUST_LOG` overrides it). Under systemd
+/// (`JOURNAL_STREAM` set) without timestamps: journald adds its own.
+fn init_logging(level: &str) -> LogHandle {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        registry.with(fmt.without_time()).init();
+    } else {
+        registry.with(fmt).init();
+    }
+    handle
 }

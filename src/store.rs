@@ -186,6 +186,8 @@ pub enum Command {
     Stats {
         reply: oneshot::Sender<Result<Stats, StoreError>>,
     },
+    /// New batching and payload limits (configuration reload).
+    SetLimits(StoreConfig),
 }
 
 /// What [`Command::Resume`] did.
@@ -255,6 +257,10 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    pub fn set_limits(&self, cfg: StoreConfig) -> Result<(), StoreError> {
+        self.send(Command::SetLimits(cfg))
+    }
+
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Stats { reply })?;
@@ -280,6 +286,7 @@ impl Store {
     pub fn open(
         cfg: &StoreConfig,
         acks: tokio::sync::mpsc::UnboundedSender<AckToken>,
+        beat: crate::notify::Beat,
     ) -> Result<Store, StoreError> {
         let db = Db::open(&cfg.path)?;
         let (tx, rx) = mpsc::channel();
@@ -292,6 +299,7 @@ impl Store {
             max_wait: cfg.commit_max_wait,
             max_batch: cfg.commit_max_batch,
             max_payload: cfg.max_payload_bytes,
+            beat,
         };
         let thread = thread::Builder::new()
             .name("ferry-store".into())
@@ -579,6 +587,7 @@ struct Worker {
     max_wait: Duration,
     max_batch: usize,
     max_payload: usize,
+    beat: crate::notify::Beat,
 }
 
 impl Worker {
@@ -593,11 +602,19 @@ impl Worker {
     fn main_loop(&mut self) -> Result<(), StoreError> {
         let mut inserts = Vec::new();
         let mut others = Vec::new();
+        let hang_at =
+            crate::notify::hang_requested("store").then(|| Instant::now() + Duration::from_secs(2));
         loop {
-            // Block for the first command, then gather more (group commit).
-            let first = match self.rx.recv() {
+            self.beat.tick();
+            if hang_at.is_some_and(|t| Instant::now() >= t) {
+                crate::notify::hang_forever("store");
+            }
+            // Wait for the first command (waking to tick the beat), then
+            // gather more (group commit).
+            let first = match self.rx.recv_timeout(crate::notify::BEAT_EVERY) {
                 Ok(c) => c,
-                Err(_) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             };
             let deadline = Instant::now() + self.max_wait;
             let mut closed = false;
@@ -671,6 +688,17 @@ impl Worker {
                 }
                 Command::Stats { reply } => {
                     let _ = reply.send(self.db.stats());
+                }
+                Command::SetLimits(cfg) => {
+                    self.max_wait = cfg.commit_max_wait;
+                    self.max_batch = cfg.commit_max_batch;
+                    self.max_payload = cfg.max_payload_bytes;
+                    tracing::info!(
+                        max_payload_bytes = self.max_payload,
+                        commit_max_batch = self.max_batch,
+                        commit_max_wait_ms = self.max_wait.as_millis() as u64,
+                        "store limits reloaded"
+                    );
                 }
             }
         }

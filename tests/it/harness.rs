@@ -691,6 +691,11 @@ backoff_max_ms = 2000
     }
 
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// Starts ferry with extra environment variables.
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "ferry already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -701,6 +706,7 @@ backoff_max_ms = 2000
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -714,6 +720,16 @@ backoff_max_ms = 2000
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) without waiting.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("ferry running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// SIGTERM, then wait for a clean exit; returns the exit code.

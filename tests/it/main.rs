@@ -9,3 +9,4 @@ mod harness;
 mod outage;
 mod secure;
 mod stream;
+mod systemd;
