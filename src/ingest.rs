@@ -71,6 +71,7 @@ pub async fn run(
     cfg: MqttConfig,
     store: StoreHandle,
     acks: UnboundedReceiver<AckToken>,
+    live: crate::status::Live,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
@@ -114,6 +115,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 let n = epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                live.mqtt_up(&addr);
                 tracing::info!(broker = %addr, session_present = ack.session_present, epoch = n, "mqtt connected");
                 // Subscribing from this task would block the loop it polls
                 // if the request channel were full.
@@ -130,6 +132,7 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                live.mqtt_down(&addr, e.to_string());
                 let delay = backoff.next_delay();
                 tracing::warn!(broker = %addr, error = %e, retry_in_ms = delay.as_millis() as u64,
                     "mqtt connection lost; the broker keeps unacknowledged messages");

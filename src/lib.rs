@@ -9,6 +9,7 @@
 //!   number, resume from the broker's `last_sequence_id`.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
 //! - [`check`]: what `ferry check` reports to installers.
+//! - [`status`]: what `ferry status` reports, from the store.
 //! - [`notify`]: systemd readiness and a watchdog fed only while all loops
 //!   are alive.
 //!
@@ -19,6 +20,7 @@ pub mod config;
 pub mod ingest;
 pub mod notify;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod uplink;
 
@@ -54,7 +56,8 @@ pub async fn run(
     for w in check::secret_file_warnings(&config) {
         tracing::warn!("{w}");
     }
-    let store = store::Store::open(&config.store, ack_tx, health.beat("store"))?;
+    let live = status::Live::default();
+    let store = store::Store::open(&config.store, ack_tx, health.beat("store"), live.clone())?;
     tracing::info!(gateway = %config.gateway_id, store = %config.store.path.display(),
         topic = %config.pulsar.topic, "ferry starting");
 
@@ -69,6 +72,7 @@ pub async fn run(
             config.mqtt.clone(),
             store.handle.clone(),
             ack_rx,
+            live.clone(),
             intake.clone(),
         ),
     ));
@@ -79,6 +83,7 @@ pub async fn run(
             uplink::UplinkSettings::from_config(&config),
             store.handle.clone(),
             store.committed.clone(),
+            live.clone(),
             outlet.clone(),
         ),
     ));

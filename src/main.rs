@@ -31,6 +31,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show the agent's connections, backlog, drain rate and dead letters,
+    /// read from its store without disturbing it.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a starting configuration for one gateway.
     Init {
         /// The gateway's id: stable, unique in the fleet.
@@ -67,6 +76,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, online } => check(&config, online),
         Command::Init { gateway_id, output } => init(&gateway_id, output.as_deref()),
+        Command::Status { config, json } => status(&config, json),
         Command::Run { config } => {
             let cfg = match ferry::config::load(&config) {
                 Ok(c) => c,
@@ -83,6 +93,33 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
+        }
+    }
+}
+
+fn status(path: &std::path::Path, json: bool) -> ExitCode {
+    let cfg = match ferry::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match ferry::status::read(&cfg.store.path) {
+        Ok(report) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("plain struct")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", ferry::status::render(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot read the store {}: {e}", cfg.store.path.display());
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

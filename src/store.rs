@@ -16,6 +16,8 @@
 //!   device id), kept for inspection.
 //! - `counters(name, value)`: lifetime counts (received, stored, delivered,
 //!   dead-lettered, redeliveries dropped, skipped on resume, resent).
+//! - `agent(snapshot)`: the running agent's view of its links and drain
+//!   rate, rewritten every few seconds for `ferry status`.
 //!
 //! # Lifecycle of a record
 //!
@@ -38,6 +40,7 @@
 //!
 //! The store never touches the network.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -78,6 +81,10 @@ CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS agent (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    snapshot TEXT    NOT NULL
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1);
 ";
 
@@ -101,6 +108,7 @@ const SQL_COUNTER_ADD: &str = "INSERT INTO counters (name, value) VALUES (?1, ?2
 const SQL_COUNTERS: &str = "SELECT name, value FROM counters";
 const SQL_PENDING: &str =
     "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM journal";
+const SQL_AGENT_PUT: &str = "INSERT OR REPLACE INTO agent (id, snapshot) VALUES (1, ?1)";
 const SQL_RENUMBER_NEG: &str = "UPDATE journal SET seq = -(seq + ?1)";
 const SQL_RENUMBER_POS: &str = "UPDATE journal SET seq = -seq";
 
@@ -287,6 +295,7 @@ impl Store {
         cfg: &StoreConfig,
         acks: tokio::sync::mpsc::UnboundedSender<AckToken>,
         beat: crate::notify::Beat,
+        live: crate::status::Live,
     ) -> Result<Store, StoreError> {
         let db = Db::open(&cfg.path)?;
         let (tx, rx) = mpsc::channel();
@@ -300,6 +309,9 @@ impl Store {
             max_batch: cfg.commit_max_batch,
             max_payload: cfg.max_payload_bytes,
             beat,
+            live,
+            deliveries: VecDeque::new(),
+            last_snapshot: None,
         };
         let thread = thread::Builder::new()
             .name("ferry-store".into())
@@ -442,7 +454,8 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn delivered(&mut self, up_to: u64, resent: u64) -> Result<(), StoreError> {
+    /// Deletes the records up to `up_to`; returns how many there were.
+    pub fn delivered(&mut self, up_to: u64, resent: u64) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
         let n = tx
             .prepare_cached(SQL_DELETE_UPTO)?
@@ -454,7 +467,7 @@ impl Db {
         }
         .write(&tx)?;
         tx.commit()?;
-        Ok(())
+        Ok(n as u64)
     }
 
     pub fn resume(&mut self, last_sequence_id: i64) -> Result<ResumeOutcome, StoreError> {
@@ -588,9 +601,41 @@ struct Worker {
     max_batch: usize,
     max_payload: usize,
     beat: crate::notify::Beat,
+    live: crate::status::Live,
+    /// Recent deliveries (when, how many) for the drain rate.
+    deliveries: VecDeque<(Instant, u64)>,
+    last_snapshot: Option<Instant>,
 }
 
+/// The window the drain rate is averaged over.
+const RATE_WINDOW: Duration = Duration::from_secs(30);
+
 impl Worker {
+    /// Writes the agent snapshot for `ferry status` every few seconds.
+    fn snapshot(&mut self) -> Result<(), StoreError> {
+        let now = Instant::now();
+        if self
+            .last_snapshot
+            .is_some_and(|t| now.duration_since(t) < crate::status::SNAPSHOT_EVERY)
+        {
+            return Ok(());
+        }
+        self.last_snapshot = Some(now);
+        while self
+            .deliveries
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.deliveries.pop_front();
+        }
+        let delivered: u64 = self.deliveries.iter().map(|(_, n)| n).sum();
+        self.live
+            .set_drain_rate(delivered as f64 / RATE_WINDOW.as_secs_f64());
+        let json = serde_json::to_string(&self.live.snapshot()).expect("plain struct");
+        self.db.conn.execute(SQL_AGENT_PUT, [json])?;
+        Ok(())
+    }
+
     fn run(mut self) -> Result<(), StoreError> {
         let result = self.main_loop();
         if let Err(e) = &result {
@@ -606,6 +651,7 @@ impl Worker {
             crate::notify::hang_requested("store").then(|| Instant::now() + Duration::from_secs(2));
         loop {
             self.beat.tick();
+            self.snapshot()?;
             if hang_at.is_some_and(|t| Instant::now() >= t) {
                 crate::notify::hang_forever("store");
             }
@@ -703,7 +749,8 @@ impl Worker {
             }
         }
         if let Some((up_to, resent)) = delivered {
-            self.db.delivered(up_to, resent)?;
+            let n = self.db.delivered(up_to, resent)?;
+            self.deliveries.push_back((Instant::now(), n));
         }
         Ok(())
     }

@@ -240,9 +240,11 @@ pub async fn run(
     settings: UplinkSettings,
     store: StoreHandle,
     committed: watch::Receiver<u64>,
+    live: crate::status::Live,
     shutdown: CancellationToken,
 ) -> Result<(), UplinkError> {
     let mut uplink = Uplink {
+        live,
         state: ProducerState::new(settings.max_in_flight),
         backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
         settings,
@@ -268,6 +270,9 @@ pub async fn run(
                     _ => uplink.backoff.next_delay(),
                 };
                 let retry_in_ms = delay.as_millis() as u64;
+                uplink
+                    .live
+                    .pulsar_down(&uplink.settings.service.to_string(), e.to_string());
                 if class == ErrorClass::NeedsOperator {
                     tracing::error!(error = %e, topic = %uplink.settings.topic, retry_in_ms,
                         "uplink blocked until an operator fixes this; records stay in the store");
@@ -285,6 +290,7 @@ pub async fn run(
 }
 
 struct Uplink {
+    live: crate::status::Live,
     settings: UplinkSettings,
     store: StoreHandle,
     committed: watch::Receiver<u64>,
@@ -307,6 +313,7 @@ impl Uplink {
         let cursor = self.state.on_ready(last_sequence_id);
         self.reported = self.reported.max(cursor);
         self.backoff.reset();
+        self.live.pulsar_up(&conn.endpoint.to_string());
         if outcome.renumbered_by > 0 {
             tracing::error!(last_sequence_id, renumbered_by = outcome.renumbered_by,
                 "broker holds record numbers this store never gave out (store replaced?); pending records renumbered above them");

@@ -8,5 +8,6 @@ mod bad_input;
 mod harness;
 mod outage;
 mod secure;
+mod status;
 mod stream;
 mod systemd;

@@ -1,0 +1,88 @@
+//! `ferry status` reads the running agent's store without disturbing it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::stream::closed_port;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn status(ferry: &Ferry, json: bool) -> String {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["status", "--config"]).arg(&ferry.config);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
+    let (stack, _shared) = Stack::shared().await;
+    let ns = Namespace::create(stack, "status").await;
+    let topic = ns.topic("device-status");
+    let prefix = unique("status");
+    let mut ferry = Ferry::new(
+        stack,
+        "status",
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    ferry.edit_config(&stack.service_url(), &closed);
+    ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let mut devices = Devices::connect(stack, &prefix, 5).await;
+    devices.publish_rounds(0, 20).await;
+    let big = devices.topic("dev-0001");
+    devices.publish_raw(&big, vec![b'x'; 2000]).await;
+    ferry.wait_stored(100, SECS(30)).await;
+    tokio::time::sleep(SECS(6)).await;
+
+    let table = status(&ferry, false);
+    report(
+        "status",
+        &format!("ferry status while Pulsar is unreachable:\n{table}"),
+    );
+    assert!(table.contains("running, pid"), "{table}");
+    assert!(table.contains("mqtt             connected"), "{table}");
+    assert!(table.contains("pulsar           disconnected"), "{table}");
+    assert!(table.contains("cannot connect"), "{table}");
+    assert!(table.contains("backlog          100 records"), "{table}");
+    assert!(table.contains("dead letters     1"), "{table}");
+    assert!(table.contains("exceeds store.max_payload_bytes"), "{table}");
+
+    let json: serde_json::Value = serde_json::from_str(&status(&ferry, true)).unwrap();
+    assert_eq!(json["pending_records"], 100);
+    assert_eq!(json["running"], true);
+    assert_eq!(json["agent"]["pulsar"]["connected"], false);
+    assert!(json["oldest_age_seconds"].as_f64().unwrap() >= 5.0);
+
+    // Pulsar back: the backlog drains and status says so.
+    ferry.terminate();
+    ferry.edit_config(&closed, &stack.service_url());
+    ferry.start();
+    ferry.wait_drained(100, SECS(60)).await;
+    tokio::time::sleep(SECS(6)).await;
+    let json: serde_json::Value = serde_json::from_str(&status(&ferry, true)).unwrap();
+    report(
+        "status",
+        &format!("after the drain: {}", status(&ferry, false)),
+    );
+    assert_eq!(json["pending_records"], 0);
+    assert_eq!(json["agent"]["pulsar"]["connected"], true);
+    assert_eq!(json["time_to_drain_seconds"], 0.0);
+    assert!(json["agent"]["drain_rate"].as_f64().unwrap() > 0.0);
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
