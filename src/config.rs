@@ -69,6 +69,14 @@ pub struct Config {
     pub pulsar: PulsarConfig,
     pub store: StoreConfig,
     pub uplink: UplinkConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Where Prometheus scrapes ferry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `None` when disabled.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +167,14 @@ pub struct RawConfig {
     pub pulsar: Option<RawPulsar>,
     pub store: Option<RawStore>,
     pub uplink: Option<RawUplink>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub enabled: Option<bool>,
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -247,6 +263,9 @@ impl Config {
         if self.uplink != new.uplink {
             out.push("uplink");
         }
+        if self.metrics != new.metrics {
+            out.push("metrics");
+        }
         out
     }
 }
@@ -311,6 +330,7 @@ impl RawConfig {
         raw.pulsar = section(&mut table, "pulsar", &mut errors);
         raw.store = section(&mut table, "store", &mut errors);
         raw.uplink = section(&mut table, "uplink", &mut errors);
+        raw.metrics = section(&mut table, "metrics", &mut errors);
         for key in table.keys() {
             errors.push(ConfigError {
                 path: key.clone(),
@@ -515,6 +535,24 @@ impl RawConfig {
             "must not be smaller than uplink.backoff_min_ms",
         );
 
+        let m = self.metrics.unwrap_or_default();
+        let listen = match (
+            m.enabled.unwrap_or(true),
+            m.listen.as_deref().unwrap_or("127.0.0.1:9464"),
+        ) {
+            (false, _) => None,
+            (true, addr) => match addr.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    v.error(
+                        "metrics.listen",
+                        &format!("`{addr}` is not an address such as 127.0.0.1:9464"),
+                    );
+                    None
+                }
+            },
+        };
+
         if !v.errors.is_empty() {
             return Err(v.errors);
         }
@@ -551,6 +589,7 @@ impl RawConfig {
                 backoff_max: ms(backoff_max),
                 drain_timeout: ms(drain_timeout),
             },
+            metrics: MetricsConfig { listen },
         })
     }
 }

@@ -72,6 +72,7 @@ pub async fn run(
     store: StoreHandle,
     acks: UnboundedReceiver<AckToken>,
     live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
@@ -93,6 +94,7 @@ pub async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                metrics.mqtt_received.inc();
                 if let Err(e) = store.insert(inbound(
                     &cfg.subscriptions,
                     p,
@@ -116,6 +118,7 @@ pub async fn run(
                 backoff.reset();
                 let n = epoch.fetch_add(1, Ordering::AcqRel) + 1;
                 live.mqtt_up(&addr);
+                metrics.mqtt_connected.set(1);
                 tracing::info!(broker = %addr, session_present = ack.session_present, epoch = n, "mqtt connected");
                 // Subscribing from this task would block the loop it polls
                 // if the request channel were full.
@@ -133,6 +136,9 @@ pub async fn run(
             Ok(_) => {}
             Err(e) => {
                 live.mqtt_down(&addr, e.to_string());
+                if metrics.mqtt_connected.set(0) == 1 {
+                    metrics.mqtt_reconnects.inc();
+                }
                 let delay = backoff.next_delay();
                 tracing::warn!(broker = %addr, error = %e, retry_in_ms = delay.as_millis() as u64,
                     "mqtt connection lost; the broker keeps unacknowledged messages");

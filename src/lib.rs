@@ -8,6 +8,7 @@
 //! - [`uplink`]: ferry's own idempotent Pulsar producer, sequence id = record
 //!   number, resume from the broker's `last_sequence_id`.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
+//! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`check`]: what `ferry check` reports to installers.
 //! - [`status`]: what `ferry status` reports, from the store.
 //! - [`notify`]: systemd readiness and a watchdog fed only while all loops
@@ -18,6 +19,7 @@
 pub mod check;
 pub mod config;
 pub mod ingest;
+pub mod metrics;
 pub mod notify;
 pub mod shutdown;
 pub mod status;
@@ -57,7 +59,24 @@ pub async fn run(
         tracing::warn!("{w}");
     }
     let live = status::Live::default();
-    let store = store::Store::open(&config.store, ack_tx, health.beat("store"), live.clone())?;
+    let metrics = metrics::Metrics::new();
+    let store = store::Store::open(
+        &config.store,
+        ack_tx,
+        health.beat("store"),
+        live.clone(),
+        metrics.clone(),
+    )?;
+    let background = CancellationToken::new();
+    if let Some(addr) = config.metrics.listen {
+        let registry = metrics.registry(&config.pulsar.topic);
+        let stop = background.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, registry, stop).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed; ferry goes on without it");
+            }
+        });
+    }
     tracing::info!(gateway = %config.gateway_id, store = %config.store.path.display(),
         topic = %config.pulsar.topic, "ferry starting");
 
@@ -73,6 +92,7 @@ pub async fn run(
             store.handle.clone(),
             ack_rx,
             live.clone(),
+            metrics.clone(),
             intake.clone(),
         ),
     ));
@@ -84,6 +104,7 @@ pub async fn run(
             store.handle.clone(),
             store.committed.clone(),
             live.clone(),
+            metrics.clone(),
             outlet.clone(),
         ),
     ));
@@ -125,7 +146,7 @@ pub async fn run(
                 notify::notify("STOPPING=1");
                 intake.cancel();
                 let _ = (&mut ingest).await;
-                watchdog_stop.cancel();
+                background.cancel();
                 return finish(store, failure);
             }
         }
@@ -141,7 +162,7 @@ pub async fn run(
     if let Ok(Err(e)) = uplink.await {
         failure.get_or_insert(e.into());
     }
-    watchdog_stop.cancel();
+    background.cancel();
     finish(store, failure)
 }
 

@@ -101,7 +101,10 @@ const SQL_DEAD_LETTER: &str =
 const SQL_FETCH: &str = "SELECT seq, device, received_ms, payload, props FROM journal
      WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 const SQL_DELETE_UPTO: &str = "DELETE FROM journal WHERE seq <= ?1";
-const SQL_COUNT_UPTO: &str = "SELECT COUNT(*) FROM journal WHERE seq <= ?1";
+const SQL_COUNT_UPTO: &str =
+    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM journal WHERE seq <= ?1";
+const SQL_COUNT_ALL: &str = "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM journal";
+const SQL_OLDEST: &str = "SELECT received_ms FROM journal ORDER BY seq LIMIT 1";
 const SQL_MAX_SEQ: &str = "SELECT MAX(seq) FROM journal";
 const SQL_COUNTER_ADD: &str = "INSERT INTO counters (name, value) VALUES (?1, ?2)
      ON CONFLICT(name) DO UPDATE SET value = value + excluded.value";
@@ -296,6 +299,7 @@ impl Store {
         acks: tokio::sync::mpsc::UnboundedSender<AckToken>,
         beat: crate::notify::Beat,
         live: crate::status::Live,
+        metrics: crate::metrics::Metrics,
     ) -> Result<Store, StoreError> {
         let db = Db::open(&cfg.path)?;
         let (tx, rx) = mpsc::channel();
@@ -310,6 +314,8 @@ impl Store {
             max_payload: cfg.max_payload_bytes,
             beat,
             live,
+            metrics,
+            last_gauges: None,
             deliveries: VecDeque::new(),
             last_snapshot: None,
         };
@@ -336,6 +342,19 @@ impl Store {
 pub struct Db {
     conn: Connection,
     next_seq: u64,
+    /// Records and payload bytes in the journal, kept up to date in memory.
+    pub pending_records: u64,
+    pub pending_bytes: u64,
+}
+
+/// What one group commit did.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Acks to release, in arrival order.
+    pub acks: Vec<AckToken>,
+    pub stored: u64,
+    pub dead_lettered: u64,
+    pub redelivered: u64,
 }
 
 impl Db {
@@ -355,19 +374,24 @@ impl Db {
         let next_seq: i64 = conn
             .query_row(SQL_NEXT_SEQ, [], |r| r.get(0))
             .map_err(open_err)?;
+        let (records, bytes): (i64, i64) = conn
+            .query_row(SQL_COUNT_ALL, [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(open_err)?;
         Ok(Db {
             conn,
             next_seq: next_seq as u64,
+            pending_records: records as u64,
+            pending_bytes: bytes as u64,
         })
     }
 
-    /// Stores a batch in one transaction. Returns the ack tokens to release
-    /// (in arrival order) and the highest record number now committed.
+    /// Stores a batch in one transaction.
     pub fn insert_batch(
         &mut self,
         batch: Vec<Inbound>,
         max_payload: usize,
-    ) -> Result<Vec<AckToken>, StoreError> {
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut bytes = 0u64;
         let now = now_ms();
         let mut acks = Vec::with_capacity(batch.len());
         let mut next = self.next_seq;
@@ -423,6 +447,7 @@ impl Db {
                 &msg.payload[..],
                 props
             ])?;
+            bytes += msg.payload.len() as u64;
             next += 1;
             counts.stored += 1;
         }
@@ -433,7 +458,24 @@ impl Db {
         counts.write(&tx)?;
         tx.commit()?;
         self.next_seq = next;
-        Ok(acks)
+        self.pending_records += counts.stored as u64;
+        self.pending_bytes += bytes;
+        Ok(BatchOutcome {
+            acks,
+            stored: counts.stored as u64,
+            dead_lettered: counts.dead_lettered as u64,
+            redelivered: counts.redelivered as u64,
+        })
+    }
+
+    /// When the oldest pending record arrived, ms since the epoch.
+    pub fn oldest_received_ms(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(SQL_OLDEST)?
+            .query_row([], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
     }
 
     pub fn fetch(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
@@ -457,6 +499,7 @@ impl Db {
     /// Deletes the records up to `up_to`; returns how many there were.
     pub fn delivered(&mut self, up_to: u64, resent: u64) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
+        let (_, bytes) = count_upto(&tx, up_to)?;
         let n = tx
             .prepare_cached(SQL_DELETE_UPTO)?
             .execute([up_to as i64])?;
@@ -467,6 +510,8 @@ impl Db {
         }
         .write(&tx)?;
         tx.commit()?;
+        self.pending_records = self.pending_records.saturating_sub(n as u64);
+        self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
         Ok(n as u64)
     }
 
@@ -500,15 +545,17 @@ impl Db {
                 renumbered_by: delta,
             }
         } else {
-            let n: i64 = tx.query_row(SQL_COUNT_UPTO, [last as i64], |r| r.get(0))?;
+            let (n, bytes) = count_upto(&tx, last)?;
             tx.execute(SQL_DELETE_UPTO, [last as i64])?;
             Counts {
-                skipped: n,
+                skipped: n as i64,
                 ..Counts::default()
             }
             .write(&tx)?;
+            self.pending_records = self.pending_records.saturating_sub(n);
+            self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
             ResumeOutcome {
-                skipped: n as u64,
+                skipped: n,
                 renumbered_by: 0,
             }
         };
@@ -537,6 +584,14 @@ impl Db {
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
     }
+}
+
+/// Records and payload bytes up to `up_to`, counted before deleting them.
+fn count_upto(tx: &Transaction<'_>, up_to: u64) -> Result<(u64, u64), StoreError> {
+    let (n, bytes): (i64, i64) = tx
+        .prepare_cached(SQL_COUNT_UPTO)?
+        .query_row([up_to as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok((n as u64, bytes as u64))
 }
 
 fn seen_before(tx: &Transaction<'_>, msg: &Inbound, digest: i64) -> Result<bool, StoreError> {
@@ -602,6 +657,8 @@ struct Worker {
     max_payload: usize,
     beat: crate::notify::Beat,
     live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
+    last_gauges: Option<Instant>,
     /// Recent deliveries (when, how many) for the drain rate.
     deliveries: VecDeque<(Instant, u64)>,
     last_snapshot: Option<Instant>,
@@ -611,6 +668,26 @@ struct Worker {
 const RATE_WINDOW: Duration = Duration::from_secs(30);
 
 impl Worker {
+    /// Updates the store gauges, at most once a second.
+    fn gauges(&mut self) -> Result<(), StoreError> {
+        if self
+            .last_gauges
+            .is_some_and(|t| t.elapsed() < crate::notify::BEAT_EVERY)
+        {
+            return Ok(());
+        }
+        self.last_gauges = Some(Instant::now());
+        let m = &self.metrics;
+        m.store_records.set(self.db.pending_records as i64);
+        m.store_bytes.set(self.db.pending_bytes as i64);
+        let age = match self.db.oldest_received_ms()? {
+            Some(t) => crate::status::now_ms().saturating_sub(t) as f64 / 1000.0,
+            None => 0.0,
+        };
+        m.store_oldest_age.set(age);
+        Ok(())
+    }
+
     /// Writes the agent snapshot for `ferry status` every few seconds.
     fn snapshot(&mut self) -> Result<(), StoreError> {
         let now = Instant::now();
@@ -651,6 +728,7 @@ impl Worker {
             crate::notify::hang_requested("store").then(|| Instant::now() + Duration::from_secs(2));
         loop {
             self.beat.tick();
+            self.gauges()?;
             self.snapshot()?;
             if hang_at.is_some_and(|t| Instant::now() >= t) {
                 crate::notify::hang_forever("store");
@@ -690,11 +768,18 @@ impl Worker {
                 };
             }
             if !inserts.is_empty() {
-                let acks = self
+                let began = Instant::now();
+                let out = self
                     .db
                     .insert_batch(std::mem::take(&mut inserts), self.max_payload)?;
+                let m = &self.metrics;
+                m.store_commit_seconds
+                    .observe(began.elapsed().as_secs_f64());
+                m.store_stored.inc_by(out.stored);
+                m.store_dead_lettered.inc_by(out.dead_lettered);
+                m.store_redeliveries_dropped.inc_by(out.redelivered);
                 self.committed.send_replace(self.db.last_seq());
-                for a in acks {
+                for a in out.acks {
                     let _ = self.acks.send(a);
                 }
             }
@@ -830,12 +915,12 @@ mod tests {
         let acks = db
             .insert_batch(vec![msg("d/a/s", b"x", 7, false)], 100)
             .unwrap();
-        assert_eq!(acks.len(), 1);
+        assert_eq!(acks.acks.len(), 1);
         // The broker redelivers with DUP: same pkid, topic and payload.
         let acks = db
             .insert_batch(vec![msg("d/a/s", b"x", 7, true)], 100)
             .unwrap();
-        assert_eq!(acks.len(), 1, "a redelivery is still acknowledged");
+        assert_eq!(acks.acks.len(), 1, "a redelivery is still acknowledged");
         // A DUP message that differs is new.
         db.insert_batch(vec![msg("d/a/s", b"y", 7, true)], 100)
             .unwrap();
@@ -860,7 +945,7 @@ mod tests {
                 100,
             )
             .unwrap();
-        assert_eq!(acks.len(), 3);
+        assert_eq!(acks.acks.len(), 3);
         let stats = db.stats().unwrap();
         assert_eq!(stats.pending, 1);
         assert_eq!(stats.counter("dead_lettered"), 2);

@@ -241,10 +241,12 @@ pub async fn run(
     store: StoreHandle,
     committed: watch::Receiver<u64>,
     live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), UplinkError> {
     let mut uplink = Uplink {
         live,
+        metrics,
         state: ProducerState::new(settings.max_in_flight),
         backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
         settings,
@@ -291,6 +293,7 @@ pub async fn run(
 
 struct Uplink {
     live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
     settings: UplinkSettings,
     store: StoreHandle,
     committed: watch::Receiver<u64>,
@@ -314,6 +317,10 @@ impl Uplink {
         self.reported = self.reported.max(cursor);
         self.backoff.reset();
         self.live.pulsar_up(&conn.endpoint.to_string());
+        self.metrics.uplink_connected.set(1);
+        self.metrics.uplink_skipped.inc_by(outcome.skipped);
+        self.metrics.uplink_auth_challenges.inc_by(conn.challenges);
+        let mut challenges_seen = conn.challenges;
         if outcome.renumbered_by > 0 {
             tracing::error!(last_sequence_id, renumbered_by = outcome.renumbered_by,
                 "broker holds record numbers this store never gave out (store replaced?); pending records renumbered above them");
@@ -346,6 +353,7 @@ impl Uplink {
                 }
                 encode_send(&self.settings, &rec, &mut conn.wbuf);
                 self.state.on_send(rec.seq, Instant::now());
+                self.metrics.uplink_sent.inc();
             }
             conn.flush().await?;
 
@@ -364,6 +372,10 @@ impl Uplink {
                         self.handle(&mut conn, f)?;
                     }
                     self.report_delivered()?;
+                    if conn.challenges > challenges_seen {
+                        self.metrics.uplink_auth_challenges.inc_by(conn.challenges - challenges_seen);
+                        challenges_seen = conn.challenges;
+                    }
                 }
                 r = self.committed.changed(), if want_more => {
                     if r.is_err() {
@@ -389,7 +401,14 @@ impl Uplink {
         let c = f.command;
         if let Some(r) = c.send_receipt {
             if r.producer_id == PRODUCER_ID {
-                self.state.on_receipt(r.sequence_id)?;
+                if let producer::Receipt::Confirmed { sent, .. } =
+                    self.state.on_receipt(r.sequence_id)?
+                {
+                    self.metrics.uplink_acknowledged.inc();
+                    self.metrics
+                        .uplink_send_latency
+                        .observe(sent.elapsed().as_secs_f64());
+                }
             }
         } else if let Some(e) = c.send_error {
             return Err(UplinkError::SendError {
@@ -415,6 +434,7 @@ impl Uplink {
     fn report_delivered(&mut self) -> Result<(), UplinkError> {
         let confirmed = self.state.confirmed();
         let resent = self.state.take_resent();
+        self.metrics.uplink_resent.inc_by(resent);
         if confirmed > self.reported || resent > 0 {
             self.store.delivered(confirmed, resent)?;
             self.reported = confirmed;

@@ -20,8 +20,9 @@ pub enum ProducerError {
 /// What a receipt changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Receipt {
-    /// Every record up to this number is held by the broker.
-    Confirmed(u64),
+    /// Every record up to `seq` is held by the broker; `sent` is when the
+    /// confirmed record was sent.
+    Confirmed { seq: u64, sent: Instant },
     /// A receipt for a record already confirmed (a resend the broker
     /// deduplicated); nothing changes.
     Stale,
@@ -115,10 +116,11 @@ impl ProducerState {
 
     pub fn on_receipt(&mut self, seq: u64) -> Result<Receipt, ProducerError> {
         match self.in_flight.front() {
-            Some((oldest, _)) if *oldest == seq => {
+            Some((oldest, sent)) if *oldest == seq => {
+                let sent = *sent;
                 self.in_flight.pop_front();
                 self.confirmed = seq;
-                Ok(Receipt::Confirmed(seq))
+                Ok(Receipt::Confirmed { seq, sent })
             }
             _ if seq <= self.confirmed => Ok(Receipt::Stale),
             front => Err(ProducerError::UnexpectedReceipt {
@@ -169,7 +171,10 @@ mod tests {
             p.on_send(s, now);
         }
         assert_eq!(p.room(), 0);
-        assert_eq!(p.on_receipt(1), Ok(Receipt::Confirmed(1)));
+        assert_eq!(
+            p.on_receipt(1),
+            Ok(Receipt::Confirmed { seq: 1, sent: now })
+        );
         assert_eq!(p.room(), 1);
         assert_eq!(p.cursor(), 3);
         assert_eq!(

@@ -620,6 +620,8 @@ pub struct Ferry {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Where its Prometheus endpoint listens.
+    pub metrics_port: u16,
     child: Option<Child>,
 }
 
@@ -649,6 +651,7 @@ impl Ferry {
         extra: &str,
     ) -> Ferry {
         let dir = test_dir(test);
+        let metrics_port = free_port();
         let config = dir.join("ferry.toml");
         let text = format!(
             r#"gateway_id = "{gateway}"
@@ -671,6 +674,9 @@ path = "{store}"
 
 [uplink]
 backoff_max_ms = 2000
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 {extra}
 "#,
             mqtt = stack.mqtt_port,
@@ -682,6 +688,7 @@ backoff_max_ms = 2000
             log: dir.join("ferry.log"),
             dir,
             config,
+            metrics_port,
             child: None,
         }
     }
@@ -787,6 +794,23 @@ backoff_max_ms = 2000
         (out.status.code(), text)
     }
 
+    /// Scrapes `/metrics`: each sample line as (name with labels, value).
+    pub async fn scrape(&self) -> BTreeMap<String, f64> {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .expect("metrics endpoint answers")
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// How many log lines contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log_text()
@@ -859,6 +883,12 @@ impl Drop for Ferry {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A local port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 pub fn read_counters(store: &Path) -> BTreeMap<String, i64> {

@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod harness;
+mod metrics;
 mod outage;
 mod secure;
 mod status;
