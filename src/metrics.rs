@@ -42,8 +42,8 @@ pub struct Metrics {
     pub uplink_send_latency: Histogram,
 }
 
-impl Metrics {
-    pub fn new() -> Metrics {
+impl Default for Metrics {
+    fn default() -> Metrics {
         Metrics {
             mqtt_received: Counter::default(),
             mqtt_connected: Gauge::default(),
@@ -66,6 +66,12 @@ impl Metrics {
             // 0.5 ms to ~33 s.
             uplink_send_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 17)),
         }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics::default()
     }
 
     /// A registry holding every metric; uplink metrics carry `topic`.
