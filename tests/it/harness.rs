@@ -496,6 +496,45 @@ pub struct Tally {
     pub out_of_order: usize,
 }
 
+/// The tally of a topic that holds `n` updates, each exactly once, in order.
+pub fn exact(n: usize) -> Tally {
+    Tally {
+        received: n,
+        lost: 0,
+        duplicated: 0,
+        out_of_order: 0,
+    }
+}
+
+/// One test's namespace (deduplication on), `device-status` topic, MQTT
+/// topic prefix, and a ferry for them, not started yet.
+pub struct Scenario {
+    pub topic: String,
+    pub prefix: String,
+    pub ferry: Ferry,
+}
+
+impl Scenario {
+    pub async fn new(stack: &Stack, test: &str) -> Scenario {
+        let ns = Namespace::create(stack, test).await;
+        let topic = ns.topic("device-status");
+        let prefix = unique(test);
+        let ferry = Ferry::new(
+            stack,
+            test,
+            &unique("gw"),
+            &format!("{prefix}/+/state"),
+            &topic,
+            "",
+        );
+        Scenario {
+            topic,
+            prefix,
+            ferry,
+        }
+    }
+}
+
 /// Checks that each of `devices` sent updates 0..per_device and that the
 /// topic holds each exactly once, in order per device.
 pub fn tally(msgs: &[Received], devices: &[String], per_device: u64) -> Tally {

@@ -9,17 +9,11 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scraped_during_a_stream_count_exactly_what_happened() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "metrics").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("metrics");
-    let mut ferry = Ferry::new(
-        stack,
-        "metrics",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "metrics").await;
     ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
     ferry.start();
     ferry.wait_log("producer ready", SECS(30)).await;

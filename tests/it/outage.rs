@@ -9,29 +9,14 @@ use crate::harness::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-fn exact(n: usize) -> Tally {
-    Tally {
-        received: n,
-        lost: 0,
-        duplicated: 0,
-        out_of_order: 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
     let (stack, _exclusive) = Stack::exclusive().await;
-    let ns = Namespace::create(stack, "outage").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("outage");
-    let mut ferry = Ferry::new(
-        stack,
-        "outage",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "outage").await;
     ferry.start();
     ferry.wait_log("producer ready", SECS(30)).await;
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
@@ -65,17 +50,11 @@ async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
     let (stack, _exclusive) = Stack::exclusive().await;
-    let ns = Namespace::create(stack, "unreachable").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("unreachable");
-    let mut ferry = Ferry::new(
-        stack,
-        "unreachable",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "unreachable").await;
     ferry.start();
     ferry.wait_log("producer ready", SECS(30)).await;
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
@@ -116,17 +95,11 @@ async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothing() {
     let (stack, _exclusive) = Stack::exclusive().await;
-    let ns = Namespace::create(stack, "kill9").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("kill9");
-    let mut ferry = Ferry::new(
-        stack,
-        "kill9",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "kill9").await;
     ferry.start();
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
 

@@ -8,15 +8,6 @@ use crate::harness::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-fn exact(n: usize) -> Tally {
-    Tally {
-        received: n,
-        lost: 0,
-        duplicated: 0,
-        out_of_order: 0,
-    }
-}
-
 /// A ferry for `role` writing to `topic` on a secured broker.
 fn secure_ferry(
     stack: &Stack,

@@ -26,17 +26,11 @@ fn status(ferry: &Ferry, json: bool) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "status").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("status");
-    let mut ferry = Ferry::new(
-        stack,
-        "status",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
+    let Scenario {
+        topic: _,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "status").await;
     let closed = format!("pulsar://127.0.0.1:{}", closed_port());
     ferry.edit_config(&stack.service_url(), &closed);
     ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");

@@ -135,17 +135,11 @@ async fn a_ferry_whose_store_loop_hangs_stops_feeding_the_watchdog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_drains_and_loses_nothing() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "sigterm").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("sigterm");
-    let mut ferry = Ferry::new(
-        stack,
-        "sigterm",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "sigterm").await;
     ferry.start();
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
     let mut devices = Devices::connect(stack, &prefix, 50).await;
@@ -166,15 +160,7 @@ async fn sigterm_mid_stream_drains_and_loses_nothing() {
         "sigterm",
         &format!("{stops} SIGTERMs mid-stream ({drained} drains logged): {t:?}"),
     );
-    assert_eq!(
-        t,
-        Tally {
-            received: 5000,
-            lost: 0,
-            duplicated: 0,
-            out_of_order: 0
-        }
-    );
+    assert_eq!(t, exact(5000));
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
@@ -182,17 +168,11 @@ async fn sigterm_mid_stream_drains_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_limits_at_once_and_names_what_needs_a_restart() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "reload").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("reload");
-    let mut ferry = Ferry::new(
-        stack,
-        "reload",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
+    let Scenario {
+        topic: _,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "reload").await;
     ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
     ferry.start();
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
