@@ -850,6 +850,20 @@ listen = "127.0.0.1:{metrics_port}"
             .collect()
     }
 
+    /// Waits until `n` log lines contain `needle` (for a restarted ferry,
+    /// whose log still holds the lines of its earlier runs).
+    pub async fn wait_log_count(&self, needle: &str, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.log_count(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "ferry logged `{needle}` fewer than {n} times; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// How many log lines contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log_text()

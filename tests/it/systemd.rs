@@ -150,6 +150,11 @@ async fn sigterm_mid_stream_drains_and_loses_nothing() {
             assert_eq!(ferry.terminate(), Some(0), "a SIGTERM ends ferry cleanly");
             stops += 1;
             ferry.start();
+            // SIGTERM before ferry installed its handler would be the
+            // default action, not a drain: wait until it runs again.
+            ferry
+                .wait_log_count("mqtt subscribed", stops + 1, SECS(30))
+                .await;
         }
     }
     ferry.wait_drained(5000, SECS(120)).await;
