@@ -108,12 +108,11 @@ pub async fn run(
             outlet.clone(),
         ),
     ));
-    let watchdog_stop = CancellationToken::new();
     if let Some(interval) = notify::watchdog_interval() {
         tokio::spawn(notify::watchdog(
             health.clone(),
             interval,
-            watchdog_stop.clone(),
+            background.clone(),
         ));
     }
     notify::notify(&format!(
@@ -124,13 +123,15 @@ pub async fn run(
     let mut current = config;
     let mut failure: Option<RunError> = None;
     let mut ingest_done = false;
+    let mut reloads_open = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            changed = reload.changed() => {
+            changed = reload.changed(), if reloads_open => {
                 if changed.is_err() {
                     // No more reloads can come; keep running.
-                    std::future::pending::<()>().await;
+                    reloads_open = false;
+                    continue;
                 }
                 let new = reload.borrow_and_update().clone();
                 apply_reload(&current, &new, &store.handle);
