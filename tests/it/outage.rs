@@ -103,26 +103,27 @@ async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothi
     ferry.start();
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
 
-    // 100 devices x 200 updates in 20 chunks a second or more apart (20 s or
-    // more), with the MQTT broker restarted halfway; the 20 kills come at
-    // most 0.8 s apart (16 s at most), so every one lands inside the stream.
+    // 100 devices x 200 updates as a steady stream of rounds of 100, at
+    // least 0.1 s apart (20 s or more), with the MQTT broker restarted
+    // halfway; the 20 kills come at most 0.8 s apart (16 s at most), so
+    // every one lands inside the stream while ferry is busy with it.
     let publisher = {
         let stack = stack.clone();
         let prefix = prefix.clone();
         tokio::spawn(async move {
             let mut devices = Devices::connect(&stack, &prefix, 100).await;
-            for chunk in 0..10 {
-                devices.publish_rounds(chunk * 10, chunk * 10 + 10).await;
-                tokio::time::sleep(Duration::from_millis(1000)).await;
+            for round in 0..100 {
+                devices.publish_rounds(round, round + 1).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let ids = devices.ids.clone();
             devices.disconnect().await;
             stack.ctl("mqtt-stop");
             stack.ctl("mqtt-start");
             let mut devices = Devices::connect(&stack, &prefix, 100).await;
-            for chunk in 10..20 {
-                devices.publish_rounds(chunk * 10, chunk * 10 + 10).await;
-                tokio::time::sleep(Duration::from_millis(1000)).await;
+            for round in 100..200 {
+                devices.publish_rounds(round, round + 1).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             devices.disconnect().await;
             ids
