@@ -194,9 +194,6 @@ pub enum Command {
         last_sequence_id: i64,
         reply: oneshot::Sender<Result<ResumeOutcome, StoreError>>,
     },
-    Stats {
-        reply: oneshot::Sender<Result<Stats, StoreError>>,
-    },
     /// New batching and payload limits (configuration reload).
     SetLimits(StoreConfig),
 }
@@ -270,12 +267,6 @@ impl StoreHandle {
 
     pub fn set_limits(&self, cfg: StoreConfig) -> Result<(), StoreError> {
         self.send(Command::SetLimits(cfg))
-    }
-
-    pub async fn stats(&self) -> Result<Stats, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Stats { reply })?;
-        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     fn send(&self, cmd: Command) -> Result<(), StoreError> {
@@ -816,9 +807,6 @@ impl Worker {
                         self.committed.send_replace(self.db.last_seq());
                     }
                     let _ = reply.send(r);
-                }
-                Command::Stats { reply } => {
-                    let _ = reply.send(self.db.stats());
                 }
                 Command::SetLimits(cfg) => {
                     self.max_wait = cfg.commit_max_wait;

@@ -36,6 +36,36 @@ fn secure_ferry(
     ferry
 }
 
+/// A ferry for a new role that may produce on one new topic of `ns`, and
+/// nothing else.
+struct Granted {
+    topic: String,
+    role: String,
+    prefix: String,
+    ferry: Ferry,
+}
+
+async fn granted_ferry(
+    stack: &Stack,
+    secure: &Secure,
+    ns: &str,
+    local: &str,
+    test: &str,
+    cert: bool,
+) -> Granted {
+    let topic = format!("persistent://{ns}/{local}");
+    let role = unique(&format!("gw-{test}"));
+    secure.grant_produce(&topic, &role).await;
+    let prefix = unique(test);
+    let ferry = secure_ferry(stack, secure, test, &role, &prefix, &topic, cert);
+    Granted {
+        topic,
+        role,
+        prefix,
+        ferry,
+    }
+}
+
 fn token_path(ferry: &Ferry) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&ferry.config).unwrap();
     let line = text.lines().find(|l| l.starts_with("token_file")).unwrap();
@@ -53,11 +83,12 @@ async fn ten_thousand_updates_over_tls_with_a_token_arrive_exactly_once() {
     let (stack, _shared) = Stack::shared().await;
     let secure = tokio::task::block_in_place(Secure::get);
     let ns = secure.namespace("tls").await;
-    let topic = format!("persistent://{ns}/device-status");
-    let role = unique("gw-tls");
-    secure.grant_produce(&topic, &role).await;
-    let prefix = unique("tls");
-    let mut ferry = secure_ferry(stack, secure, "tls", &role, &prefix, &topic, false);
+    let Granted {
+        topic,
+        role,
+        prefix,
+        mut ferry,
+    } = granted_ferry(stack, secure, &ns, "device-status", "tls", false).await;
     ferry.start();
     ferry.wait_log("producer ready", SECS(30)).await;
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
@@ -80,11 +111,12 @@ async fn short_lived_tokens_rotated_on_disk_never_drop_the_connection() {
     let (stack, _shared) = Stack::shared().await;
     let secure = tokio::task::block_in_place(Secure::get);
     let ns = secure.namespace("rotate").await;
-    let topic = format!("persistent://{ns}/device-status");
-    let role = unique("gw-rot");
-    secure.grant_produce(&topic, &role).await;
-    let prefix = unique("rotate");
-    let mut ferry = secure_ferry(stack, secure, "rotate", &role, &prefix, &topic, false);
+    let Granted {
+        topic,
+        role,
+        prefix,
+        mut ferry,
+    } = granted_ferry(stack, secure, &ns, "device-status", "rotate", false).await;
     // Tokens live 12 s; a new one lands on disk every 4 s.
     let token = token_path(&ferry);
     write_secret(&token, &secure.token(&role, Some(12)));
@@ -257,11 +289,12 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
 
     // Wrong CA: the CA file is re-read at every connection, so fixing the
     // file is enough.
-    let topic = format!("persistent://{ns}/wrong-ca");
-    let role = unique("gw-ca");
-    secure.grant_produce(&topic, &role).await;
-    let prefix = unique("wrong-ca");
-    let mut ferry = secure_ferry(stack, secure, "wrong-ca", &role, &prefix, &topic, false);
+    let Granted {
+        topic,
+        role: _,
+        prefix,
+        mut ferry,
+    } = granted_ferry(stack, secure, &ns, "wrong-ca", "wrong-ca", false).await;
     let ca = ca_path(&ferry);
     std::fs::copy(secure.pki.join("other-ca.pem"), &ca).unwrap();
     let real_ca = secure.pki.join("ca.pem");
@@ -280,11 +313,12 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
     report("tlsfail", &format!("wrong CA: {line}"));
 
     // Hostname mismatch: the certificate names localhost only.
-    let topic = format!("persistent://{ns}/hostname");
-    let role = unique("gw-host");
-    secure.grant_produce(&topic, &role).await;
-    let prefix = unique("hostname");
-    let mut ferry = secure_ferry(stack, secure, "hostname", &role, &prefix, &topic, false);
+    let Granted {
+        topic,
+        role: _,
+        prefix,
+        mut ferry,
+    } = granted_ferry(stack, secure, &ns, "hostname", "hostname", false).await;
     let by_ip = format!("pulsar+ssl://127.0.0.1:{}", secure.tls_port);
     ferry.edit_config(&secure.service_url(), &by_ip);
     let fixed_url = secure.service_url();
@@ -305,11 +339,12 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
     report("tlsfail", &format!("hostname mismatch: {line}"));
 
     // Expired token: the token file is re-read at every connection.
-    let topic = format!("persistent://{ns}/expired");
-    let role = unique("gw-exp");
-    secure.grant_produce(&topic, &role).await;
-    let prefix = unique("expired");
-    let mut ferry = secure_ferry(stack, secure, "expired", &role, &prefix, &topic, false);
+    let Granted {
+        topic,
+        role,
+        prefix,
+        mut ferry,
+    } = granted_ferry(stack, secure, &ns, "expired", "expired", false).await;
     let token = token_path(&ferry);
     write_secret(&token, &secure.token(&role, Some(-60)));
     let fresh = secure.token(&role, None);
@@ -339,11 +374,12 @@ async fn a_broker_requiring_client_certificates_accepts_ferry_with_one_and_refus
     let mtls = tokio::task::block_in_place(Secure::mtls);
     let ns = mtls.namespace("mtls").await;
 
-    let topic = format!("persistent://{ns}/without");
-    let role = unique("gw-nocert");
-    mtls.grant_produce(&topic, &role).await;
-    let prefix = unique("nocert");
-    let mut without = secure_ferry(stack, mtls, "mtls-without", &role, &prefix, &topic, false);
+    let Granted {
+        topic: _,
+        role: _,
+        prefix: _,
+        ferry: mut without,
+    } = granted_ferry(stack, mtls, &ns, "without", "mtls-without", false).await;
     without.start();
     without.wait_log("uplink blocked", SECS(30)).await;
     let line = without
@@ -357,11 +393,12 @@ async fn a_broker_requiring_client_certificates_accepts_ferry_with_one_and_refus
     assert_eq!(without.check_online().0, Some(3));
     assert_eq!(without.terminate(), Some(0));
 
-    let topic = format!("persistent://{ns}/with");
-    let role = unique("gw-cert");
-    mtls.grant_produce(&topic, &role).await;
-    let prefix = unique("withcert");
-    let mut with = secure_ferry(stack, mtls, "mtls-with", &role, &prefix, &topic, true);
+    let Granted {
+        topic,
+        role: _,
+        prefix,
+        ferry: mut with,
+    } = granted_ferry(stack, mtls, &ns, "with", "mtls-with", true).await;
     with.start();
     with.wait_log("producer ready", SECS(30)).await;
     with.wait_log("mqtt subscribed", SECS(30)).await;

@@ -63,16 +63,7 @@ impl NotifySocket {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_watchdog_and_stopping_reach_systemd() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "notify").await;
-    let prefix = unique("notify");
-    let mut ferry = Ferry::new(
-        stack,
-        "notify",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &ns.topic("s"),
-        "",
-    );
+    let Scenario { mut ferry, .. } = Scenario::new(stack, "notify").await;
     let sock = NotifySocket::new(&ferry.dir);
     let path = sock.path.to_string_lossy().to_string();
     let started = Instant::now();
@@ -93,16 +84,7 @@ async fn ready_watchdog_and_stopping_reach_systemd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ferry_whose_store_loop_hangs_stops_feeding_the_watchdog() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "hang").await;
-    let prefix = unique("hang");
-    let mut ferry = Ferry::new(
-        stack,
-        "hang",
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        &ns.topic("s"),
-        "",
-    );
+    let Scenario { mut ferry, .. } = Scenario::new(stack, "hang").await;
     let sock = NotifySocket::new(&ferry.dir);
     let path = sock.path.to_string_lossy().to_string();
     let started = Instant::now();
