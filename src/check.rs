@@ -8,6 +8,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 
 use crate::config::{Config, TokenSource};
+use crate::store::layout::Layout;
 use crate::uplink::{self, auth, UplinkSettings};
 
 /// Secret files that others can read, as warnings.
@@ -32,16 +33,25 @@ pub struct Probe {
 /// Connects to both brokers as ferry would, without disturbing a running
 /// ferry (other client id and producer name).
 pub async fn online(cfg: &Config) -> Vec<Probe> {
-    vec![
-        Probe {
-            what: "mqtt",
-            result: probe_mqtt(cfg).await,
-        },
-        Probe {
-            what: "pulsar",
-            result: probe_pulsar(cfg).await,
-        },
-    ]
+    vec![Probe {
+        what: "mqtt",
+        result: probe_mqtt(cfg).await,
+    }]
+    .into_iter()
+    .chain(
+        futures::future::join_all(
+            UplinkSettings::from_config(cfg, &Layout::new(&cfg.streams))
+                .into_iter()
+                .map(|s| async move {
+                    Probe {
+                        what: "pulsar",
+                        result: probe_pulsar(&s).await,
+                    }
+                }),
+        )
+        .await,
+    )
+    .collect()
 }
 
 async fn probe_mqtt(cfg: &Config) -> Result<String, String> {
@@ -68,13 +78,12 @@ async fn probe_mqtt(cfg: &Config) -> Result<String, String> {
         .map_err(|e| format!("cannot connect to {addr}: {e}"))
 }
 
-async fn probe_pulsar(cfg: &Config) -> Result<String, String> {
-    let s = UplinkSettings::from_config(cfg);
-    let mut conn = uplink::connect_to_topic(&s)
+async fn probe_pulsar(s: &UplinkSettings) -> Result<String, String> {
+    let mut conn = uplink::connect_to_topic(s)
         .await
         .map_err(|e| e.to_string())?;
     let name = format!("{}-check", s.producer_name);
-    uplink::create_producer(&mut conn, &s, &name)
+    uplink::create_producer(&mut conn, s, &name)
         .await
         .map_err(|e| e.to_string())?;
     let mut how = vec![if s.service.tls {

@@ -67,6 +67,9 @@ pub struct Config {
     pub log_level: String,
     pub mqtt: MqttConfig,
     pub pulsar: PulsarConfig,
+    /// What goes where: MQTT filters to Pulsar topics, with limits and an
+    /// overflow policy each. At least one.
+    pub streams: Vec<StreamConfig>,
     pub store: StoreConfig,
     pub uplink: UplinkConfig,
     pub metrics: MetricsConfig,
@@ -87,7 +90,68 @@ pub struct MqttConfig {
     /// with it every unacknowledged message, under this id.
     pub client_id: String,
     pub keep_alive: Duration,
+}
+
+/// One stream: the MQTT messages matching its subscriptions and where they
+/// go in Pulsar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Names the stream in metrics, logs and `ferry status`.
+    pub name: String,
+    pub kind: StreamKind,
     pub subscriptions: Vec<Subscription>,
+    /// `state`: the compacted status topic keyed by device id; `events`: an
+    /// ordinary topic.
+    pub topic: String,
+    /// `state` only: a topic that receives every update in order.
+    pub history_topic: Option<String>,
+    pub overflow: Overflow,
+    pub limits: Limits,
+}
+
+impl StreamConfig {
+    /// Every destination topic of this stream, the main topic first.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.topic.as_str()).chain(self.history_topic.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Device state: the newest update per device is what matters.
+    State,
+    /// Events: every one matters, in order; never coalesced.
+    Events,
+}
+
+/// What a stream does when it is over one of its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Keep only the newest pending record per device for the status topic.
+    Coalesce,
+    /// Drop the oldest records first (never a device's newest state).
+    DropOldest,
+    /// Stop acknowledging MQTT: the local broker holds the backlog.
+    Reject,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::Coalesce => "coalesce",
+            Overflow::DropOldest => "drop-oldest",
+            Overflow::Reject => "reject",
+        }
+    }
+}
+
+/// A stream's limits; `None` is no limit of that kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub max_records: Option<u64>,
+    /// Payload bytes waiting in the store.
+    pub max_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
 }
 
 /// One MQTT topic filter and the rule that extracts the device id from the
@@ -104,8 +168,6 @@ pub struct PulsarConfig {
     pub host: String,
     pub port: u16,
     pub service_url: String,
-    /// Fully qualified: `persistent://tenant/namespace/topic`.
-    pub topic: String,
     /// Present exactly when the service URL is `pulsar+ssl://`.
     pub tls: Option<TlsConfig>,
     pub auth: Option<TokenSource>,
@@ -141,6 +203,23 @@ pub struct StoreConfig {
     pub commit_max_wait: Duration,
     /// Group commit: the most messages in one transaction.
     pub commit_max_batch: usize,
+    /// The store file's budget: over it (or when the disk is full) every
+    /// stream sheds as cheaply as it can while keeping each device's newest
+    /// state. `None`: only the disk's size.
+    pub max_bytes: Option<u64>,
+    pub durability: Durability,
+}
+
+/// When a commit reaches the disk, which decides what a power cut can lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every group commit is fsynced before its MQTT acks go out: a power
+    /// cut loses nothing that was acknowledged.
+    Full,
+    /// Commits reach the operating system before the acks (a crash of ferry
+    /// loses nothing) and the disk every `sync_interval`: a power cut can
+    /// lose what was acknowledged in the last interval.
+    Interval(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,9 +244,24 @@ pub struct RawConfig {
     pub log_level: Option<String>,
     pub mqtt: Option<RawMqtt>,
     pub pulsar: Option<RawPulsar>,
+    pub streams: Option<Vec<RawStream>>,
     pub store: Option<RawStore>,
     pub uplink: Option<RawUplink>,
     pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStream {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub topic: Option<String>,
+    pub history_topic: Option<String>,
+    pub overflow: Option<String>,
+    pub max_records: Option<i64>,
+    pub max_bytes: Option<i64>,
+    pub max_age_secs: Option<i64>,
+    pub subscriptions: Option<Vec<RawSubscription>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +323,9 @@ pub struct RawStore {
     pub max_payload_bytes: Option<i64>,
     pub commit_max_wait_ms: Option<i64>,
     pub commit_max_batch: Option<i64>,
+    pub max_bytes: Option<i64>,
+    pub durability: Option<String>,
+    pub sync_interval_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,8 +354,23 @@ impl Config {
         if self.pulsar != new.pulsar {
             out.push("pulsar");
         }
+        let routes = |c: &Config| -> Vec<(String, Vec<Subscription>, Vec<String>)> {
+            c.streams
+                .iter()
+                .map(|s| {
+                    let topics = s.topics().map(str::to_string).collect();
+                    (s.name.clone(), s.subscriptions.clone(), topics)
+                })
+                .collect()
+        };
+        if routes(self) != routes(new) {
+            out.push("streams (names, subscriptions, topics)");
+        }
         if self.store.path != new.store.path {
             out.push("store.path");
+        }
+        if self.store.durability != new.store.durability {
+            out.push("store.durability");
         }
         if self.uplink != new.uplink {
             out.push("uplink");
@@ -328,6 +440,7 @@ impl RawConfig {
         raw.log_level = section(&mut table, "log_level", &mut errors);
         raw.mqtt = section(&mut table, "mqtt", &mut errors);
         raw.pulsar = section(&mut table, "pulsar", &mut errors);
+        raw.streams = section(&mut table, "streams", &mut errors);
         raw.store = section(&mut table, "store", &mut errors);
         raw.uplink = section(&mut table, "uplink", &mut errors);
         raw.metrics = section(&mut table, "metrics", &mut errors);
@@ -379,37 +492,6 @@ impl RawConfig {
             None => format!("ferry-{}", gateway_id.clone().unwrap_or_default()),
         };
         let keep_alive = v.int_in("mqtt.keep_alive_secs", mqtt.keep_alive_secs, 30, 5, 3600);
-        let mut subscriptions = Vec::new();
-        match mqtt.subscriptions {
-            None => v.error(
-                "mqtt.subscriptions",
-                "at least one subscription is required",
-            ),
-            Some(list) if list.is_empty() => v.error(
-                "mqtt.subscriptions",
-                "at least one subscription is required",
-            ),
-            Some(list) => {
-                for (i, s) in list.into_iter().enumerate() {
-                    let at = format!("mqtt.subscriptions[{i}]");
-                    let filter = v.required(&format!("{at}.filter"), s.filter);
-                    let level = v.required(&format!("{at}.device_id_level"), s.device_id_level);
-                    if let (Some(filter), Some(level)) = (filter, level) {
-                        if let Err(msg) = check_filter(&filter) {
-                            v.error(&format!("{at}.filter"), &msg);
-                        } else if let Err(msg) = check_device_level(&filter, level) {
-                            v.error(&format!("{at}.device_id_level"), &msg);
-                        } else {
-                            subscriptions.push(Subscription {
-                                filter,
-                                device_id_level: level as usize,
-                            });
-                        }
-                    }
-                }
-            }
-        }
-
         let pulsar = self.pulsar.unwrap_or_default();
         let service_url = v.required("pulsar.service_url", pulsar.service_url);
         let (phost, pport, tls_url) = match service_url.as_deref().map(parse_service_url) {
@@ -464,12 +546,7 @@ impl RawConfig {
             (false, _) => None,
         };
         let auth = pulsar.auth.and_then(|a| token_source(&mut v, a));
-        let topic = v.required("pulsar.topic", pulsar.topic);
-        if let Some(t) = &topic {
-            if let Err(msg) = check_topic(t) {
-                v.error("pulsar.topic", &msg);
-            }
-        }
+        let streams = streams(&mut v, mqtt.subscriptions, pulsar.topic, self.streams);
 
         let store = self.store.unwrap_or_default();
         let path = v.required("store.path", store.path);
@@ -497,6 +574,37 @@ impl RawConfig {
             1,
             100_000,
         );
+        let store_max_bytes = v.int_in(
+            "store.max_bytes",
+            store.max_bytes,
+            DEFAULT_STORE_MAX_BYTES,
+            0,
+            i64::MAX,
+        );
+        let sync_interval = v.int_in(
+            "store.sync_interval_ms",
+            store.sync_interval_ms,
+            1000,
+            10,
+            60_000,
+        );
+        let durability = match store.durability.as_deref().unwrap_or("full") {
+            "full" => Durability::Full,
+            "interval" => Durability::Interval(Duration::from_millis(sync_interval as u64)),
+            other => {
+                v.error(
+                    "store.durability",
+                    &format!("must be \"full\" or \"interval\", found \"{other}\""),
+                );
+                Durability::Full
+            }
+        };
+        if store.sync_interval_ms.is_some() && durability == Durability::Full {
+            v.error(
+                "store.sync_interval_ms",
+                "only applies with store.durability = \"interval\"",
+            );
+        }
 
         let up = self.uplink.unwrap_or_default();
         let max_in_flight = v.int_in("uplink.max_in_flight", up.max_in_flight, 1000, 1, 100_000);
@@ -565,13 +673,11 @@ impl RawConfig {
                 port,
                 client_id,
                 keep_alive: Duration::from_secs(keep_alive as u64),
-                subscriptions,
             },
             pulsar: PulsarConfig {
                 host: phost,
                 port: pport,
                 service_url: service_url.unwrap_or_default(),
-                topic: topic.unwrap_or_default(),
                 tls,
                 auth,
             },
@@ -580,7 +686,10 @@ impl RawConfig {
                 max_payload_bytes,
                 commit_max_wait: ms(commit_max_wait),
                 commit_max_batch: commit_max_batch as usize,
+                max_bytes: (store_max_bytes > 0).then_some(store_max_bytes as u64),
+                durability,
             },
+            streams,
             uplink: UplinkConfig {
                 max_in_flight: max_in_flight as usize,
                 connect_timeout: ms(connect_timeout),
@@ -630,6 +739,221 @@ impl Validator {
             n
         }
     }
+}
+
+/// The store file's default budget.
+pub const DEFAULT_STORE_MAX_BYTES: i64 = 512 * 1024 * 1024;
+
+/// The streams: either `[[streams]]`, or the one-stream shorthand
+/// (`mqtt.subscriptions` and `pulsar.topic`), which is a `state` stream named
+/// `status` with the default policy and no limits of its own.
+fn streams(
+    v: &mut Validator,
+    short_subs: Option<Vec<RawSubscription>>,
+    short_topic: Option<String>,
+    raw: Option<Vec<RawStream>>,
+) -> Vec<StreamConfig> {
+    let list = match raw {
+        Some(list) => {
+            if short_subs.is_some() {
+                v.error(
+                    "mqtt.subscriptions",
+                    "not allowed together with [[streams]]: give each stream its subscriptions",
+                );
+            }
+            if short_topic.is_some() {
+                v.error(
+                    "pulsar.topic",
+                    "not allowed together with [[streams]]: give each stream its topic",
+                );
+            }
+            if list.is_empty() {
+                v.error("streams", "at least one stream is required");
+            }
+            list.into_iter()
+                .enumerate()
+                .map(|(i, s)| (format!("streams[{i}]"), s))
+                .collect::<Vec<_>>()
+        }
+        None => {
+            if short_subs.is_none() && short_topic.is_none() {
+                v.error(
+                    "streams",
+                    "at least one stream is required ([[streams]], or mqtt.subscriptions with pulsar.topic)",
+                );
+                return Vec::new();
+            }
+            if short_topic.is_none() {
+                v.error("pulsar.topic", "is required");
+            }
+            let s = RawStream {
+                name: Some("status".into()),
+                topic: short_topic,
+                subscriptions: short_subs,
+                ..RawStream::default()
+            };
+            // Problems are reported under the shorthand's own keys.
+            vec![(String::new(), s)]
+        }
+    };
+    let mut out: Vec<StreamConfig> = Vec::new();
+    let mut topics: Vec<(String, String)> = Vec::new();
+    for (at, s) in list {
+        let key = |k: &str| -> String {
+            if !at.is_empty() {
+                format!("{at}.{k}")
+            } else if k == "subscriptions" || k.starts_with("subscriptions[") {
+                format!("mqtt.{k}")
+            } else {
+                format!("pulsar.{k}")
+            }
+        };
+        let name = v.required(&key("name"), s.name).unwrap_or_default();
+        if !name.is_empty() && !valid_name(&name) {
+            v.error(
+                &key("name"),
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            );
+        }
+        if out.iter().any(|o| o.name == name) {
+            v.error(&key("name"), &format!("`{name}` is used by another stream"));
+        }
+        let kind = match s.kind.as_deref().unwrap_or("state") {
+            "state" => StreamKind::State,
+            "events" => StreamKind::Events,
+            other => {
+                v.error(
+                    &key("kind"),
+                    &format!("must be \"state\" or \"events\", found \"{other}\""),
+                );
+                StreamKind::State
+            }
+        };
+        let default_overflow = match kind {
+            StreamKind::State => "coalesce",
+            StreamKind::Events => "drop-oldest",
+        };
+        let overflow = match s.overflow.as_deref().unwrap_or(default_overflow) {
+            "coalesce" if kind == StreamKind::Events => {
+                v.error(
+                    &key("overflow"),
+                    "coalesce needs kind = \"state\": events are never coalesced",
+                );
+                Overflow::DropOldest
+            }
+            "coalesce" => Overflow::Coalesce,
+            "drop-oldest" => Overflow::DropOldest,
+            "reject" => Overflow::Reject,
+            other => {
+                v.error(
+                    &key("overflow"),
+                    &format!("must be coalesce, drop-oldest or reject, found \"{other}\""),
+                );
+                Overflow::Coalesce
+            }
+        };
+        let mut subscriptions = Vec::new();
+        match s.subscriptions {
+            None => v.error(
+                &key("subscriptions"),
+                "at least one subscription is required",
+            ),
+            Some(l) if l.is_empty() => v.error(
+                &key("subscriptions"),
+                "at least one subscription is required",
+            ),
+            Some(l) => {
+                for (j, sub) in l.into_iter().enumerate() {
+                    let at = key(&format!("subscriptions[{j}]"));
+                    let filter = v.required(&format!("{at}.filter"), sub.filter);
+                    let level = v.required(&format!("{at}.device_id_level"), sub.device_id_level);
+                    if let (Some(filter), Some(level)) = (filter, level) {
+                        if let Err(msg) = check_filter(&filter) {
+                            v.error(&format!("{at}.filter"), &msg);
+                        } else if let Err(msg) = check_device_level(&filter, level) {
+                            v.error(&format!("{at}.device_id_level"), &msg);
+                        } else {
+                            subscriptions.push(Subscription {
+                                filter,
+                                device_id_level: level as usize,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let mut check_dest = |v: &mut Validator, k: &str, t: &str| {
+            if let Err(msg) = check_topic(t) {
+                v.error(&key(k), &msg);
+            } else if let Some((other, _)) = topics.iter().find(|(_, seen)| seen == t) {
+                v.error(
+                    &key(k),
+                    &format!("`{t}` is already the destination of {other}: each topic has one producer and one sequence"),
+                );
+            } else {
+                topics.push((key(k), t.to_string()));
+            }
+        };
+        let topic = s.topic.clone();
+        match &topic {
+            Some(t) => check_dest(v, "topic", t),
+            None if at.is_empty() => {} // reported above as pulsar.topic
+            None => v.error(&key("topic"), "is required"),
+        }
+        if let Some(h) = &s.history_topic {
+            if kind == StreamKind::Events {
+                v.error(
+                    &key("history_topic"),
+                    "only a state stream has a history topic (an events topic already keeps every event)",
+                );
+            } else {
+                check_dest(v, "history_topic", h);
+            }
+        }
+        let positive = |v: &mut Validator, k: &str, n: Option<i64>| -> Option<u64> {
+            match n {
+                Some(n) if n < 1 => {
+                    v.error(&key(k), &format!("must be 1 or more, found {n}"));
+                    None
+                }
+                n => n.map(|n| n as u64),
+            }
+        };
+        let limits = Limits {
+            max_records: positive(v, "max_records", s.max_records),
+            max_bytes: positive(v, "max_bytes", s.max_bytes),
+            max_age: positive(v, "max_age_secs", s.max_age_secs).map(Duration::from_secs),
+        };
+        if overflow == Overflow::Reject && limits.max_age.is_some() {
+            v.error(
+                &key("max_age_secs"),
+                "not with overflow = \"reject\", which never drops a record",
+            );
+        }
+        if overflow == Overflow::Reject
+            && limits.max_records.is_none()
+            && limits.max_bytes.is_none()
+        {
+            v.error(
+                &key("overflow"),
+                "reject needs max_records or max_bytes: the limit at which MQTT acks stop",
+            );
+        }
+        out.push(StreamConfig {
+            name,
+            kind,
+            subscriptions,
+            topic: topic.unwrap_or_default(),
+            history_topic: if kind == StreamKind::State {
+                s.history_topic
+            } else {
+                None
+            },
+            overflow,
+            limits,
+        });
+    }
+    out
 }
 
 fn valid_name(s: &str) -> bool {
@@ -800,7 +1124,9 @@ path = "/tmp/ferry.db"
         assert_eq!(c.mqtt.client_id, "ferry-gw-1");
         assert_eq!(c.pulsar.port, 6650);
         assert_eq!(c.store.max_payload_bytes, 256 * 1024);
-        assert_eq!(c.mqtt.subscriptions[0].device_id_level, 1);
+        assert_eq!(c.streams[0].subscriptions[0].device_id_level, 1);
+        assert_eq!(c.streams[0].name, "status");
+        assert_eq!(c.streams[0].overflow, Overflow::Coalesce);
     }
 
     #[test]
@@ -838,9 +1164,9 @@ max_payload_bytes = 0
             vec![
                 "gateway_id",
                 "mqtt.port",
+                "pulsar.service_url",
                 "mqtt.subscriptions[0].filter",
                 "mqtt.subscriptions[1].device_id_level",
-                "pulsar.service_url",
                 "pulsar.topic",
                 "store.path",
                 "store.max_payload_bytes",
@@ -900,6 +1226,83 @@ bogus = 1
 
         let plain_with_tls = format!("{GOOD}[pulsar.tls]\nca_file = \"x\"\n");
         assert_eq!(parse(&plain_with_tls).unwrap_err()[0].path, "pulsar.tls");
+    }
+
+    #[test]
+    fn streams_are_checked_each_with_its_path() {
+        let text = r#"
+gateway_id = "gw"
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+[store]
+path = "/tmp/x.db"
+durability = "interval"
+sync_interval_ms = 500
+[[streams]]
+name = "status"
+topic = "persistent://t/n/status"
+history_topic = "persistent://t/n/history"
+max_records = 1000
+max_age_secs = 3600
+subscriptions = [{ filter = "devices/+/state", device_id_level = 1 }]
+[[streams]]
+name = "alarms"
+kind = "events"
+overflow = "reject"
+max_bytes = 1048576
+topic = "persistent://t/n/alarms"
+subscriptions = [{ filter = "devices/+/alarm", device_id_level = 1 }]
+"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.streams.len(), 2);
+        assert_eq!(c.streams[0].overflow, Overflow::Coalesce);
+        assert_eq!(c.streams[0].limits.max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(c.streams[1].kind, StreamKind::Events);
+        assert_eq!(c.streams[1].overflow, Overflow::Reject);
+        assert_eq!(
+            c.store.durability,
+            Durability::Interval(Duration::from_millis(500))
+        );
+        assert_eq!(c.store.max_bytes, Some(DEFAULT_STORE_MAX_BYTES as u64));
+
+        let bad = text
+            .replace("name = \"alarms\"", "name = \"status\"")
+            .replace(
+                "kind = \"events\"",
+                "kind = \"events\"\nhistory_topic = \"persistent://t/n/status\"",
+            )
+            .replace("max_bytes = 1048576", "max_age_secs = 5")
+            .replace("max_records = 1000", "max_records = 0")
+            .replace("durability = \"interval\"", "durability = \"sometimes\"");
+        let errs = parse(&format!("{bad}\n[mqtt]\nsubscriptions = []\n")).unwrap_err();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "mqtt.subscriptions",
+                "streams[0].max_records",
+                "streams[1].name",
+                "streams[1].history_topic",
+                "streams[1].max_age_secs",
+                "streams[1].overflow",
+                "store.durability",
+                "store.sync_interval_ms",
+            ],
+            "{errs:?}"
+        );
+        let coalesce_events = text.replace("overflow = \"reject\"", "overflow = \"coalesce\"");
+        assert_eq!(
+            parse(&coalesce_events).unwrap_err()[0].path,
+            "streams[1].overflow"
+        );
+        let shared = text.replace("persistent://t/n/alarms", "persistent://t/n/history");
+        let errs = parse(&shared).unwrap_err();
+        assert_eq!(errs[0].path, "streams[1].topic");
+        assert!(
+            errs[0].message.contains("streams[0].history_topic"),
+            "{}",
+            errs[0].message
+        );
     }
 
     #[test]

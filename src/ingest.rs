@@ -19,11 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MqttConfig, Subscription};
+use crate::config::MqttConfig;
+use crate::store::layout::Layout;
 use crate::store::{AckToken, Inbound, StoreError, StoreHandle};
 use crate::uplink::Backoff;
 
@@ -39,38 +41,17 @@ pub enum IngestError {
     Store(#[from] StoreError),
 }
 
-/// Finds the device id of a message from the first subscription whose filter
-/// matches its topic.
-pub fn device_id(subscriptions: &[Subscription], topic: &str) -> Option<String> {
-    let levels: Vec<&str> = topic.split('/').collect();
-    subscriptions
-        .iter()
-        .find(|s| matches_filter(&s.filter, &levels))
-        .and_then(|s| levels.get(s.device_id_level))
-        .filter(|id| !id.is_empty())
-        .map(|id| id.to_string())
-}
-
-fn matches_filter(filter: &str, topic: &[&str]) -> bool {
-    let mut i = 0;
-    for f in filter.split('/') {
-        match f {
-            "#" => return true,
-            "+" if i < topic.len() => {}
-            f if i < topic.len() && topic[i] == f => {}
-            _ => return false,
-        }
-        i += 1;
-    }
-    i == topic.len()
-}
-
 /// Runs ingest until `shutdown`. Messages go to `store`; the store's commit
-/// confirmations arrive on `acks`.
+/// confirmations arrive on `acks`. While `accepting` is false (the store
+/// holds back as much as it may: a `reject` stream at its limit, or a full
+/// disk), ingest stays disconnected and the broker keeps the backlog.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: MqttConfig,
+    layout: Layout,
     store: StoreHandle,
     acks: UnboundedReceiver<AckToken>,
+    mut accepting: watch::Receiver<bool>,
     live: crate::status::Live,
     metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
@@ -81,97 +62,169 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024)
         .set_request_channel_capacity(1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let epoch = Arc::new(AtomicU64::new(0));
-
-    let acker = tokio::spawn(send_acks(client.clone(), acks, epoch.clone()));
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let (current, client_rx) = watch::channel(None);
+    let acker = tokio::spawn(send_acks(client_rx, acks, epoch.clone()));
     let addr = format!("{}:{}", cfg.host, cfg.port);
+    let mut session = Session {
+        layout,
+        store,
+        live,
+        metrics,
+        epoch,
+        addr,
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+    };
     let result = loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            e = eventloop.poll() => e,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                metrics.mqtt_received.inc();
-                if let Err(e) = store.insert(inbound(
-                    &cfg.subscriptions,
-                    p,
-                    epoch.load(Ordering::Acquire),
-                )) {
-                    break Err(e.into());
+        if !*accepting.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                r = accepting.wait_for(|a| *a) => if r.is_err() { break Ok(()) },
+            }
+            tracing::info!("store has room again: reconnecting to the mqtt broker");
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts.clone(), 1024);
+        current.send_replace(Some(client.clone()));
+        let end = session
+            .connection(&client, &mut eventloop, &mut accepting, &shutdown)
+            .await;
+        current.send_replace(None);
+        // Leave the session on the broker: what was not acked is
+        // redelivered later. A clean DISCONNECT keeps the persistent session.
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = eventloop.poll().await {
+                if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = ev {
+                    break;
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                if refused {
-                    tracing::error!(pkid = ack.pkid, "mqtt broker refused a subscription");
-                } else {
-                    tracing::info!(pkid = ack.pkid, "mqtt subscribed");
-                }
+        })
+        .await;
+        match end {
+            Ok(Ended::Shutdown) => break Ok(()),
+            Ok(Ended::Paused) => {
+                let why = "paused: the store holds back what it may (reject limit or full disk); the broker keeps the backlog";
+                session.live.mqtt_down(&session.addr, why.into());
+                session.metrics.mqtt_connected.set(0);
+                tracing::warn!(broker = %session.addr, "mqtt intake {why}");
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff.reset();
-                let n = epoch.fetch_add(1, Ordering::AcqRel) + 1;
-                live.mqtt_up(&addr);
-                metrics.mqtt_connected.set(1);
-                tracing::info!(broker = %addr, session_present = ack.session_present, epoch = n, "mqtt connected");
-                // Subscribing from this task would block the loop it polls
-                // if the request channel were full.
-                let client = client.clone();
-                let filters: Vec<String> =
-                    cfg.subscriptions.iter().map(|s| s.filter.clone()).collect();
-                tokio::spawn(async move {
-                    for f in filters {
-                        if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
-                            tracing::warn!(filter = %f, error = %e, "mqtt subscribe failed");
-                        }
-                    }
-                });
-            }
-            Ok(_) => {}
-            Err(e) => {
-                live.mqtt_down(&addr, e.to_string());
-                if metrics.mqtt_connected.set(0) == 1 {
-                    metrics.mqtt_reconnects.inc();
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!(broker = %addr, error = %e, retry_in_ms = delay.as_millis() as u64,
-                    "mqtt connection lost; the broker keeps unacknowledged messages");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
+            Err(e) => break Err(e),
         }
     };
     acker.abort();
-    // Leave the session on the broker: what was not acked is redelivered at
-    // the next start. A clean DISCONNECT keeps the persistent session.
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Ok(ev) = eventloop.poll().await {
-            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = ev {
-                break;
-            }
-        }
-    })
-    .await;
     result
 }
 
-fn inbound(subscriptions: &[Subscription], p: Publish, epoch: u64) -> Inbound {
-    let device = device_id(subscriptions, &p.topic);
+/// Why one MQTT connection ended without an error.
+enum Ended {
+    Shutdown,
+    /// The store asked for back-pressure.
+    Paused,
+}
+
+/// What the MQTT connections of one ingest share.
+struct Session {
+    layout: Layout,
+    store: StoreHandle,
+    live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
+    /// Incremented at every CONNACK; acks carry it.
+    epoch: Arc<AtomicU64>,
+    addr: String,
+    backoff: Backoff,
+}
+
+impl Session {
+    /// Polls one client's event loop (reconnecting as rumqttc does) until
+    /// shutdown or back-pressure.
+    async fn connection(
+        &mut self,
+        client: &AsyncClient,
+        eventloop: &mut EventLoop,
+        accepting: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, IngestError> {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                r = accepting.changed() => {
+                    if r.is_ok() && !*accepting.borrow_and_update() {
+                        return Ok(Ended::Paused);
+                    }
+                    continue;
+                }
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    self.metrics.mqtt_received.inc();
+                    let epoch = self.epoch.load(Ordering::Acquire);
+                    self.store.insert(inbound(&self.layout, p, epoch))?;
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    if refused {
+                        tracing::error!(pkid = ack.pkid, "mqtt broker refused a subscription");
+                    } else {
+                        tracing::info!(pkid = ack.pkid, "mqtt subscribed");
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    self.backoff.reset();
+                    let n = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                    // Messages held back from earlier connections will be
+                    // redelivered on this one.
+                    self.store.new_epoch(n)?;
+                    self.live.mqtt_up(&self.addr);
+                    self.metrics.mqtt_connected.set(1);
+                    tracing::info!(broker = %self.addr, session_present = ack.session_present, epoch = n, "mqtt connected");
+                    // Subscribing from this task would block the loop it
+                    // polls if the request channel were full.
+                    let client = client.clone();
+                    let filters = self.layout.filters();
+                    tokio::spawn(async move {
+                        for f in filters {
+                            if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                                tracing::warn!(filter = %f, error = %e, "mqtt subscribe failed");
+                            }
+                        }
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.live.mqtt_down(&self.addr, e.to_string());
+                    if self.metrics.mqtt_connected.set(0) == 1 {
+                        self.metrics.mqtt_reconnects.inc();
+                    }
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(broker = %self.addr, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "mqtt connection lost; the broker keeps unacknowledged messages");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn inbound(layout: &Layout, p: Publish, epoch: u64) -> Inbound {
+    let (stream, device) = match layout.route(&p.topic) {
+        Some((s, d)) => (Some(s), d),
+        None => (None, None),
+    };
     let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
         pkid: p.pkid,
         epoch,
     });
     Inbound {
+        stream,
         device,
+        counted: false,
         dup: p.dup,
         pkid: p.pkid,
         retain: p.retain,
@@ -181,9 +234,10 @@ fn inbound(subscriptions: &[Subscription], p: Publish, epoch: u64) -> Inbound {
     }
 }
 
-/// Sends the PUBACK of every committed message of the current connection.
+/// Sends the PUBACK of every committed message of the current connection
+/// (through the current client; none while ingest is paused).
 async fn send_acks(
-    client: AsyncClient,
+    client: watch::Receiver<Option<AsyncClient>>,
     mut acks: UnboundedReceiver<AckToken>,
     epoch: Arc<AtomicU64>,
 ) {
@@ -191,44 +245,13 @@ async fn send_acks(
         if a.epoch != epoch.load(Ordering::Acquire) {
             continue;
         }
+        let Some(client) = client.borrow().clone() else {
+            continue;
+        };
         let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
         p.pkid = a.pkid;
-        if client.ack(&p).await.is_err() {
-            return;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn subs() -> Vec<Subscription> {
-        vec![
-            Subscription {
-                filter: "devices/+/state".into(),
-                device_id_level: 1,
-            },
-            Subscription {
-                filter: "zigbee2mqtt/#".into(),
-                device_id_level: 1,
-            },
-        ]
-    }
-
-    #[test]
-    fn the_device_id_comes_from_the_matching_rule() {
-        assert_eq!(
-            device_id(&subs(), "devices/s-1/state").as_deref(),
-            Some("s-1")
-        );
-        assert_eq!(
-            device_id(&subs(), "zigbee2mqtt/lamp/availability").as_deref(),
-            Some("lamp")
-        );
-        assert_eq!(device_id(&subs(), "devices/s-1/other"), None);
-        assert_eq!(device_id(&subs(), "devices/s-1/state/x"), None);
-        assert_eq!(device_id(&subs(), "zigbee2mqtt"), None);
-        assert_eq!(device_id(&subs(), "devices//state"), None);
+        // A closed client means its connection is gone; the broker
+        // redelivers the message and it is acked then.
+        let _ = client.ack(&p).await;
     }
 }

@@ -60,8 +60,17 @@ pub async fn run(
     }
     let live = status::Live::default();
     let metrics = metrics::Metrics::new();
+    let layout = store::layout::Layout::new(&config.streams);
+    for s in &layout.streams {
+        let mut policies = vec![s.overflow.as_str(), "disk-full", "store-max-bytes"];
+        if s.limits.max_age.is_some() {
+            policies.push("max-age");
+        }
+        metrics.declare_stream(&s.name, &policies);
+    }
     let store = store::Store::open(
         &config.store,
+        layout.clone(),
         ack_tx,
         health.beat("store"),
         live.clone(),
@@ -69,7 +78,7 @@ pub async fn run(
     )?;
     let background = CancellationToken::new();
     if let Some(addr) = config.metrics.listen {
-        let registry = metrics.registry(&config.pulsar.topic);
+        let registry = metrics.registry();
         let stop = background.clone();
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(addr, registry, stop).await {
@@ -77,8 +86,9 @@ pub async fn run(
             }
         });
     }
+    let topics: Vec<&str> = layout.dests.iter().map(|d| d.topic.as_str()).collect();
     tracing::info!(gateway = %config.gateway_id, store = %config.store.path.display(),
-        topic = %config.pulsar.topic, "ferry starting");
+        streams = layout.streams.len(), topics = ?topics, "ferry starting");
 
     // Ingest and uplink stop on their own token so that a fatal error in
     // one stops the other, and so ingest can stop before the uplink does.
@@ -89,8 +99,10 @@ pub async fn run(
         health.beat("ingest"),
         ingest::run(
             config.mqtt.clone(),
+            layout.clone(),
             store.handle.clone(),
             ack_rx,
+            store.accepting.clone(),
             live.clone(),
             metrics.clone(),
             intake.clone(),
@@ -99,8 +111,8 @@ pub async fn run(
     let mut uplink = tokio::spawn(alive(
         "uplink",
         health.beat("uplink"),
-        uplink::run(
-            uplink::UplinkSettings::from_config(&config),
+        uplink::run_all(
+            uplink::UplinkSettings::from_config(&config, &layout),
             store.handle.clone(),
             store.committed.clone(),
             live.clone(),
@@ -116,8 +128,9 @@ pub async fn run(
         ));
     }
     notify::notify(&format!(
-        "READY=1\nSTATUS=forwarding to {}",
-        config.pulsar.topic
+        "READY=1\nSTATUS=forwarding {} stream(s) to {}",
+        layout.streams.len(),
+        topics.join(", ")
     ));
 
     let mut current = config;
@@ -181,10 +194,13 @@ async fn alive<F: std::future::Future>(
 }
 
 fn apply_reload(old: &Config, new: &Config, store: &store::StoreHandle) {
-    if new.store != old.store {
-        let _ = store.set_limits(new.store.clone());
-    }
     let restart = old.needs_restart(new);
+    let layout = store::layout::Layout::new(&new.streams);
+    if (new.store != old.store || new.streams != old.streams)
+        && layout.dests == store::layout::Layout::new(&old.streams).dests
+    {
+        let _ = store.set_limits(new.store.clone(), layout);
+    }
     if restart.is_empty() {
         tracing::info!("configuration reloaded");
     } else {

@@ -172,14 +172,26 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let subs = cfg.mqtt.subscriptions.len();
-    println!(
-        "{}: ok (gateway {}, {subs} subscription{}, topic {})",
-        path.display(),
-        cfg.gateway_id,
-        if subs == 1 { "" } else { "s" },
-        cfg.pulsar.topic
-    );
+    println!("{}: ok (gateway {})", path.display(), cfg.gateway_id);
+    for s in &cfg.streams {
+        let subs = s.subscriptions.len();
+        let history = s
+            .history_topic
+            .as_ref()
+            .map(|h| format!(", history {h}"))
+            .unwrap_or_default();
+        println!(
+            "  stream {} ({}, overflow {}): {subs} subscription{} -> {}{history}",
+            s.name,
+            match s.kind {
+                ferry::config::StreamKind::State => "state",
+                ferry::config::StreamKind::Events => "events",
+            },
+            s.overflow.as_str(),
+            if subs == 1 { "" } else { "s" },
+            s.topic
+        );
+    }
     for w in ferry::check::secret_file_warnings(&cfg) {
         eprintln!("warning: {w}");
     }

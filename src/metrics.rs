@@ -1,15 +1,16 @@
 //! Prometheus metrics, served over HTTP at `/metrics` (localhost by default).
 //!
 //! Names follow Prometheus conventions with units; labels stay
-//! low-cardinality (the uplink's `topic`, never a device id). Each stage
+//! low-cardinality (`stream`, `policy`, the uplink's `topic`; never a device
+//! id). Each stage
 //! updates its own metrics; this module only defines and serves them.
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
@@ -17,7 +18,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Every metric ferry exports.
+/// Label pairs, such as `[("stream", "status")]`.
+type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn send_latency() -> Histogram {
+    // 0.5 ms to ~33 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+/// Every metric ferry exports. Store metrics carry `stream` (and `policy`
+/// for what was dropped), uplink metrics carry `topic`.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub mqtt_received: Counter,
@@ -27,19 +38,37 @@ pub struct Metrics {
     pub store_stored: Counter,
     pub store_dead_lettered: Counter,
     pub store_redeliveries_dropped: Counter,
-    pub store_records: Gauge,
-    pub store_bytes: Gauge,
-    pub store_oldest_age: Gauge<f64, AtomicU64>,
     pub store_commit_seconds: Histogram,
+    pub store_disk_full: Gauge,
+    pub store_damaged: Counter,
+    store_records: Family<Labels, Gauge>,
+    store_bytes: Family<Labels, Gauge>,
+    store_oldest_age: Family<Labels, FloatGauge>,
+    store_rejecting: Family<Labels, Gauge>,
+    store_superseded: Family<Labels, Counter>,
+    store_dropped: Family<Labels, Counter>,
 
-    pub uplink_sent: Counter,
-    pub uplink_acknowledged: Counter,
-    pub uplink_skipped: Counter,
-    pub uplink_resent: Counter,
-    pub uplink_connected: Gauge,
-    pub uplink_reconnects: Counter,
-    pub uplink_auth_challenges: Counter,
-    pub uplink_send_latency: Histogram,
+    uplink_sent: Family<Labels, Counter>,
+    uplink_acknowledged: Family<Labels, Counter>,
+    uplink_skipped: Family<Labels, Counter>,
+    uplink_resent: Family<Labels, Counter>,
+    uplink_connected: Family<Labels, Gauge>,
+    uplink_reconnects: Family<Labels, Counter>,
+    uplink_auth_challenges: Family<Labels, Counter>,
+    uplink_send_latency: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+/// The metrics of one uplink session (one destination topic).
+#[derive(Debug, Clone)]
+pub struct UplinkMetrics {
+    pub sent: Counter,
+    pub acknowledged: Counter,
+    pub skipped: Counter,
+    pub resent: Counter,
+    pub connected: Gauge,
+    pub reconnects: Counter,
+    pub auth_challenges: Counter,
+    pub send_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -51,22 +80,30 @@ impl Default for Metrics {
             store_stored: Counter::default(),
             store_dead_lettered: Counter::default(),
             store_redeliveries_dropped: Counter::default(),
-            store_records: Gauge::default(),
-            store_bytes: Gauge::default(),
-            store_oldest_age: Gauge::default(),
             // 0.1 ms to ~6.5 s.
             store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
-            uplink_sent: Counter::default(),
-            uplink_acknowledged: Counter::default(),
-            uplink_skipped: Counter::default(),
-            uplink_resent: Counter::default(),
-            uplink_connected: Gauge::default(),
-            uplink_reconnects: Counter::default(),
-            uplink_auth_challenges: Counter::default(),
-            // 0.5 ms to ~33 s.
-            uplink_send_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 17)),
+            store_disk_full: Gauge::default(),
+            store_damaged: Counter::default(),
+            store_records: Family::default(),
+            store_bytes: Family::default(),
+            store_oldest_age: Family::default(),
+            store_rejecting: Family::default(),
+            store_superseded: Family::default(),
+            store_dropped: Family::default(),
+            uplink_sent: Family::default(),
+            uplink_acknowledged: Family::default(),
+            uplink_skipped: Family::default(),
+            uplink_resent: Family::default(),
+            uplink_connected: Family::default(),
+            uplink_reconnects: Family::default(),
+            uplink_auth_challenges: Family::default(),
+            uplink_send_latency: Family::new_with_constructor(send_latency),
         }
     }
+}
+
+fn stream(name: &str) -> Labels {
+    vec![("stream", name.to_string())]
 }
 
 impl Metrics {
@@ -74,8 +111,61 @@ impl Metrics {
         Metrics::default()
     }
 
-    /// A registry holding every metric; uplink metrics carry `topic`.
-    pub fn registry(&self, topic: &str) -> Registry {
+    pub fn store_records(&self, s: &str) -> Gauge {
+        self.store_records.get_or_create(&stream(s)).clone()
+    }
+
+    pub fn store_bytes(&self, s: &str) -> Gauge {
+        self.store_bytes.get_or_create(&stream(s)).clone()
+    }
+
+    pub fn store_oldest_age(&self, s: &str) -> FloatGauge {
+        self.store_oldest_age.get_or_create(&stream(s)).clone()
+    }
+
+    pub fn store_rejecting(&self, s: &str) -> Gauge {
+        self.store_rejecting.get_or_create(&stream(s)).clone()
+    }
+
+    pub fn superseded(&self, s: &str) -> Counter {
+        self.store_superseded.get_or_create(&stream(s)).clone()
+    }
+
+    pub fn dropped(&self, s: &str, policy: &str) -> Counter {
+        let labels = vec![("stream", s.to_string()), ("policy", policy.to_string())];
+        self.store_dropped.get_or_create(&labels).clone()
+    }
+
+    /// Creates every per-stream series at zero, so dashboards see them
+    /// before anything happens.
+    pub fn declare_stream(&self, s: &str, policies: &[&str]) {
+        self.store_records(s);
+        self.store_bytes(s);
+        self.store_oldest_age(s);
+        self.store_rejecting(s);
+        self.superseded(s);
+        for p in policies {
+            self.dropped(s, p);
+        }
+    }
+
+    /// The metrics of the uplink session of `topic`.
+    pub fn uplink(&self, topic: &str) -> UplinkMetrics {
+        let l = vec![("topic", topic.to_string())];
+        UplinkMetrics {
+            sent: self.uplink_sent.get_or_create(&l).clone(),
+            acknowledged: self.uplink_acknowledged.get_or_create(&l).clone(),
+            skipped: self.uplink_skipped.get_or_create(&l).clone(),
+            resent: self.uplink_resent.get_or_create(&l).clone(),
+            connected: self.uplink_connected.get_or_create(&l).clone(),
+            reconnects: self.uplink_reconnects.get_or_create(&l).clone(),
+            auth_challenges: self.uplink_auth_challenges.get_or_create(&l).clone(),
+            send_latency: self.uplink_send_latency.get_or_create(&l).clone(),
+        }
+    }
+
+    /// A registry holding every metric.
+    pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("ferry");
         r.register(
             "mqtt_messages_received",
@@ -95,7 +185,7 @@ impl Metrics {
 
         r.register(
             "store_records_stored",
-            "Records committed to the store",
+            "Updates committed to the store",
             self.store_stored.clone(),
         );
         r.register(
@@ -109,8 +199,18 @@ impl Metrics {
             self.store_redeliveries_dropped.clone(),
         );
         r.register(
+            "store_records_superseded",
+            "Pending status records replaced by a newer state of the same device and never sent (coalesce)",
+            self.store_superseded.clone(),
+        );
+        r.register(
+            "store_records_dropped",
+            "Pending records dropped unsent, by the policy or condition that dropped them",
+            self.store_dropped.clone(),
+        );
+        r.register(
             "store_records",
-            "Records waiting in the store",
+            "Records waiting in the store (one per destination topic)",
             self.store_records.clone(),
         );
         r.register_with_unit(
@@ -125,6 +225,21 @@ impl Metrics {
             Unit::Seconds,
             self.store_oldest_age.clone(),
         );
+        r.register(
+            "store_rejecting",
+            "1 while a reject stream is at its limit and MQTT messages are not acknowledged",
+            self.store_rejecting.clone(),
+        );
+        r.register(
+            "store_disk_full",
+            "1 while the disk holding the store is full",
+            self.store_disk_full.clone(),
+        );
+        r.register(
+            "store_damaged",
+            "Damaged store files moved aside at start",
+            self.store_damaged.clone(),
+        );
         r.register_with_unit(
             "store_commit_duration",
             "Time to commit one group of records",
@@ -132,43 +247,42 @@ impl Metrics {
             self.store_commit_seconds.clone(),
         );
 
-        let u = r.sub_registry_with_label((Cow::Borrowed("topic"), Cow::Owned(topic.to_string())));
-        u.register(
+        r.register(
             "uplink_records_sent",
             "Records sent to Pulsar (resends included)",
             self.uplink_sent.clone(),
         );
-        u.register(
+        r.register(
             "uplink_records_acknowledged",
             "Records confirmed by a Pulsar receipt",
             self.uplink_acknowledged.clone(),
         );
-        u.register(
+        r.register(
             "uplink_records_skipped",
             "Stored records the broker already held at producer (re)connect, dropped unsent",
             self.uplink_skipped.clone(),
         );
-        u.register(
+        r.register(
             "uplink_records_resent",
             "Records sent more than once",
             self.uplink_resent.clone(),
         );
-        u.register(
+        r.register(
             "uplink_connected",
             "1 while the producer is ready",
             self.uplink_connected.clone(),
         );
-        u.register(
+        r.register(
             "uplink_reconnects",
             "Uplink sessions ended by an error",
             self.uplink_reconnects.clone(),
         );
-        u.register(
+        r.register(
             "uplink_auth_challenges",
             "AUTH_CHALLENGEs answered",
             self.uplink_auth_challenges.clone(),
         );
-        u.register_with_unit(
+        r.register_with_unit(
             "uplink_send_latency",
             "Time from SEND to its receipt",
             Unit::Seconds,
@@ -228,32 +342,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_carry_units_and_the_topic_label() {
+    fn names_carry_units_and_low_cardinality_labels() {
         let m = Metrics::new();
         m.mqtt_received.inc();
-        m.uplink_acknowledged.inc_by(3);
+        m.uplink("persistent://t/n/s").acknowledged.inc_by(3);
         m.store_commit_seconds.observe(0.002);
+        m.declare_stream("status", &["coalesce"]);
+        m.superseded("status").inc_by(7);
+        m.dropped("alarms", "drop-oldest").inc();
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &m.registry("persistent://t/n/s"))
-            .unwrap();
-        assert!(
-            text.contains("ferry_mqtt_messages_received_total 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "ferry_uplink_records_acknowledged_total{topic=\"persistent://t/n/s\"} 3"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("ferry_store_commit_duration_seconds_count 1"),
-            "{text}"
-        );
-        assert!(text.contains("ferry_store_bytes "), "{text}");
-        assert!(
-            text.contains("ferry_store_oldest_record_age_seconds "),
-            "{text}"
-        );
+        prometheus_client::encoding::text::encode(&mut text, &m.registry()).unwrap();
+        for line in [
+            "ferry_mqtt_messages_received_total 1",
+            "ferry_uplink_records_acknowledged_total{topic=\"persistent://t/n/s\"} 3",
+            "ferry_store_commit_duration_seconds_count 1",
+            "ferry_store_bytes{stream=\"status\"} 0",
+            "ferry_store_oldest_record_age_seconds{stream=\"status\"} 0.0",
+            "ferry_store_records_superseded_total{stream=\"status\"} 7",
+            "ferry_store_records_dropped_total{stream=\"status\",policy=\"coalesce\"} 0",
+            "ferry_store_records_dropped_total{stream=\"alarms\",policy=\"drop-oldest\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
     }
 }

@@ -42,9 +42,20 @@ pub struct AgentSnapshot {
     pub started_ms: u64,
     pub updated_ms: u64,
     pub mqtt: Link,
+    /// The Pulsar link of the most recent change (any topic).
     pub pulsar: Link,
+    /// The Pulsar link of each destination topic.
+    #[serde(default)]
+    pub topics: std::collections::BTreeMap<String, Link>,
     /// Records confirmed by Pulsar per second, over the last minute or so.
     pub drain_rate: f64,
+    /// The disk holding the store is full.
+    #[serde(default)]
+    pub disk_full: bool,
+    /// Messages held back (unacknowledged) by `reject` streams or a full
+    /// disk.
+    #[serde(default)]
+    pub parked: u64,
 }
 
 /// Shared, cheap-to-update live state.
@@ -76,12 +87,31 @@ impl Live {
         self.with(|s| set_link(&mut s.mqtt, false, peer, Some(error)));
     }
 
-    pub fn pulsar_up(&self, peer: &str) {
-        self.with(|s| set_link(&mut s.pulsar, true, peer, None));
+    pub fn pulsar_up(&self, topic: &str, peer: &str) {
+        self.with(|s| {
+            set_link(&mut s.pulsar, true, peer, None);
+            set_link(
+                s.topics.entry(topic.to_string()).or_default(),
+                true,
+                peer,
+                None,
+            );
+        });
     }
 
-    pub fn pulsar_down(&self, peer: &str, error: String) {
-        self.with(|s| set_link(&mut s.pulsar, false, peer, Some(error)));
+    pub fn pulsar_down(&self, topic: &str, peer: &str, error: String) {
+        self.with(|s| {
+            set_link(&mut s.pulsar, false, peer, Some(error.clone()));
+            let link = s.topics.entry(topic.to_string()).or_default();
+            set_link(link, false, peer, Some(error));
+        });
+    }
+
+    pub fn set_store(&self, disk_full: bool, parked: u64) {
+        self.with(|s| {
+            s.disk_full = disk_full;
+            s.parked = parked;
+        });
     }
 
     pub fn set_drain_rate(&self, rate: f64) {
@@ -115,6 +145,41 @@ pub struct DeadLetter {
     pub size: u64,
 }
 
+/// One destination topic's backlog.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopicBacklog {
+    pub topic: String,
+    /// `status`, `history` or `events`.
+    pub role: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+}
+
+/// One stream: its backlog and what it shed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamReport {
+    pub name: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+    pub topics: Vec<TopicBacklog>,
+    /// Status records replaced by a newer state and never sent.
+    pub superseded: i64,
+    /// Records dropped unsent, by policy or condition (`drop-oldest`,
+    /// `coalesce`, `max-age`, `disk-full`, `store-max-bytes`).
+    pub dropped: Vec<(String, i64)>,
+}
+
+/// Something the store recorded for operators (a damaged store moved
+/// aside, a full disk).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Incident {
+    pub at_ms: u64,
+    pub kind: String,
+    pub detail: String,
+}
+
 /// Everything `ferry status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -128,26 +193,31 @@ pub struct Report {
     pub oldest_age_seconds: Option<f64>,
     /// Estimated, from the agent's drain rate.
     pub time_to_drain_seconds: Option<f64>,
+    pub streams: Vec<StreamReport>,
     pub counters: Vec<(String, i64)>,
     pub dead_letters: u64,
     pub recent_dead_letters: Vec<DeadLetter>,
+    /// The most recent first.
+    pub incidents: Vec<Incident>,
 }
 
-const SQL_BACKLOG: &str =
-    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MIN(received_ms) FROM journal";
+const SQL_DESTINATIONS: &str = "SELECT id, topic, stream, role FROM destinations ORDER BY id";
+const SQL_DEST_BACKLOG: &str = "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0),
+     (SELECT received_ms FROM outbox WHERE key > ?1 AND key <= ?2 ORDER BY key LIMIT 1)
+     FROM outbox WHERE key > ?1 AND key <= ?2";
 const SQL_AGENT: &str = "SELECT snapshot FROM agent WHERE id = 1";
 const SQL_COUNTERS: &str = "SELECT name, value FROM counters ORDER BY name";
 const SQL_DEAD_COUNT: &str = "SELECT COUNT(*) FROM dead_letters";
 const SQL_DEAD_RECENT: &str =
     "SELECT received_ms, mqtt_topic, reason, size FROM dead_letters ORDER BY id DESC LIMIT 5";
+const SQL_INCIDENTS: &str = "SELECT at_ms, kind, detail FROM incidents ORDER BY id DESC LIMIT 10";
 
 /// Reads the report from a store file, read-only.
 pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let now = now_ms();
-    let (pending, bytes, oldest): (i64, i64, Option<i64>) =
-        conn.query_row(SQL_BACKLOG, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let age = |t: Option<i64>| t.map(|o| now.saturating_sub(o as u64) as f64 / 1000.0);
     let agent: Option<AgentSnapshot> = conn
         .query_row(SQL_AGENT, [], |r| r.get::<_, String>(0))
         .optional()?
@@ -156,9 +226,84 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         .as_ref()
         .is_some_and(|a| now.saturating_sub(a.updated_ms) < 3 * SNAPSHOT_EVERY.as_millis() as u64);
     let mut stmt = conn.prepare(SQL_COUNTERS)?;
-    let counters = stmt
+    let all_counters = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<Vec<(String, i64)>, _>>()?;
+    let (stream_counters, counters): (Vec<_>, Vec<_>) = all_counters
+        .into_iter()
+        .partition(|(k, _)| k.starts_with("stream:"));
+
+    let mut streams: Vec<StreamReport> = Vec::new();
+    let mut stmt = conn.prepare(SQL_DESTINATIONS)?;
+    let dests = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (id, topic, stream, role) in dests {
+        let lo = id << 48;
+        let hi = lo | ((1i64 << 48) - 1);
+        let (records, bytes, oldest): (i64, i64, Option<i64>) =
+            conn.query_row(SQL_DEST_BACKLOG, [lo, hi], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        let at = match streams.iter().position(|s| s.name == stream) {
+            Some(i) => i,
+            None => {
+                let prefix = format!("stream:{stream}:");
+                let mine = |k: &str| k.strip_prefix(&prefix).map(str::to_string);
+                let superseded = stream_counters
+                    .iter()
+                    .find(|(k, _)| mine(k).as_deref() == Some("superseded"))
+                    .map_or(0, |(_, v)| *v);
+                let dropped = stream_counters
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        mine(k)?
+                            .strip_prefix("dropped:")
+                            .map(|r| (r.to_string(), *v))
+                    })
+                    .collect();
+                streams.push(StreamReport {
+                    name: stream.clone(),
+                    records: 0,
+                    bytes: 0,
+                    oldest_age_seconds: None,
+                    topics: Vec::new(),
+                    superseded,
+                    dropped,
+                });
+                streams.len() - 1
+            }
+        };
+        let s = &mut streams[at];
+        let oldest_age = age(oldest);
+        s.records += records as u64;
+        s.bytes += bytes as u64;
+        s.oldest_age_seconds = match (s.oldest_age_seconds, oldest_age) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        s.topics.push(TopicBacklog {
+            topic,
+            role,
+            records: records as u64,
+            bytes: bytes as u64,
+            oldest_age_seconds: oldest_age,
+        });
+    }
+    let pending: u64 = streams.iter().map(|s| s.records).sum();
+    let bytes: u64 = streams.iter().map(|s| s.bytes).sum();
+    let oldest = streams
+        .iter()
+        .filter_map(|s| s.oldest_age_seconds)
+        .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
+
     let dead: i64 = conn.query_row(SQL_DEAD_COUNT, [], |r| r.get(0))?;
     let mut stmt = conn.prepare(SQL_DEAD_RECENT)?;
     let recent = stmt
@@ -171,20 +316,32 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = conn.prepare(SQL_INCIDENTS)?;
+    let incidents = stmt
+        .query_map([], |r| {
+            Ok(Incident {
+                at_ms: r.get::<_, i64>(0)? as u64,
+                kind: r.get(1)?,
+                detail: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
     let rate = agent.as_ref().map(|a| a.drain_rate).unwrap_or(0.0);
     Ok(Report {
         store: path.display().to_string(),
         running,
-        pending_records: pending as u64,
-        pending_bytes: bytes as u64,
-        oldest_age_seconds: oldest.map(|o| now.saturating_sub(o as u64) as f64 / 1000.0),
+        pending_records: pending,
+        pending_bytes: bytes,
+        oldest_age_seconds: oldest,
         time_to_drain_seconds: (pending == 0)
             .then_some(0.0)
             .or_else(|| (running && rate > 0.0).then(|| pending as f64 / rate)),
         agent,
+        streams,
         counters,
         dead_letters: dead as u64,
         recent_dead_letters: recent,
+        incidents,
     })
 }
 
@@ -206,8 +363,22 @@ pub fn render(r: &Report) -> String {
         ),
         None => line("agent", "never ran on this store".into()),
     }
+    for i in &r.incidents {
+        line(
+            "INCIDENT",
+            format!("{} ago {}: {}", ago(i.at_ms), i.kind, i.detail),
+        );
+    }
     if let Some(a) = &r.agent {
-        for (name, l) in [("mqtt", &a.mqtt), ("pulsar", &a.pulsar)] {
+        let mut links = vec![("mqtt", String::new(), &a.mqtt)];
+        if a.topics.is_empty() {
+            links.push(("pulsar", String::new(), &a.pulsar));
+        }
+        for (t, l) in &a.topics {
+            let local = t.rsplit('/').next().unwrap_or(t);
+            links.push(("pulsar", format!("{local}: "), l));
+        }
+        for (name, topic, l) in links {
             let state = if l.connected {
                 "connected"
             } else {
@@ -218,16 +389,53 @@ pub fn render(r: &Report) -> String {
             } else {
                 String::new()
             };
-            line(name, format!("{state} {}{since}", l.peer));
+            line(name, format!("{topic}{state} {}{since}", l.peer));
             if let Some(e) = &l.last_error {
                 line("", format!("last error: {e}"));
             }
+        }
+    }
+    if let Some(a) = r.agent.as_ref().filter(|_| r.running) {
+        if a.disk_full {
+            line(
+                "DISK FULL",
+                "shedding to keep every device's newest state".into(),
+            );
+        }
+        if a.parked > 0 {
+            line(
+                "held back",
+                format!(
+                    "{} messages not acknowledged (reject policy or full disk)",
+                    a.parked
+                ),
+            );
         }
     }
     line(
         "backlog",
         format!("{} records, {} bytes", r.pending_records, r.pending_bytes),
     );
+    for s in &r.streams {
+        let age = s
+            .oldest_age_seconds
+            .map(|a| format!(", oldest {}", human(Duration::from_secs_f64(a))))
+            .unwrap_or_default();
+        let mut shed = vec![format!("superseded {}", s.superseded)];
+        shed.extend(s.dropped.iter().map(|(k, v)| format!("dropped by {k} {v}")));
+        line(
+            &format!("stream {}", s.name),
+            format!(
+                "{} records, {} bytes{age}; {}",
+                s.records,
+                s.bytes,
+                shed.join(", ")
+            ),
+        );
+        for t in &s.topics {
+            line("", format!("{} {}: {} records", t.role, t.topic, t.records));
+        }
+    }
     if let Some(age) = r.oldest_age_seconds {
         line(
             "oldest",
@@ -281,11 +489,11 @@ mod tests {
     #[test]
     fn links_remember_when_they_changed_and_why() {
         let live = Live::default();
-        live.pulsar_down("b:6650", "refused".into());
+        live.pulsar_down("persistent://t/n/s", "b:6650", "refused".into());
         let s = live.snapshot();
         assert!(!s.pulsar.connected);
         assert_eq!(s.pulsar.last_error.as_deref(), Some("refused"));
-        live.pulsar_up("b:6650");
+        live.pulsar_up("persistent://t/n/s", "b:6650");
         let s2 = live.snapshot();
         assert!(s2.pulsar.connected);
         assert_eq!(

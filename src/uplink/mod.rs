@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{parse_service_url, Config, TlsConfig, TokenSource};
+use crate::store::layout::{DestIx, Layout};
 use crate::store::{Record, StoreError, StoreHandle};
 use conn::{command, server_error, Conn, Endpoint};
 use frame::{Frame, FrameError};
@@ -133,6 +134,7 @@ pub enum ErrorClass {
 impl UplinkError {
     pub fn class(&self) -> ErrorClass {
         match self {
+            UplinkError::Store(StoreError::DiskFull) => ErrorClass::Transient,
             UplinkError::Store(_) => ErrorClass::Fatal,
             UplinkError::Tls { failure, .. } => match failure {
                 tls::TlsFailure::Other(_) => ErrorClass::Transient,
@@ -148,9 +150,14 @@ impl UplinkError {
     }
 }
 
-/// Settings of one uplink, from the configuration.
+/// Settings of one uplink session (one destination topic), from the
+/// configuration.
 #[derive(Debug, Clone)]
 pub struct UplinkSettings {
+    /// The destination in the store.
+    pub dest: DestIx,
+    /// Status topics drain first; the others wait for them.
+    pub drains_first: bool,
     pub gateway_id: String,
     pub service: Endpoint,
     pub tls: Option<TlsConfig>,
@@ -167,8 +174,18 @@ pub struct UplinkSettings {
 }
 
 impl UplinkSettings {
-    pub fn from_config(cfg: &Config) -> UplinkSettings {
+    /// One session's settings per destination of `layout`.
+    pub fn from_config(cfg: &Config, layout: &Layout) -> Vec<UplinkSettings> {
+        (0..layout.dests.len())
+            .map(|d| UplinkSettings::for_dest(cfg, layout, d))
+            .collect()
+    }
+
+    pub fn for_dest(cfg: &Config, layout: &Layout, dest: DestIx) -> UplinkSettings {
+        let topic = layout.dests[dest].topic.clone();
         UplinkSettings {
+            dest,
+            drains_first: layout.dests[dest].role.drains_first(),
             gateway_id: cfg.gateway_id.clone(),
             service: Endpoint {
                 host: cfg.pulsar.host.clone(),
@@ -177,8 +194,8 @@ impl UplinkSettings {
             },
             tls: cfg.pulsar.tls.clone(),
             auth: cfg.pulsar.auth.clone(),
-            topic: cfg.pulsar.topic.clone(),
-            producer_name: producer_name(&cfg.gateway_id, &cfg.pulsar.topic),
+            producer_name: producer_name(&cfg.gateway_id, &topic),
+            topic,
             max_in_flight: cfg.uplink.max_in_flight,
             connect_timeout: cfg.uplink.connect_timeout,
             operation_timeout: cfg.uplink.operation_timeout,
@@ -235,13 +252,80 @@ enum SessionEnd {
     Shutdown,
 }
 
-/// Runs the uplink until `shutdown`; returns early only on a fatal error.
-pub async fn run(
-    settings: UplinkSettings,
+/// Status topics get this long after a (re)connect to send each device's
+/// current state before history and events topics start sending anyway.
+const PRIORITY_WAIT: Duration = Duration::from_secs(30);
+
+/// Lets history and events sessions wait until every status topic has sent
+/// its backlog, so that after an outage the fleet sees current state first.
+#[derive(Clone)]
+pub struct DrainGate {
+    /// Per session: true while a status session has not caught up.
+    behind: std::sync::Arc<watch::Sender<Vec<bool>>>,
+}
+
+impl DrainGate {
+    pub fn new(sessions: usize) -> DrainGate {
+        DrainGate {
+            behind: std::sync::Arc::new(watch::channel(vec![false; sessions]).0),
+        }
+    }
+
+    fn set(&self, session: usize, behind: bool) {
+        self.behind.send_if_modified(|v| {
+            let changed = v[session] != behind;
+            v[session] = behind;
+            changed
+        });
+    }
+
+    fn open(&self) -> bool {
+        !self.behind.borrow().iter().any(|b| *b)
+    }
+}
+
+/// Runs one session per destination until `shutdown`; returns early only on
+/// a fatal error.
+pub async fn run_all(
+    sessions: Vec<UplinkSettings>,
     store: StoreHandle,
-    committed: watch::Receiver<u64>,
+    committed: watch::Receiver<Vec<u64>>,
     live: crate::status::Live,
     metrics: crate::metrics::Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), UplinkError> {
+    let gate = DrainGate::new(sessions.len());
+    for (i, s) in sessions.iter().enumerate() {
+        // Until a status session has caught up, the others wait.
+        gate.set(i, s.drains_first);
+    }
+    let runs = sessions.into_iter().enumerate().map(|(i, s)| {
+        let m = metrics.uplink(&s.topic);
+        run(
+            s,
+            i,
+            gate.clone(),
+            store.clone(),
+            committed.clone(),
+            live.clone(),
+            m,
+            shutdown.clone(),
+        )
+    });
+    futures::future::try_join_all(runs).await.map(|_| ())
+}
+
+/// Runs the session of one destination until `shutdown`; returns early only
+/// on a fatal error.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    settings: UplinkSettings,
+    session: usize,
+    gate: DrainGate,
+    store: StoreHandle,
+    committed: watch::Receiver<Vec<u64>>,
+    live: crate::status::Live,
+    metrics: crate::metrics::UplinkMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), UplinkError> {
     let mut uplink = Uplink {
@@ -250,6 +334,8 @@ pub async fn run(
         state: ProducerState::new(settings.max_in_flight),
         backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
         settings,
+        session,
+        gate,
         store,
         committed,
         shutdown,
@@ -264,7 +350,13 @@ pub async fn run(
                     return Err(e);
                 }
                 uplink.state.on_disconnect();
+                if uplink.settings.drains_first {
+                    uplink.gate.set(uplink.session, true);
+                }
                 uplink.report_delivered()?;
+                if uplink.metrics.connected.set(0) == 1 {
+                    uplink.metrics.reconnects.inc();
+                }
                 let delay = match (&e, class) {
                     (UplinkError::ProducerClosed, _) => uplink.settings.backoff_min,
                     // Retrying fast cannot fix a certificate or a permission.
@@ -272,9 +364,11 @@ pub async fn run(
                     _ => uplink.backoff.next_delay(),
                 };
                 let retry_in_ms = delay.as_millis() as u64;
-                uplink
-                    .live
-                    .pulsar_down(&uplink.settings.service.to_string(), e.to_string());
+                uplink.live.pulsar_down(
+                    &uplink.settings.topic,
+                    &uplink.settings.service.to_string(),
+                    e.to_string(),
+                );
                 if class == ErrorClass::NeedsOperator {
                     tracing::error!(error = %e, topic = %uplink.settings.topic, retry_in_ms,
                         "uplink blocked until an operator fixes this; records stay in the store");
@@ -293,10 +387,13 @@ pub async fn run(
 
 struct Uplink {
     live: crate::status::Live,
-    metrics: crate::metrics::Metrics,
+    metrics: crate::metrics::UplinkMetrics,
     settings: UplinkSettings,
+    /// This session's place in the [`DrainGate`].
+    session: usize,
+    gate: DrainGate,
     store: StoreHandle,
-    committed: watch::Receiver<u64>,
+    committed: watch::Receiver<Vec<u64>>,
     shutdown: CancellationToken,
     state: ProducerState,
     backoff: Backoff,
@@ -312,14 +409,23 @@ impl Uplink {
             c = self.connect_to_topic() => c?,
         };
         let last_sequence_id = self.create_producer(&mut conn).await?;
-        let outcome = self.store.resume(last_sequence_id).await?;
+        let dest = self.settings.dest;
+        let outcome = self.store.resume(dest, last_sequence_id).await?;
         let cursor = self.state.on_ready(last_sequence_id);
         self.reported = self.reported.max(cursor);
         self.backoff.reset();
-        self.live.pulsar_up(&conn.endpoint.to_string());
-        self.metrics.uplink_connected.set(1);
-        self.metrics.uplink_skipped.inc_by(outcome.skipped);
-        self.metrics.uplink_auth_challenges.inc_by(conn.challenges);
+        self.live
+            .pulsar_up(&self.settings.topic, &conn.endpoint.to_string());
+        self.metrics.connected.set(1);
+        self.metrics.skipped.inc_by(outcome.skipped);
+        self.metrics.auth_challenges.inc_by(conn.challenges);
+        // History and events wait (a while at most) for the status topics.
+        let ready_at = Instant::now();
+        let mut gate = self.gate.behind.subscribe();
+        let mut waiting = !self.settings.drains_first && !self.gate.open();
+        if waiting {
+            tracing::info!(topic = %self.settings.topic, "waiting for the status topics to send current state first");
+        }
         let mut challenges_seen = conn.challenges;
         if outcome.renumbered_by > 0 {
             tracing::error!(last_sequence_id, renumbered_by = outcome.renumbered_by,
@@ -334,15 +440,19 @@ impl Uplink {
         ping.tick().await;
         let mut last_heard = Instant::now();
         loop {
+            if waiting && (self.gate.open() || ready_at.elapsed() >= PRIORITY_WAIT) {
+                waiting = false;
+            }
             // Fill the window from the store, in record order.
-            while self.state.room() > 0 {
+            while self.state.room() > 0 && !waiting {
                 if buffer.is_empty() {
-                    let last_committed = *self.committed.borrow_and_update();
+                    let last_committed = self.committed.borrow_and_update()[dest];
                     if last_committed <= self.state.cursor() {
+                        self.caught_up();
                         break;
                     }
                     let limit = self.settings.max_in_flight.max(64);
-                    buffer.extend(self.store.fetch(self.state.cursor(), limit).await?);
+                    buffer.extend(self.store.fetch(dest, self.state.cursor(), limit).await?);
                     if buffer.is_empty() {
                         break;
                     }
@@ -353,12 +463,13 @@ impl Uplink {
                 }
                 encode_send(&self.settings, &rec, &mut conn.wbuf);
                 self.state.on_send(rec.seq, Instant::now());
-                self.metrics.uplink_sent.inc();
+                self.metrics.sent.inc();
             }
             conn.flush().await?;
 
             let deadline = self.state.next_deadline(self.settings.operation_timeout);
-            let want_more = buffer.is_empty() && self.state.room() > 0;
+            let want_more = buffer.is_empty() && self.state.room() > 0 && !waiting;
+            let priority_wait = waiting.then(|| ready_at + PRIORITY_WAIT);
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
                     self.drain(&mut conn).await;
@@ -373,7 +484,7 @@ impl Uplink {
                     }
                     self.report_delivered()?;
                     if conn.challenges > challenges_seen {
-                        self.metrics.uplink_auth_challenges.inc_by(conn.challenges - challenges_seen);
+                        self.metrics.auth_challenges.inc_by(conn.challenges - challenges_seen);
                         challenges_seen = conn.challenges;
                     }
                 }
@@ -383,6 +494,8 @@ impl Uplink {
                         return Ok(SessionEnd::Shutdown);
                     }
                 }
+                _ = gate.changed(), if waiting => {}
+                _ = sleep_until_opt(priority_wait), if waiting => {}
                 _ = ping.tick() => {
                     if last_heard.elapsed() > 2 * KEEPALIVE {
                         return Err(UplinkError::Timeout("any frame from the broker"));
@@ -404,9 +517,9 @@ impl Uplink {
                 if let producer::Receipt::Confirmed { sent, .. } =
                     self.state.on_receipt(r.sequence_id)?
                 {
-                    self.metrics.uplink_acknowledged.inc();
+                    self.metrics.acknowledged.inc();
                     self.metrics
-                        .uplink_send_latency
+                        .send_latency
                         .observe(sent.elapsed().as_secs_f64());
                 }
             }
@@ -430,13 +543,22 @@ impl Uplink {
         Ok(())
     }
 
+    /// A status session has sent everything committed so far (it may still
+    /// await receipts): the others may go.
+    fn caught_up(&self) {
+        if self.settings.drains_first {
+            self.gate.set(self.session, false);
+        }
+    }
+
     /// Tells the store what the broker confirmed since the last report.
     fn report_delivered(&mut self) -> Result<(), UplinkError> {
         let confirmed = self.state.confirmed();
         let resent = self.state.take_resent();
-        self.metrics.uplink_resent.inc_by(resent);
+        self.metrics.resent.inc_by(resent);
         if confirmed > self.reported || resent > 0 {
-            self.store.delivered(confirmed, resent)?;
+            self.store
+                .delivered(self.settings.dest, confirmed, resent)?;
             self.reported = confirmed;
         }
         Ok(())
@@ -624,6 +746,8 @@ mod tests {
 
     fn settings(port: u16) -> UplinkSettings {
         UplinkSettings {
+            dest: 0,
+            drains_first: true,
             gateway_id: "gw".into(),
             service: Endpoint {
                 host: "127.0.0.1".into(),

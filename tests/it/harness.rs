@@ -391,6 +391,8 @@ pub struct Received {
     pub key: String,
     pub payload: Vec<u8>,
     pub sequence_id: u64,
+    /// When ferry sent it (ms since the epoch).
+    pub publish_time: u64,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -472,6 +474,7 @@ async fn read_with(
                 out.push(Received {
                     key: meta.partition_key.clone().unwrap_or_default(),
                     sequence_id: meta.sequence_id,
+                    publish_time: meta.publish_time,
                     properties: meta
                         .properties
                         .iter()
@@ -569,6 +572,10 @@ pub fn tally(msgs: &[Received], devices: &[String], per_device: u64) -> Tally {
 pub struct Devices {
     pub ids: Vec<String>,
     pub prefix: String,
+    /// The last topic level: `state` unless made with [`Devices::connect_kind`].
+    pub kind: String,
+    /// Extra bytes in every payload (a `pad` field), 0 by default.
+    pub pad: usize,
     client: AsyncClient,
     acked: tokio::sync::watch::Receiver<usize>,
     published: usize,
@@ -577,6 +584,11 @@ pub struct Devices {
 
 impl Devices {
     pub async fn connect(stack: &Stack, prefix: &str, count: usize) -> Devices {
+        Devices::connect_kind(stack, prefix, count, "state").await
+    }
+
+    /// Devices publishing on `<prefix>/<device>/<kind>`.
+    pub async fn connect_kind(stack: &Stack, prefix: &str, count: usize, kind: &str) -> Devices {
         let mut opts = MqttOptions::new(unique("devices"), "127.0.0.1", stack.mqtt_port);
         opts.set_keep_alive(Duration::from_secs(30))
             .set_inflight(200)
@@ -600,6 +612,8 @@ impl Devices {
         Devices {
             ids: (0..count).map(|i| format!("dev-{i:04}")).collect(),
             prefix: prefix.to_string(),
+            kind: kind.to_string(),
+            pad: 0,
             client,
             acked,
             published: 0,
@@ -608,7 +622,7 @@ impl Devices {
     }
 
     pub fn topic(&self, device: &str) -> String {
-        format!("{}/{device}/state", self.prefix)
+        format!("{}/{device}/{}", self.prefix, self.kind)
     }
 
     /// Publishes updates `from..to` of every device, round robin, at QoS 1,
@@ -617,7 +631,12 @@ impl Devices {
         for n in from..to {
             for d in &self.ids {
                 let temp = 20.0 + (n % 50) as f64 / 10.0;
-                let payload = format!("{{\"device\":\"{d}\",\"n\":{n},\"temp_c\":{temp:.1}}}");
+                let pad = if self.pad > 0 {
+                    format!(",\"pad\":\"{}\"", "x".repeat(self.pad))
+                } else {
+                    String::new()
+                };
+                let payload = format!("{{\"device\":\"{d}\",\"n\":{n},\"temp_c\":{temp:.1}{pad}}}");
                 self.client
                     .publish(self.topic(d), QoS::AtLeastOnce, false, payload)
                     .await
@@ -661,6 +680,7 @@ pub struct Ferry {
     pub log: PathBuf,
     /// Where its Prometheus endpoint listens.
     pub metrics_port: u16,
+    store: PathBuf,
     child: Option<Child>,
 }
 
@@ -725,6 +745,7 @@ listen = "127.0.0.1:{metrics_port}"
         std::fs::write(&config, text).unwrap();
         Ferry {
             log: dir.join("ferry.log"),
+            store: dir.join("ferry.db"),
             dir,
             config,
             metrics_port,
@@ -732,8 +753,32 @@ listen = "127.0.0.1:{metrics_port}"
         }
     }
 
+    /// A ferry whose config has the given `[[streams]]` (TOML text) instead
+    /// of the one-stream shorthand.
+    pub fn with_streams(stack: &Stack, test: &str, gateway: &str, streams: &str) -> Ferry {
+        let ferry = Ferry::new(stack, test, gateway, "unused/+/x", "persistent://a/b/c", "");
+        let text = std::fs::read_to_string(&ferry.config).unwrap();
+        let text = text
+            .replace(
+                "[[mqtt.subscriptions]]\nfilter = \"unused/+/x\"\ndevice_id_level = 1\n",
+                "",
+            )
+            .replace("topic = \"persistent://a/b/c\"\n", "");
+        std::fs::write(&ferry.config, format!("{text}\n{streams}\n")).unwrap();
+        ferry
+    }
+
     pub fn store_path(&self) -> PathBuf {
-        self.dir.join("ferry.db")
+        self.store.clone()
+    }
+
+    /// Puts the store at `path` (edits the config).
+    pub fn move_store(&mut self, path: &Path) {
+        self.edit_config(
+            &format!("path = \"{}\"", self.store.display()),
+            &format!("path = \"{}\"", path.display()),
+        );
+        self.store = path.to_path_buf();
     }
 
     pub fn start(&mut self) {
@@ -905,7 +950,7 @@ listen = "127.0.0.1:{metrics_port}"
     pub fn pending(&self) -> i64 {
         let c = rusqlite::Connection::open(self.store_path()).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c.query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0))
+        c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
             .unwrap()
     }
 

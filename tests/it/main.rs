@@ -8,6 +8,7 @@ mod bad_input;
 mod harness;
 mod metrics;
 mod outage;
+mod overflow;
 mod secure;
 mod status;
 mod stream;

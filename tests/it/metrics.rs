@@ -50,7 +50,7 @@ async fn metrics_scraped_during_a_stream_count_exactly_what_happened() {
             get("ferry_store_dead_letters_total"),
             get(&format!("ferry_uplink_records_sent_total{label}")),
             get(&format!("ferry_uplink_records_acknowledged_total{label}")),
-            get("ferry_store_records"),
+            get("ferry_store_records{stream=\"status\"}"),
             get(&format!("ferry_uplink_connected{label}")),
         ),
     );
@@ -74,8 +74,16 @@ async fn metrics_scraped_during_a_stream_count_exactly_what_happened() {
         get(&format!("ferry_uplink_send_latency_seconds_count{label}")),
         2000.0
     );
-    assert_eq!(get("ferry_store_records"), 0.0);
-    assert_eq!(get("ferry_store_bytes"), 0.0);
+    assert_eq!(get("ferry_store_records{stream=\"status\"}"), 0.0);
+    assert_eq!(get("ferry_store_bytes{stream=\"status\"}"), 0.0);
+    assert_eq!(
+        get("ferry_store_records_superseded_total{stream=\"status\"}"),
+        0.0
+    );
+    assert_eq!(
+        get("ferry_store_records_dropped_total{stream=\"status\",policy=\"coalesce\"}"),
+        0.0
+    );
     assert_eq!(get("ferry_mqtt_connected"), 1.0);
     assert_eq!(get(&format!("ferry_uplink_connected{label}")), 1.0);
     assert!(get("ferry_store_commit_duration_seconds_count") >= 1.0);

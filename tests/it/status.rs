@@ -50,7 +50,10 @@ async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
     );
     assert!(table.contains("running, pid"), "{table}");
     assert!(table.contains("mqtt             connected"), "{table}");
-    assert!(table.contains("pulsar           disconnected"), "{table}");
+    assert!(
+        table.contains("pulsar           device-status: disconnected"),
+        "{table}"
+    );
     assert!(table.contains("cannot connect"), "{table}");
     assert!(table.contains("backlog          100 records"), "{table}");
     assert!(table.contains("dead letters     1"), "{table}");

@@ -1,0 +1,346 @@
+//! Streams, their destinations, and the overflow rules, without I/O.
+//!
+//! A stream is what the configuration calls `[[streams]]`: the MQTT
+//! messages matching its subscriptions. Each stream has one or two
+//! *destinations* (Pulsar topics), numbered in configuration order: a
+//! `state` stream has its status topic and optionally a history topic, an
+//! `events` stream its events topic. Every destination has its own record
+//! numbers (the Pulsar `sequence_id` of its producer), its own backlog in
+//! the store and its own uplink session.
+//!
+//! [`Limits::over`] and [`Limits::shed_target`] decide when a stream is over
+//! its limits and how much drop-oldest frees; the store applies them.
+
+use std::time::Duration;
+
+use crate::config::{Limits, Overflow, StreamConfig, StreamKind, Subscription};
+
+/// A destination's index in configuration order.
+pub type DestIx = usize;
+
+/// What a destination topic receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A state stream's status topic: compacted, keyed by device id. A
+    /// device's newest pending record here is never dropped.
+    Status,
+    /// A state stream's history topic: every update, in order.
+    History,
+    /// An events stream's topic: every event, in order, never coalesced.
+    Events,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Status => "status",
+            Role::History => "history",
+            Role::Events => "events",
+        }
+    }
+
+    /// The status topic drains first after an outage.
+    pub fn drains_first(self) -> bool {
+        self == Role::Status
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestSpec {
+    pub topic: String,
+    pub stream: usize,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: String,
+    pub kind: StreamKind,
+    pub overflow: Overflow,
+    pub limits: Limits,
+    pub subscriptions: Vec<Subscription>,
+    /// The destinations this stream writes to, main topic first.
+    pub dests: Vec<DestIx>,
+}
+
+/// Every stream and destination of one configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub streams: Vec<StreamSpec>,
+    pub dests: Vec<DestSpec>,
+}
+
+impl Layout {
+    pub fn new(streams: &[StreamConfig]) -> Layout {
+        let mut dests = Vec::new();
+        let specs = streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let first = dests.len();
+                let main_role = match s.kind {
+                    StreamKind::State => Role::Status,
+                    StreamKind::Events => Role::Events,
+                };
+                dests.push(DestSpec {
+                    topic: s.topic.clone(),
+                    stream: i,
+                    role: main_role,
+                });
+                if let Some(h) = &s.history_topic {
+                    dests.push(DestSpec {
+                        topic: h.clone(),
+                        stream: i,
+                        role: Role::History,
+                    });
+                }
+                StreamSpec {
+                    name: s.name.clone(),
+                    kind: s.kind,
+                    overflow: s.overflow,
+                    limits: s.limits,
+                    subscriptions: s.subscriptions.clone(),
+                    dests: (first..dests.len()).collect(),
+                }
+            })
+            .collect();
+        Layout {
+            streams: specs,
+            dests,
+        }
+    }
+
+    /// The stream of a message (the first whose filter matches its topic)
+    /// and the device id that stream's rule finds in the topic.
+    pub fn route(&self, topic: &str) -> Option<(usize, Option<String>)> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        self.streams.iter().enumerate().find_map(|(i, s)| {
+            let sub = s
+                .subscriptions
+                .iter()
+                .find(|sub| matches_filter(&sub.filter, &levels))?;
+            let device = levels
+                .get(sub.device_id_level)
+                .filter(|id| !id.is_empty())
+                .map(|id| id.to_string());
+            Some((i, device))
+        })
+    }
+
+    /// Every MQTT filter to subscribe to.
+    pub fn filters(&self) -> Vec<String> {
+        self.streams
+            .iter()
+            .flat_map(|s| s.subscriptions.iter().map(|sub| sub.filter.clone()))
+            .collect()
+    }
+
+    /// The destinations of the status topics (they drain first).
+    pub fn first_to_drain(&self) -> Vec<DestIx> {
+        (0..self.dests.len())
+            .filter(|d| self.dests[*d].role.drains_first())
+            .collect()
+    }
+}
+
+/// Whether an MQTT topic matches a filter (`+` one level, `#` the rest).
+pub fn matches_filter(filter: &str, topic: &[&str]) -> bool {
+    let mut i = 0;
+    for f in filter.split('/') {
+        match f {
+            "#" => return true,
+            "+" if i < topic.len() => {}
+            f if i < topic.len() && topic[i] == f => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    i == topic.len()
+}
+
+/// What a stream holds in the store (over all its destinations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Limits {
+    /// Over a record or byte limit.
+    pub fn over(&self, u: Usage) -> bool {
+        self.max_records.is_some_and(|m| u.records > m)
+            || self.max_bytes.is_some_and(|m| u.bytes > m)
+    }
+
+    /// Whether one more record of `bytes` would go over (for `reject`).
+    pub fn full_for(&self, u: Usage, bytes: u64) -> bool {
+        self.max_records.is_some_and(|m| u.records >= m)
+            || self.max_bytes.is_some_and(|m| u.bytes + bytes > m)
+    }
+
+    /// How much drop-oldest frees once over: down to 90% of each limit that
+    /// is exceeded, so that it does not run again at the very next record.
+    pub fn shed_target(&self, u: Usage) -> Usage {
+        let low = |m: u64| m - m / 10;
+        Usage {
+            records: self
+                .max_records
+                .filter(|m| u.records > *m)
+                .map(|m| u.records - low(m))
+                .unwrap_or(0),
+            bytes: self
+                .max_bytes
+                .filter(|m| u.bytes > *m)
+                .map(|m| u.bytes - low(m))
+                .unwrap_or(0),
+        }
+    }
+
+    /// Records received before this are over `max_age`.
+    pub fn age_cutoff_ms(&self, now_ms: u64) -> Option<u64> {
+        self.max_age
+            .map(|a: Duration| now_ms.saturating_sub(a.as_millis() as u64))
+    }
+}
+
+/// When a shed could not bring a stream under its limits (only newest
+/// states, or records in flight, are left), the stream is not shed again
+/// before it grew by a tenth of its limit: shedding is a scan, not something
+/// to repeat on every record.
+pub fn rearm(limits: &Limits, after: Usage) -> Usage {
+    let step = |m: Option<u64>| m.map(|m| (m / 10).max(1)).unwrap_or(0);
+    Usage {
+        records: after.records + step(limits.max_records),
+        bytes: after.bytes + step(limits.max_bytes),
+    }
+}
+
+/// Why records left the store unsent; labels of
+/// `ferry_store_records_dropped_total` and keys of the `counters` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A `coalesce` stream still over its limits after coalescing: its
+    /// history backlog, oldest first.
+    Coalesce,
+    /// The stream's `drop-oldest` policy.
+    DropOldest,
+    /// The stream's `max_age_secs`.
+    MaxAge,
+    /// The disk was full.
+    DiskFull,
+    /// The store file was over `store.max_bytes`.
+    StoreFull,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Coalesce => "coalesce",
+            DropReason::DropOldest => "drop-oldest",
+            DropReason::MaxAge => "max-age",
+            DropReason::DiskFull => "disk-full",
+            DropReason::StoreFull => "store-max-bytes",
+        }
+    }
+
+    pub const ALL: [DropReason; 5] = [
+        DropReason::Coalesce,
+        DropReason::DropOldest,
+        DropReason::MaxAge,
+        DropReason::DiskFull,
+        DropReason::StoreFull,
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn layout() -> Layout {
+        let c = parse(
+            r#"
+gateway_id = "gw"
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+[store]
+path = "/tmp/x.db"
+[[streams]]
+name = "status"
+topic = "persistent://t/n/status"
+history_topic = "persistent://t/n/history"
+subscriptions = [{ filter = "devices/+/state", device_id_level = 1 }]
+[[streams]]
+name = "alarms"
+kind = "events"
+topic = "persistent://t/n/alarms"
+subscriptions = [{ filter = "devices/+/alarm/#", device_id_level = 1 },
+                 { filter = "zigbee2mqtt/#", device_id_level = 1 }]
+"#,
+        )
+        .unwrap();
+        Layout::new(&c.streams)
+    }
+
+    #[test]
+    fn destinations_are_numbered_in_configuration_order() {
+        let l = layout();
+        let roles: Vec<(&str, Role, usize)> = l
+            .dests
+            .iter()
+            .map(|d| (d.topic.rsplit('/').next().unwrap(), d.role, d.stream))
+            .collect();
+        assert_eq!(
+            roles,
+            vec![
+                ("status", Role::Status, 0),
+                ("history", Role::History, 0),
+                ("alarms", Role::Events, 1)
+            ]
+        );
+        assert_eq!(l.streams[0].dests, vec![0, 1]);
+        assert_eq!(l.first_to_drain(), vec![0]);
+    }
+
+    #[test]
+    fn a_message_goes_to_the_first_stream_that_matches() {
+        let l = layout();
+        assert_eq!(l.route("devices/s-1/state"), Some((0, Some("s-1".into()))));
+        assert_eq!(
+            l.route("devices/s-1/alarm/high"),
+            Some((1, Some("s-1".into())))
+        );
+        assert_eq!(l.route("zigbee2mqtt/lamp"), Some((1, Some("lamp".into()))));
+        assert_eq!(l.route("zigbee2mqtt"), Some((1, None)), "no level 1");
+        assert_eq!(l.route("devices//state"), Some((0, None)));
+        assert_eq!(l.route("other/x"), None);
+        assert_eq!(l.route("devices/s-1/state/x"), None);
+    }
+
+    #[test]
+    fn limits_decide_overflow_and_what_drop_oldest_frees() {
+        let lim = Limits {
+            max_records: Some(100),
+            max_bytes: Some(10_000),
+            max_age: None,
+        };
+        let u = |records, bytes| Usage { records, bytes };
+        assert!(!lim.over(u(100, 10_000)));
+        assert!(lim.over(u(101, 0)));
+        assert!(lim.over(u(0, 10_001)));
+        assert!(lim.full_for(u(100, 0), 1));
+        assert!(!lim.full_for(u(99, 9_000), 1_000));
+        assert!(lim.full_for(u(99, 9_001), 1_000));
+        assert_eq!(lim.shed_target(u(101, 5_000)), u(11, 0));
+        assert_eq!(lim.shed_target(u(50, 12_000)), u(0, 3_000));
+        assert_eq!(rearm(&lim, u(95, 100)), u(105, 1_100));
+        let none = Limits::default();
+        assert!(!none.over(u(u64::MAX, u64::MAX)));
+        assert_eq!(none.age_cutoff_ms(1_000), None);
+        let aged = Limits {
+            max_age: Some(Duration::from_secs(1)),
+            ..none
+        };
+        assert_eq!(aged.age_cutoff_ms(5_000), Some(4_000));
+    }
+}

@@ -1,0 +1,548 @@
+//! The offline-first store: bounded, never loses the latest state, drains
+//! status first, survives a full disk and a damaged file.
+//!
+//! "Pulsar down" here is ferry pointed at a port nothing listens on (the
+//! shared broker keeps serving the other tests); `outage.rs` stops the real
+//! broker.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::stream::closed_port;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Each device's update numbers, in topic order.
+fn by_device(msgs: &[Received]) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for m in msgs {
+        out.entry(m.key.clone()).or_default().push(m.n());
+    }
+    out
+}
+
+fn strictly_increasing(v: &[u64]) -> bool {
+    v.windows(2).all(|w| w[0] < w[1])
+}
+
+fn status_json(ferry: &Ferry) -> serde_json::Value {
+    let out = Command::new(ferry_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&ferry.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn status_table(ferry: &Ferry) -> String {
+    let out = Command::new(ferry_bin())
+        .args(["status", "--config"])
+        .arg(&ferry.config)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A stream's counter from `ferry status --json`.
+fn shed_count(json: &serde_json::Value, stream: &str, what: &str) -> i64 {
+    let s = json["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == stream)
+        .unwrap_or_else(|| panic!("no stream {stream} in {json}"));
+    if what == "superseded" {
+        return s["superseded"].as_i64().unwrap();
+    }
+    s["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d[0] == what)
+        .map_or(0, |d| d[1].as_i64().unwrap())
+}
+
+/// What `coalesce` with a history topic must leave of `updates` updates
+/// from `devices` devices (round robin) under `max_records`: pending
+/// status and history records, superseded and dropped counts. The stream
+/// holds two records per update (status and history); over the limit the
+/// status records fall to one per device, then the oldest history records go
+/// until the stream is at 90% of its limit.
+fn model_coalesce(updates: u64, devices: u64, limit: u64) -> (u64, u64, u64, u64) {
+    let (mut s, mut h, mut superseded, mut dropped) = (0, 0, 0, 0);
+    for i in 0..updates {
+        s += 1;
+        h += 1;
+        if s + h > limit {
+            let seen = (i + 1).min(devices);
+            superseded += s - seen;
+            s = seen;
+            if s + h > limit {
+                let need = s + h - (limit - limit / 10);
+                h -= need;
+                dropped += need;
+            }
+        }
+    }
+    (s, h, superseded, dropped)
+}
+
+/// What `drop-oldest` must leave: the newest records, falling to 90% of
+/// the limit whenever it is passed.
+fn model_drop_oldest(updates: u64, limit: u64) -> (u64, u64) {
+    let (mut pending, mut dropped) = (0, 0);
+    for _ in 0..updates {
+        pending += 1;
+        if pending > limit {
+            dropped += pending - (limit - limit / 10);
+            pending = limit - limit / 10;
+        }
+    }
+    (pending, dropped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_devices_overflow_while_pulsar_is_down_and_every_latest_state_arrives() {
+    const DEVICES: usize = 1000;
+    const ROUNDS: u64 = 200;
+    const STATES: u64 = DEVICES as u64 * ROUNDS;
+    const LIMIT: u64 = 20_000;
+    const ALARM_DEVICES: usize = 50;
+    const ALARM_ROUNDS: u64 = 200;
+    const ALARMS: u64 = ALARM_DEVICES as u64 * ALARM_ROUNDS;
+    const ALARM_LIMIT: u64 = 3_000;
+
+    let (stack, _shared) = Stack::shared().await;
+    let ns = Namespace::create(stack, "overflow").await;
+    let (status, history, alarms) = (
+        ns.topic("device-status"),
+        ns.topic("device-history"),
+        ns.topic("alarms"),
+    );
+    let prefix = unique("overflow");
+    let mut ferry = Ferry::with_streams(
+        stack,
+        "overflow",
+        &unique("gw"),
+        &format!(
+            r#"[[streams]]
+name = "status"
+kind = "state"
+topic = "{status}"
+history_topic = "{history}"
+overflow = "coalesce"
+max_records = {LIMIT}
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+
+[[streams]]
+name = "alarms"
+kind = "events"
+topic = "{alarms}"
+overflow = "drop-oldest"
+max_records = {ALARM_LIMIT}
+subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
+"#
+        ),
+    );
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    ferry.edit_config(&stack.service_url(), &closed);
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    // Pulsar unreachable: 200,000 state updates and 10,000 alarms.
+    let mut states = Devices::connect(stack, &prefix, DEVICES).await;
+    let mut events = Devices::connect_kind(stack, &prefix, ALARM_DEVICES, "alarm").await;
+    let began = std::time::Instant::now();
+    tokio::join!(
+        states.publish_rounds(0, ROUNDS),
+        events.publish_rounds(0, ALARM_ROUNDS)
+    );
+    ferry.wait_stored((STATES + ALARMS) as i64, SECS(600)).await;
+    let took = began.elapsed();
+    tokio::time::sleep(SECS(6)).await;
+
+    let (s_left, h_left, superseded, h_dropped) = model_coalesce(STATES, DEVICES as u64, LIMIT);
+    let (a_left, a_dropped) = model_drop_oldest(ALARMS, ALARM_LIMIT);
+    let json = status_json(&ferry);
+    let table = status_table(&ferry);
+    let metrics = ferry.scrape().await;
+    report(
+        "overflow",
+        &format!(
+            "stored {} updates in {:.1} s with Pulsar unreachable; ferry status:\n{table}",
+            STATES + ALARMS,
+            took.as_secs_f64()
+        ),
+    );
+    assert_eq!(shed_count(&json, "status", "superseded"), superseded as i64);
+    assert_eq!(shed_count(&json, "status", "coalesce"), h_dropped as i64);
+    assert_eq!(shed_count(&json, "alarms", "drop-oldest"), a_dropped as i64);
+    assert_eq!(json["pending_records"], s_left + h_left + a_left);
+    assert_eq!(
+        metrics["ferry_store_records_superseded_total{stream=\"status\"}"],
+        superseded as f64
+    );
+    assert_eq!(
+        metrics["ferry_store_records_dropped_total{stream=\"alarms\",policy=\"drop-oldest\"}"],
+        a_dropped as f64
+    );
+    assert_eq!(
+        metrics["ferry_store_records{stream=\"status\"}"],
+        (s_left + h_left) as f64
+    );
+
+    // Pulsar back.
+    assert_eq!(ferry.terminate(), Some(0));
+    ferry.edit_config(&closed, &stack.service_url());
+    ferry.start();
+    ferry
+        .wait_drained((STATES + ALARMS) as i64, SECS(300))
+        .await;
+
+    let got_status = read_topic(stack, &status, false, s_left as usize, SECS(20)).await;
+    let got_history = read_topic(stack, &history, false, h_left as usize, SECS(20)).await;
+    let got_alarms = read_topic(stack, &alarms, false, a_left as usize, SECS(20)).await;
+    ns.compact("device-status").await;
+    let compacted = read_topic(stack, &status, true, DEVICES, SECS(20)).await;
+    report(
+        "overflow",
+        &format!(
+            "model: status {s_left} kept / {superseded} superseded, history {h_left} kept / {h_dropped} dropped, alarms {a_left} kept / {a_dropped} dropped; \
+             topics: status {}, history {}, alarms {}, compacted status {}",
+            got_status.len(),
+            got_history.len(),
+            got_alarms.len(),
+            compacted.len()
+        ),
+    );
+
+    // The compacted view: exactly the last update of every device.
+    assert_eq!(compacted.len(), DEVICES);
+    let latest = by_device(&compacted);
+    assert_eq!(latest.len(), DEVICES);
+    assert!(
+        latest.values().all(|v| v == &vec![ROUNDS - 1]),
+        "every device's last update"
+    );
+
+    // The status topic: what was not superseded, in order per device.
+    assert_eq!(got_status.len() as u64, s_left);
+    let per = by_device(&got_status);
+    assert_eq!(per.len(), DEVICES);
+    assert!(per
+        .values()
+        .all(|v| strictly_increasing(v) && *v.last().unwrap() == ROUNDS - 1));
+
+    // The history topic: every update that was kept (the newest ones), in order.
+    assert_eq!(got_history.len() as u64, h_left);
+    let first_kept = STATES - h_left;
+    let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for g in first_kept..STATES {
+        let d = states.ids[(g % DEVICES as u64) as usize].clone();
+        expected.entry(d).or_default().push(g / DEVICES as u64);
+    }
+    assert!(
+        by_device(&got_history) == expected,
+        "history holds exactly the kept updates, in order"
+    );
+
+    // Alarms: the newest ones, in order.
+    assert_eq!(got_alarms.len() as u64, a_left);
+    let first_alarm = ALARMS - a_left;
+    let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for g in first_alarm..ALARMS {
+        let d = events.ids[(g % ALARM_DEVICES as u64) as usize].clone();
+        expected
+            .entry(d)
+            .or_default()
+            .push(g / ALARM_DEVICES as u64);
+    }
+    assert!(
+        by_device(&got_alarms) == expected,
+        "alarms hold the newest events, in order"
+    );
+
+    // Status first: every status record was sent before any other.
+    let last_status = got_status.iter().map(|m| m.publish_time).max().unwrap();
+    let first_other = got_history
+        .iter()
+        .chain(&got_alarms)
+        .map(|m| m.publish_time)
+        .min()
+        .unwrap();
+    report(
+        "overflow",
+        &format!(
+            "drain order: last status record sent at +0 ms, first history/alarm record at {:+} ms",
+            first_other as i64 - last_status as i64
+        ),
+    );
+    assert!(last_status <= first_other, "status drains first");
+
+    states.disconnect().await;
+    events.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_leaves_the_backlog_with_the_mqtt_broker_and_loses_nothing() {
+    const LIMIT: usize = 500;
+    let (stack, _shared) = Stack::shared().await;
+    let ns = Namespace::create(stack, "reject").await;
+    let topic = ns.topic("device-status");
+    let prefix = unique("reject");
+    let mut ferry = Ferry::with_streams(
+        stack,
+        "reject",
+        &unique("gw"),
+        &format!(
+            r#"[[streams]]
+name = "status"
+topic = "{topic}"
+overflow = "reject"
+max_records = {LIMIT}
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+"#
+        ),
+    );
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    ferry.edit_config(&stack.service_url(), &closed);
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let mut devices = Devices::connect(stack, &prefix, 30).await;
+    devices.publish_rounds(0, 100).await;
+    ferry.wait_stored(LIMIT as i64, SECS(60)).await;
+    ferry
+        .wait_log("its overflow policy is reject", SECS(30))
+        .await;
+    tokio::time::sleep(SECS(6)).await;
+    let held = ferry.pending();
+    let metrics = ferry.scrape().await;
+    let json = status_json(&ferry);
+    report(
+        "reject",
+        &format!(
+            "3,000 published, Pulsar unreachable: store holds {held}, counters {:?}, rejecting={}, held back in ferry {}",
+            ferry.counters(),
+            metrics["ferry_store_rejecting{stream=\"status\"}"],
+            json["agent"]["parked"]
+        ),
+    );
+    assert_eq!(held, LIMIT as i64, "the store stops at its limit");
+    assert_eq!(ferry.counters().get("stored"), Some(&(LIMIT as i64)));
+    assert_eq!(metrics["ferry_store_rejecting{stream=\"status\"}"], 1.0);
+    assert_eq!(shed_count(&json, "status", "superseded"), 0);
+
+    // Pulsar back: the broker's backlog comes through, all of it, once.
+    assert_eq!(ferry.terminate(), Some(0));
+    ferry.edit_config(&closed, &stack.service_url());
+    ferry.start();
+    ferry.wait_drained(3000, SECS(120)).await;
+    ferry.wait_log("under its limit again", SECS(30)).await;
+    let msgs = read_topic(stack, &topic, false, 3000, SECS(20)).await;
+    let t = tally(&msgs, &devices.ids, 100);
+    report("reject", &format!("after Pulsar returned: {t:?}"));
+    assert_eq!(t, exact(3000));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+/// A size-limited tmpfs, unmounted on drop.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .expect("mount (tests run as root, as CI does)");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (the disk-full test needs root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_keeps_every_latest_state_and_ferry_recovers_when_space_returns() {
+    const DEVICES: usize = 200;
+    const ROUNDS: u64 = 250;
+    let (stack, _shared) = Stack::shared().await;
+    let ns = Namespace::create(stack, "diskfull").await;
+    let (status, history) = (ns.topic("device-status"), ns.topic("device-history"));
+    let prefix = unique("diskfull");
+    let mut ferry = Ferry::with_streams(
+        stack,
+        "diskfull",
+        &unique("gw"),
+        &format!(
+            r#"[[streams]]
+name = "status"
+topic = "{status}"
+history_topic = "{history}"
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+"#
+        ),
+    );
+    let disk = SmallDisk::mount(ferry.dir.join("disk"), "48m");
+    // Something else on the same file system, to be deleted later.
+    let filler = disk.dir.join("other-data");
+    std::fs::write(&filler, vec![1u8; 20 << 20]).unwrap();
+    let store = disk.dir.join("ferry.db");
+    ferry.move_store(&store);
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    ferry.edit_config(&stack.service_url(), &closed);
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    let mut devices = Devices::connect(stack, &prefix, DEVICES).await;
+    devices.pad = 400;
+    devices.publish_rounds(0, ROUNDS).await;
+    ferry.wait_log("DISK FULL", SECS(120)).await;
+    // Wait until ferry has taken in everything it can.
+    let mut last = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(SECS(2)).await;
+        let now = ferry.counters().get("stored").copied().unwrap_or(0);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(ferry.is_running(), "ferry keeps running on a full disk");
+    let metrics = ferry.scrape().await;
+    let full = ferry.counters();
+    let table = Command::new(ferry_bin())
+        .args(["status", "--config"])
+        .arg(&ferry.config)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    report(
+        "diskfull",
+        &format!(
+            "{} updates of ~450 bytes published onto a 48 MiB tmpfs (20 MiB taken by other data): disk_full={} counters {full:?}\n{table}",
+            DEVICES as u64 * ROUNDS,
+            metrics["ferry_store_disk_full"]
+        ),
+    );
+    assert_eq!(metrics["ferry_store_disk_full"], 1.0);
+    assert!(table.contains("INCIDENT"), "{table}");
+    assert!(table.contains("disk-full"), "{table}");
+
+    // Space comes back; so does Pulsar.
+    std::fs::remove_file(&filler).unwrap();
+    ferry.wait_log("disk space is back", SECS(30)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+    ferry.edit_config(&closed, &stack.service_url());
+    ferry.start();
+    let total = DEVICES as u64 * ROUNDS;
+    ferry.wait_drained(total as i64, SECS(300)).await;
+    let c = ferry.counters();
+    let superseded = c.get("stream:status:superseded").copied().unwrap_or(0) as u64;
+    let dropped = c
+        .get("stream:status:dropped:disk-full")
+        .copied()
+        .unwrap_or(0) as u64;
+    let got_status = read_topic(
+        stack,
+        &status,
+        false,
+        (total - superseded) as usize,
+        SECS(20),
+    )
+    .await;
+    let got_history =
+        read_topic(stack, &history, false, (total - dropped) as usize, SECS(20)).await;
+    ns.compact("device-status").await;
+    let compacted = read_topic(stack, &status, true, DEVICES, SECS(20)).await;
+    report(
+        "diskfull",
+        &format!(
+            "after recovery: stored {total}, superseded {superseded}, history dropped {dropped}; topics: status {}, history {}, compacted {}",
+            got_status.len(),
+            got_history.len(),
+            compacted.len()
+        ),
+    );
+    assert!(superseded > 0 && dropped > 0, "the disk did fill: {c:?}");
+    assert_eq!(got_status.len() as u64, total - superseded);
+    assert_eq!(got_history.len() as u64, total - dropped);
+    let latest = by_device(&compacted);
+    assert_eq!(latest.len(), DEVICES);
+    assert!(
+        latest.values().all(|v| v == &vec![ROUNDS - 1]),
+        "{latest:?}"
+    );
+    for msgs in [&got_status, &got_history] {
+        assert!(by_device(msgs).values().all(|v| strictly_increasing(v)));
+    }
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_moved_aside_and_ferry_starts_fresh_without_duplicates() {
+    let (stack, _shared) = Stack::shared().await;
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "damaged").await;
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let mut devices = Devices::connect(stack, &prefix, 10).await;
+    devices.publish_rounds(0, 10).await;
+    ferry.wait_drained(100, SECS(60)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+
+    // Garbage over the file's header.
+    let path = ferry.store_path();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..64].copy_from_slice(&[0x5a; 64]);
+    std::fs::write(&path, bytes).unwrap();
+
+    ferry.start();
+    ferry.wait_log("STORE DAMAGED", SECS(30)).await;
+    ferry.wait_log("producer ready", SECS(30)).await;
+    devices.publish_rounds(10, 20).await;
+    ferry.wait_drained(100, SECS(60)).await;
+    let aside: Vec<String> = std::fs::read_dir(&ferry.dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("ferry.db.damaged-"))
+        .collect();
+    let table = status_table(&ferry);
+    report("damaged", &format!("moved aside: {aside:?}\n{table}"));
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(table.contains("INCIDENT"), "{table}");
+    assert!(table.contains("store-damaged"), "{table}");
+    // The fresh store numbers from 1 again while the broker holds 100 from
+    // the old one: ferry numbers above them instead of being deduplicated.
+    let msgs = read_topic(stack, &topic, false, 200, SECS(20)).await;
+    let t = tally(&msgs, &devices.ids, 20);
+    report("damaged", &format!("topic after the fresh start: {t:?}"));
+    assert_eq!(t, exact(200));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
