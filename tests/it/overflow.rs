@@ -546,3 +546,71 @@ async fn a_damaged_store_is_moved_aside_and_ferry_starts_fresh_without_duplicate
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_durability_with_a_history_topic_survives_kill_nine() {
+    let (stack, _shared) = Stack::shared().await;
+    let ns = Namespace::create(stack, "interval").await;
+    let (status, history) = (ns.topic("device-status"), ns.topic("device-history"));
+    let prefix = unique("interval");
+    let mut ferry = Ferry::with_streams(
+        stack,
+        "interval",
+        &unique("gw"),
+        &format!(
+            r#"[[streams]]
+name = "status"
+topic = "{status}"
+history_topic = "{history}"
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+"#
+        ),
+    );
+    ferry.edit_config(
+        "[store]\n",
+        "[store]\ndurability = \"interval\"\nsync_interval_ms = 500\n",
+    );
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    // 50 devices x 100 updates, a round every 0.1 s; 10 SIGKILLs meanwhile.
+    let publisher = {
+        let stack = stack.clone();
+        let prefix = prefix.clone();
+        tokio::spawn(async move {
+            let mut devices = Devices::connect(&stack, &prefix, 50).await;
+            for round in 0..100 {
+                devices.publish_rounds(round, round + 1).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let ids = devices.ids.clone();
+            devices.disconnect().await;
+            ids
+        })
+    };
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        ferry.kill9();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ferry.start();
+    }
+    assert!(!publisher.is_finished(), "the kills landed mid-stream");
+    let ids = publisher.await.expect("publisher");
+    ferry.wait_drained(5000, SECS(120)).await;
+    let got_status = read_topic(stack, &status, false, 5000, SECS(20)).await;
+    let got_history = read_topic(stack, &history, false, 5000, SECS(20)).await;
+    let (ts, th) = (
+        tally(&got_status, &ids, 100),
+        tally(&got_history, &ids, 100),
+    );
+    report(
+        "interval",
+        &format!(
+            "durability = interval, 10 SIGKILLs: status {ts:?}, history {th:?}, counters {:?}",
+            ferry.counters()
+        ),
+    );
+    assert_eq!(ts, exact(5000));
+    assert_eq!(th, exact(5000));
+    assert_eq!(ferry.terminate(), Some(0));
+}
