@@ -274,7 +274,7 @@ impl Metrics {
         );
         r.register(
             "uplink_reconnects",
-            "Uplink sessions ended by an error",
+            "Uplink sessions that ended with an error, failed connection attempts included",
             self.uplink_reconnects.clone(),
         );
         r.register(

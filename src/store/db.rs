@@ -76,14 +76,16 @@ CREATE TABLE IF NOT EXISTS incidents (
 const SQL_INSERT: &str =
     "INSERT INTO outbox (key, device, received_ms, payload, props) VALUES (?1, ?2, ?3, ?4, ?5)";
 const SQL_SEEN_GET: &str = "SELECT topic, digest FROM mqtt_seen WHERE pkid = ?1";
-const SQL_SEEN_PUT: &str =
-    "INSERT OR REPLACE INTO mqtt_seen (pkid, topic, digest) VALUES (?1, ?2, ?3)";
+const SQL_SEEN_PUT: &str = "INSERT INTO mqtt_seen (pkid, topic, digest) VALUES (?1, '', ?2)
+     ON CONFLICT(pkid) DO UPDATE SET topic = '', digest = excluded.digest";
 const SQL_DEAD_LETTER: &str =
     "INSERT INTO dead_letters (received_ms, mqtt_topic, reason, size, payload)
      VALUES (?1, ?2, ?3, ?4, ?5)";
 const SQL_FETCH: &str = "SELECT key, device, received_ms, payload, props FROM outbox
      WHERE key > ?1 AND key <= ?2 ORDER BY key LIMIT ?3";
 const SQL_DELETE_RANGE: &str = "DELETE FROM outbox WHERE key >= ?1 AND key <= ?2";
+const SQL_DELETE_UPTO: &str =
+    "DELETE FROM outbox WHERE key > ?1 AND key <= ?2 RETURNING LENGTH(payload)";
 const SQL_COUNT_RANGE: &str =
     "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox WHERE key > ?1 AND key <= ?2";
 const SQL_OLDEST: &str =
@@ -137,6 +139,17 @@ pub struct BatchOutcome {
     /// over its limit: not stored, not acknowledged.
     pub parked: Vec<usize>,
     pub shed: Shed,
+    /// Records deleted after the broker's receipt.
+    pub delivered: u64,
+}
+
+/// The broker confirmed every record of `dest` up to `up_to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub dest: DestIx,
+    pub up_to: u64,
+    /// How many of them were sent more than once.
+    pub resent: u64,
 }
 
 /// Records that left the store unsent, per stream.
@@ -413,15 +426,28 @@ impl Db {
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
-        self.insert_batch_inner(batch, max_payload)
+        self.commit_batch(&[], batch, max_payload)
+    }
+
+    /// Deletes what the broker confirmed (`deliveries`: destination, up to,
+    /// resent) and stores a batch, in one transaction (one fsync for both).
+    /// On error nothing changed and both can be tried again.
+    pub fn commit_batch(
+        &mut self,
+        deliveries: &[Delivery],
+        batch: &[Inbound],
+        max_payload: usize,
+    ) -> Result<BatchOutcome, StoreError> {
+        self.commit_batch_inner(deliveries, batch, max_payload)
             .map_err(|e| match e {
                 StoreError::Sqlite(s) => sql(s),
                 e => e,
             })
     }
 
-    fn insert_batch_inner(
+    fn commit_batch_inner(
         &mut self,
+        deliveries: &[Delivery],
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
@@ -434,12 +460,21 @@ impl Db {
         let mut stuck = self.stuck.clone();
         let mut parking = vec![false; self.layout.streams.len()];
         let tx = self.conn.transaction()?;
+        // Deletions first: their room is there for the batch.
+        for d in deliveries {
+            let (n, bytes) = delete_upto(&tx, &dests[d.dest], d.up_to)?;
+            let dest = &mut dests[d.dest];
+            dest.records = dest.records.saturating_sub(n);
+            dest.bytes = dest.bytes.saturating_sub(bytes);
+            counts.delivered += n as i64;
+            counts.resent += d.resent as i64;
+            out.delivered += n;
+        }
         for (i, msg) in batch.iter().enumerate() {
             if !msg.counted {
                 counts.received += 1;
             }
-            let digest = digest(&msg.payload);
-            if msg.dup && msg.pkid != 0 && seen_before(&tx, msg, digest)? {
+            if msg.dup && msg.pkid != 0 && seen_before(&tx, msg)? {
                 counts.redelivered += 1;
                 out.acks.extend(msg.ack);
                 continue;
@@ -463,7 +498,7 @@ impl Db {
                     keep
                 ])?;
                 if msg.pkid != 0 {
-                    seen_put(&tx, msg, digest)?;
+                    seen_put(&tx, msg)?;
                 }
                 tracing::warn!(mqtt_topic = %msg.mqtt_topic, size = msg.payload.len(), %reason, "message dead-lettered");
                 counts.dead_lettered += 1;
@@ -490,7 +525,7 @@ impl Db {
                 continue;
             }
             if msg.pkid != 0 {
-                seen_put(&tx, msg, digest)?;
+                seen_put(&tx, msg)?;
             }
             let props = postcard::to_allocvec(&RecordProps {
                 mqtt_topic: msg.mqtt_topic.clone(),
@@ -996,13 +1031,14 @@ fn shed_dest(
 fn delete_upto(tx: &Transaction<'_>, dest: &Dest, up_to: u64) -> Result<(u64, u64), StoreError> {
     let (lo, _) = dest.range(0);
     let hi = key(dest.id, up_to.min(SEQ_MAX)) as i64;
-    let (n, bytes): (i64, i64) = tx
-        .prepare_cached(SQL_COUNT_RANGE)?
-        .query_row([lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    if n > 0 {
-        tx.prepare_cached(SQL_DELETE_RANGE)?.execute([lo + 1, hi])?;
+    let mut stmt = tx.prepare_cached(SQL_DELETE_UPTO)?;
+    let mut rows = stmt.query([lo, hi])?;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    while let Some(r) = rows.next()? {
+        n += 1;
+        bytes += r.get::<_, i64>(0)? as u64;
     }
-    Ok((n as u64, bytes as u64))
+    Ok((n, bytes))
 }
 
 fn write_shed(tx: &Transaction<'_>, layout: &Layout, shed: &Shed) -> Result<(), StoreError> {
@@ -1046,22 +1082,35 @@ impl Counts {
     }
 }
 
-fn seen_before(tx: &Transaction<'_>, msg: &Inbound, digest: i64) -> Result<bool, StoreError> {
+fn seen_before(tx: &Transaction<'_>, msg: &Inbound) -> Result<bool, StoreError> {
     let seen: Option<(String, i64)> = tx
         .prepare_cached(SQL_SEEN_GET)?
         .query_row([msg.pkid], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    Ok(seen.is_some_and(|(t, d)| t == msg.mqtt_topic && d == digest))
+    Ok(match seen {
+        None => false,
+        // Rows written since the topic went into the digest.
+        Some((t, d)) if t.is_empty() => d == digest(&msg.mqtt_topic, &msg.payload),
+        // Rows of stores written before: the topic kept as text.
+        Some((t, d)) => t == msg.mqtt_topic && d == payload_digest(&msg.payload),
+    })
 }
 
-fn seen_put(tx: &Transaction<'_>, msg: &Inbound, digest: i64) -> Result<(), StoreError> {
+fn seen_put(tx: &Transaction<'_>, msg: &Inbound) -> Result<(), StoreError> {
     tx.prepare_cached(SQL_SEEN_PUT)?
-        .execute(params![msg.pkid, msg.mqtt_topic, digest])?;
+        .execute(params![msg.pkid, digest(&msg.mqtt_topic, &msg.payload)])?;
     Ok(())
 }
 
-/// Payload fingerprint for redelivery detection: CRC32C and length.
-fn digest(payload: &[u8]) -> i64 {
+/// Fingerprint of a message for redelivery detection: CRC32C of the
+/// payload, and CRC32C of the topic mixed with the payload's length.
+fn digest(topic: &str, payload: &[u8]) -> i64 {
+    let low = crc32c::crc32c(topic.as_bytes()) ^ payload.len() as u32;
+    ((crc32c::crc32c(payload) as i64) << 32) | low as i64
+}
+
+/// The fingerprint of older stores (the topic was compared as text).
+fn payload_digest(payload: &[u8]) -> i64 {
     ((crc32c::crc32c(payload) as i64) << 32) | (payload.len() as i64 & 0xffff_ffff)
 }
 

@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Durability, Limits, Overflow, StoreConfig};
-use db::{Db, Shed};
+use db::{Db, Delivery, Shed};
 use layout::{DestIx, DropReason, Layout};
 
 #[derive(Debug, thiserror::Error)]
@@ -413,7 +413,7 @@ struct Worker {
     reserve: Reserve,
     last_space_check: Option<Instant>,
     /// Deliveries whose deletion failed on a full disk, retried later.
-    undelivered: Vec<(DestIx, u64, u64)>,
+    undelivered: Vec<Delivery>,
 }
 
 /// The window the drain rate is averaged over.
@@ -437,6 +437,7 @@ impl Worker {
 
     fn main_loop(&mut self) -> Result<(), StoreError> {
         let mut inserts = Vec::new();
+        let mut deliveries: Vec<Delivery> = Vec::new();
         let mut others = Vec::new();
         let hang_at =
             crate::notify::hang_requested("store").then(|| Instant::now() + Duration::from_secs(2));
@@ -452,7 +453,7 @@ impl Worker {
                 Ok(c) => c,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if !self.parked.is_empty() {
-                        self.commit(Vec::new())?;
+                        self.commit(Vec::new(), Vec::new())?;
                     }
                     continue;
                 }
@@ -464,6 +465,23 @@ impl Worker {
             while let Some(cmd) = next.take() {
                 match cmd {
                     Command::Insert(m) => inserts.push(m),
+                    // Deliveries are cumulative: the highest per destination
+                    // is all that counts.
+                    Command::Delivered {
+                        dest,
+                        up_to,
+                        resent,
+                    } => match deliveries.iter_mut().find(|d| d.dest == dest) {
+                        Some(d) => {
+                            d.up_to = d.up_to.max(up_to);
+                            d.resent += resent;
+                        }
+                        None => deliveries.push(Delivery {
+                            dest,
+                            up_to,
+                            resent,
+                        }),
+                    },
                     // What came before a new connection is stored first.
                     Command::Epoch(e) => {
                         others.push(Command::Epoch(e));
@@ -490,11 +508,16 @@ impl Worker {
                     }
                 };
             }
-            if !inserts.is_empty() {
-                self.commit(std::mem::take(&mut inserts))?;
+            // Deletions ride along with the inserts: one transaction, one
+            // fsync for both.
+            let deliveries = std::mem::take(&mut deliveries);
+            if !inserts.is_empty() || (!deliveries.is_empty() && !self.parked.is_empty()) {
+                self.commit(std::mem::take(&mut inserts), deliveries)?;
+            } else {
+                self.deliver_all(deliveries)?;
             }
             if self.serve(&mut others)? && !self.parked.is_empty() {
-                self.commit(Vec::new())?;
+                self.commit(Vec::new(), Vec::new())?;
             }
             if closed {
                 return Ok(());
@@ -502,9 +525,10 @@ impl Worker {
         }
     }
 
-    /// Stores what was parked and then `new`, in arrival order; releases the
-    /// acks of what was committed.
-    fn commit(&mut self, new: Vec<Inbound>) -> Result<(), StoreError> {
+    /// Deletes what the broker confirmed, then stores what was parked and
+    /// `new` in arrival order, in one transaction; releases the acks of what
+    /// was committed.
+    fn commit(&mut self, new: Vec<Inbound>, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
         if self.disk_full
             && self
                 .last_full_failure
@@ -515,7 +539,7 @@ impl Worker {
                 self.hold(m);
             }
             self.backpressure();
-            return Ok(());
+            return self.deliver_all(deliveries);
         }
         let mut batch: Vec<Inbound> = self.parked.drain(..).collect();
         for m in new {
@@ -525,10 +549,10 @@ impl Worker {
             batch.push(m);
         }
         if batch.is_empty() {
-            return Ok(());
+            return self.deliver_all(deliveries);
         }
         let began = Instant::now();
-        let out = match self.try_insert(&batch)? {
+        let out = match self.try_insert(&batch, &deliveries)? {
             Some(out) => out,
             None => {
                 // Nothing fits: everything waits, unacknowledged.
@@ -537,9 +561,12 @@ impl Worker {
                     self.hold(m);
                 }
                 self.backpressure();
-                return Ok(());
+                return self.deliver_all(deliveries);
             }
         };
+        if !deliveries.is_empty() {
+            self.deliveries.push_back((Instant::now(), out.delivered));
+        }
         let m = &self.metrics;
         m.store_commit_seconds
             .observe(began.elapsed().as_secs_f64());
@@ -580,18 +607,23 @@ impl Worker {
     /// oldest history and events) until its free pages can take the batch,
     /// and restarts the WAL after each commit so that it does not grow.
     /// `None`: nothing fits even then.
-    fn try_insert(&mut self, batch: &[Inbound]) -> Result<Option<db::BatchOutcome>, StoreError> {
+    fn try_insert(
+        &mut self,
+        batch: &[Inbound],
+        deliveries: &[Delivery],
+    ) -> Result<Option<db::BatchOutcome>, StoreError> {
         if self.disk_full && !self.make_room(batch)? {
             return Ok(None);
         }
-        let out = match self.db.insert_batch(batch, self.cfg.max_payload_bytes) {
+        let max_payload = self.cfg.max_payload_bytes;
+        let out = match self.db.commit_batch(deliveries, batch, max_payload) {
             Ok(out) => out,
             Err(StoreError::DiskFull) => {
                 self.enter_disk_full();
                 if !self.make_room(batch)? {
                     return Ok(None);
                 }
-                match self.db.insert_batch(batch, self.cfg.max_payload_bytes) {
+                match self.db.commit_batch(deliveries, batch, max_payload) {
                     Ok(out) => out,
                     Err(StoreError::DiskFull) => return Ok(None),
                     Err(e) => return Err(e),
@@ -794,9 +826,7 @@ impl Worker {
             }
             if !self.undelivered.is_empty() {
                 let pending = std::mem::take(&mut self.undelivered);
-                for (d, up_to, resent) in pending {
-                    self.deliver(d, up_to, resent)?;
-                }
+                self.deliver_all(pending)?;
             }
         }
         if let Durability::Interval(period) = self.cfg.durability {
@@ -880,36 +910,27 @@ impl Worker {
         }
     }
 
-    fn deliver(&mut self, d: DestIx, up_to: u64, resent: u64) -> Result<bool, StoreError> {
-        match self.db.delivered(d, up_to, resent) {
-            Ok(n) => {
-                self.deliveries.push_back((Instant::now(), n));
-                Ok(n > 0)
+    /// Deletes what the broker confirmed, each in its own transaction (when
+    /// there is no batch to go with it).
+    fn deliver_all(&mut self, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
+        for d in deliveries {
+            match self.db.delivered(d.dest, d.up_to, d.resent) {
+                Ok(n) => self.deliveries.push_back((Instant::now(), n)),
+                Err(StoreError::DiskFull) => self.undelivered.push(d),
+                Err(e) => return Err(e),
             }
-            Err(StoreError::DiskFull) => {
-                self.undelivered.push((d, up_to, resent));
-                Ok(false)
-            }
-            Err(e) => Err(e),
         }
+        Ok(())
     }
 
-    /// Serves everything but inserts; true if records left the store.
+    /// Serves everything but inserts and deliveries; true if records left
+    /// the store or limits changed.
     fn serve(&mut self, cmds: &mut Vec<Command>) -> Result<bool, StoreError> {
-        // Deliveries are cumulative: only the highest per destination needs
-        // a transaction.
-        let mut delivered: Vec<Option<(u64, u64)>> = vec![None; self.db.layout().dests.len()];
         let mut freed = false;
         for cmd in cmds.drain(..) {
             match cmd {
-                Command::Insert(_) => unreachable!("inserts are batched apart"),
-                Command::Delivered {
-                    dest,
-                    up_to,
-                    resent,
-                } => {
-                    let (u, r) = delivered[dest].unwrap_or((0, 0));
-                    delivered[dest] = Some((u.max(up_to), r + resent));
+                Command::Insert(_) | Command::Delivered { .. } => {
+                    unreachable!("inserts and deliveries are batched apart")
                 }
                 Command::Fetch {
                     dest,
@@ -957,11 +978,6 @@ impl Worker {
                         "store limits reloaded"
                     );
                 }
-            }
-        }
-        for (d, v) in delivered.into_iter().enumerate() {
-            if let Some((up_to, resent)) = v {
-                freed |= self.deliver(d, up_to, resent)?;
             }
         }
         Ok(freed)

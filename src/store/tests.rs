@@ -564,3 +564,55 @@ fn a_store_from_before_streams_is_migrated_with_its_numbers() {
         .unwrap();
     assert_eq!(db.last_seqs()[0], 42);
 }
+
+#[test]
+fn deliveries_and_new_records_share_one_transaction() {
+    let dir = Dir::new();
+    let l = layout("max_records = 3\noverflow = \"reject\"", "");
+    let mut db = dir.db(l.clone());
+    let batch: Vec<Inbound> = (0..3)
+        .map(|i| msg(&l, "devices/a/state", &[b'0' + i], i as u16 + 1, false))
+        .collect();
+    db.insert_batch(&batch, 100).unwrap();
+    // Full: a fourth record fits only because the deletion comes first.
+    let d = super::db::Delivery {
+        dest: 0,
+        up_to: 2,
+        resent: 1,
+    };
+    let out = db
+        .commit_batch(&[d], &[msg(&l, "devices/a/state", b"3", 4, false)], 100)
+        .unwrap();
+    assert_eq!((out.delivered, out.parked.len()), (2, 0));
+    assert_eq!(payloads(&mut db, 0), vec!["2", "3"]);
+    assert_eq!(db.counter("delivered"), 2);
+    assert_eq!(db.counter("resent"), 1);
+}
+
+#[test]
+fn redeliveries_are_recognised_in_rows_written_by_older_stores() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    // An older store kept the topic as text and a payload-only digest.
+    let old_digest = ((crc32c::crc32c(b"x") as i64) << 32) | 1;
+    db.conn()
+        .execute(
+            "INSERT INTO mqtt_seen (pkid, topic, digest) VALUES (7, 'devices/a/state', ?1)",
+            [old_digest],
+        )
+        .unwrap();
+    let out = db
+        .insert_batch(&[msg(&l, "devices/a/state", b"x", 7, true)], 100)
+        .unwrap();
+    assert_eq!((out.redelivered, out.stored), (1, 0));
+    // Same pkid and payload on another topic: a different message.
+    let out = db
+        .insert_batch(&[msg(&l, "devices/b/state", b"x", 7, true)], 100)
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    let out = db
+        .insert_batch(&[msg(&l, "devices/b/state", b"x", 7, true)], 100)
+        .unwrap();
+    assert_eq!(out.redelivered, 1, "new rows carry the topic in the digest");
+}

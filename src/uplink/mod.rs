@@ -354,9 +354,8 @@ async fn run(
                     uplink.gate.set(uplink.session, true);
                 }
                 uplink.report_delivered()?;
-                if uplink.metrics.connected.set(0) == 1 {
-                    uplink.metrics.reconnects.inc();
-                }
+                uplink.metrics.connected.set(0);
+                uplink.metrics.reconnects.inc();
                 let delay = match (&e, class) {
                     (UplinkError::ProducerClosed, _) => uplink.settings.backoff_min,
                     // Retrying fast cannot fix a certificate or a permission.
@@ -461,8 +460,9 @@ impl Uplink {
                 if rec.seq <= self.state.cursor() {
                     continue;
                 }
-                encode_send(&self.settings, &rec, &mut conn.wbuf);
-                self.state.on_send(rec.seq, Instant::now());
+                let seq = rec.seq;
+                encode_send(&self.settings, rec, &mut conn.wbuf);
+                self.state.on_send(seq, Instant::now());
                 self.metrics.sent.inc();
             }
             conn.flush().await?;
@@ -703,8 +703,9 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Appends the SEND frame of one record.
-fn encode_send(s: &UplinkSettings, rec: &Record, dst: &mut BytesMut) {
+/// Appends the SEND frame of one record (taken by value: its strings move
+/// into the metadata instead of being copied).
+fn encode_send(s: &UplinkSettings, rec: Record, dst: &mut BytesMut) {
     let send = command(Type::Send, |c| {
         c.send = Some(proto::CommandSend {
             producer_id: PRODUCER_ID,
@@ -724,13 +725,13 @@ fn encode_send(s: &UplinkSettings, rec: &Record, dst: &mut BytesMut) {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
-        partition_key: Some(rec.device.clone()),
+        partition_key: Some(rec.device),
         event_time: Some(rec.received_ms),
         properties: vec![
             kv("ferry.gateway", s.gateway_id.clone()),
             kv("ferry.record", rec.seq.to_string()),
             kv("ferry.received_ms", rec.received_ms.to_string()),
-            kv("mqtt.topic", rec.props.mqtt_topic.clone()),
+            kv("mqtt.topic", rec.props.mqtt_topic),
         ],
         ..Default::default()
     };
