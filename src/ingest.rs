@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::store::layout::Layout;
-use crate::store::{AckToken, Inbound, StoreError, StoreHandle};
+use crate::store::{AckToken, Inbound, Intake, StoreError, StoreHandle};
 use crate::uplink::Backoff;
 
 /// rumqttc refuses larger incoming packets by closing the connection, which
@@ -51,7 +51,7 @@ pub async fn run(
     layout: Layout,
     store: StoreHandle,
     acks: UnboundedReceiver<AckToken>,
-    mut accepting: watch::Receiver<bool>,
+    mut accepting: watch::Receiver<Intake>,
     live: crate::status::Live,
     metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
@@ -76,17 +76,18 @@ pub async fn run(
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
     };
     let result = loop {
-        if !*accepting.borrow_and_update() {
+        if !accepting.borrow_and_update().open {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
-                r = accepting.wait_for(|a| *a) => if r.is_err() { break Ok(()) },
+                r = accepting.wait_for(|a| a.open) => if r.is_err() { break Ok(()) },
             }
             tracing::info!("store has room again: reconnecting to the mqtt broker");
         }
+        let pauses = accepting.borrow_and_update().pauses;
         let (client, mut eventloop) = AsyncClient::new(opts.clone(), 1024);
         current.send_replace(Some(client.clone()));
         let end = session
-            .connection(&client, &mut eventloop, &mut accepting, &shutdown)
+            .connection(&client, &mut eventloop, &mut accepting, pauses, &shutdown)
             .await;
         current.send_replace(None);
         // Leave the session on the broker: what was not acked is
@@ -141,14 +142,16 @@ impl Session {
         &mut self,
         client: &AsyncClient,
         eventloop: &mut EventLoop,
-        accepting: &mut watch::Receiver<bool>,
+        accepting: &mut watch::Receiver<Intake>,
+        pauses: u64,
         shutdown: &CancellationToken,
     ) -> Result<Ended, IngestError> {
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                 r = accepting.changed() => {
-                    if r.is_ok() && !*accepting.borrow_and_update() {
+                    // A pause, even one already over, ends this connection.
+                    if r.is_ok() && accepting.borrow_and_update().pauses != pauses {
                         return Ok(Ended::Paused);
                     }
                     continue;
@@ -177,7 +180,7 @@ impl Session {
                     let n = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
                     // Messages held back from earlier connections will be
                     // redelivered on this one.
-                    self.store.new_epoch(n)?;
+                    self.store.new_epoch(n, ack.session_present)?;
                     self.live.mqtt_up(&self.addr);
                     self.metrics.mqtt_connected.set(1);
                     tracing::info!(broker = %self.addr, session_present = ack.session_present, epoch = n, "mqtt connected");

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS destinations (
     topic    TEXT    NOT NULL UNIQUE,
     next_seq INTEGER NOT NULL,
     stream   TEXT    NOT NULL,
-    role     TEXT    NOT NULL
+    role     TEXT    NOT NULL,
+    resumed  INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS mqtt_seen (
     pkid   INTEGER PRIMARY KEY,
@@ -118,6 +119,8 @@ pub struct Dest {
     /// The highest record number the uplink fetched since it (re)connected:
     /// those may be in flight and are never shed.
     fetched: u64,
+    /// Its producer never resumed with the broker (`destinations.resumed`).
+    fresh: bool,
 }
 
 impl Dest {
@@ -243,13 +246,19 @@ impl Db {
         layout: Layout,
         durability: Durability,
     ) -> Result<(Db, Option<Damaged>), StoreError> {
-        let damaged = match check_integrity(path) {
-            Ok(()) => None,
-            Err(reason) => Some(move_aside(path, reason)?),
+        let damaged = match check_integrity(path)? {
+            None => None,
+            Some(reason) => Some(move_aside(path, reason)?),
         };
-        let open_err = |source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
+        let open_err = |source: rusqlite::Error| {
+            if is_disk_full(&source) {
+                StoreError::DiskFull
+            } else {
+                StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         };
         let conn = Connection::open(path).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -307,15 +316,25 @@ impl Db {
         let mut dests = Vec::new();
         for d in &self.layout.dests {
             let stream = &self.layout.streams[d.stream].name;
-            let found: Option<(i64, i64)> = tx
+            let found: Option<(i64, i64, String, String, bool)> = tx
                 .query_row(
-                    "SELECT id, next_seq FROM destinations WHERE topic = ?1",
+                    "SELECT id, next_seq, stream, role, resumed FROM destinations WHERE topic = ?1",
                     [&d.topic],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                 )
                 .optional()?;
-            let (id, next_seq) = match found {
-                Some(v) => v,
+            let (id, next_seq, resumed) = match found {
+                Some((id, next, old_stream, old_role, resumed)) => {
+                    // Written only when it changed: a start on a full disk
+                    // must not need to write.
+                    if old_stream != *stream || old_role != d.role.as_str() {
+                        tx.execute(
+                            "UPDATE destinations SET stream = ?2, role = ?3 WHERE id = ?1",
+                            params![id, stream, d.role.as_str()],
+                        )?;
+                    }
+                    (id, next, resumed)
+                }
                 None => {
                     let id: i64 = tx.query_row(
                         "SELECT COALESCE(MAX(id), 0) + 1 FROM destinations",
@@ -326,16 +345,13 @@ impl Db {
                         "INSERT INTO destinations (id, topic, next_seq, stream, role) VALUES (?1, ?2, 1, ?3, ?4)",
                         params![id, d.topic, stream, d.role.as_str()],
                     )?;
-                    (id, 1)
+                    (id, 1, false)
                 }
             };
-            tx.execute(
-                "UPDATE destinations SET stream = ?2, role = ?3 WHERE id = ?1",
-                params![id, stream, d.role.as_str()],
-            )?;
             dests.push(Dest {
                 id: id as u64,
                 next_seq: next_seq as u64,
+                fresh: !resumed,
                 ..Dest::default()
             });
         }
@@ -373,10 +389,15 @@ impl Db {
             [d.id as i64],
         )?;
         let next = (next as u64).max(d.next_seq);
-        tx.execute(SQL_SET_NEXT_SEQ, params![d.id as i64, next as i64])?;
+        // That store's producer did speak to the broker.
+        tx.execute(
+            "UPDATE destinations SET next_seq = ?2, resumed = 1 WHERE id = ?1",
+            params![d.id as i64, next as i64],
+        )?;
         tx.execute_batch("DROP TABLE journal; DROP TABLE IF EXISTS meta;")?;
         tx.commit()?;
         d.next_seq = next;
+        d.fresh = false;
         tracing::info!("store migrated to per-topic record numbers");
         Ok(())
     }
@@ -426,19 +447,23 @@ impl Db {
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
-        self.commit_batch(&[], batch, max_payload)
+        self.commit_batch(&[], &[], batch, max_payload)
     }
 
     /// Deletes what the broker confirmed (`deliveries`: destination, up to,
     /// resent) and stores a batch, in one transaction (one fsync for both).
-    /// On error nothing changed and both can be tried again.
+    /// `forget`: packet ids of messages received but not stored (the broker
+    /// redelivers them): their `mqtt_seen` rows describe an older message
+    /// and must not make the redelivery look like a duplicate. On error
+    /// nothing changed and all can be tried again.
     pub fn commit_batch(
         &mut self,
         deliveries: &[Delivery],
+        forget: &[u16],
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
-        self.commit_batch_inner(deliveries, batch, max_payload)
+        self.commit_batch_inner(deliveries, forget, batch, max_payload)
             .map_err(|e| match e {
                 StoreError::Sqlite(s) => sql(s),
                 e => e,
@@ -448,6 +473,7 @@ impl Db {
     fn commit_batch_inner(
         &mut self,
         deliveries: &[Delivery],
+        forget: &[u16],
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
@@ -460,6 +486,10 @@ impl Db {
         let mut stuck = self.stuck.clone();
         let mut parking = vec![false; self.layout.streams.len()];
         let tx = self.conn.transaction()?;
+        for pkid in forget {
+            tx.prepare_cached("DELETE FROM mqtt_seen WHERE pkid = ?1")?
+                .execute([pkid])?;
+        }
         // Deletions first: their room is there for the batch.
         for d in deliveries {
             let (n, bytes) = delete_upto(&tx, &dests[d.dest], d.up_to)?;
@@ -514,11 +544,12 @@ impl Db {
                     bytes: u.bytes + dests[*d].bytes,
                 })
             };
+            // A stream with nothing pending takes a record even when that
+            // alone is over its limits, or it would wait forever.
+            let u = usage(&dests);
             if spec.overflow == Overflow::Reject
                 && (parking[s]
-                    || spec
-                        .limits
-                        .full_for(usage(&dests), len * spec.dests.len() as u64))
+                    || (u.records > 0 && spec.limits.full_for(u, len * spec.dests.len() as u64)))
             {
                 parking[s] = true;
                 out.parked.push(i);
@@ -672,16 +703,18 @@ impl Db {
             return Ok(ResumeOutcome::default());
         }
         let last = last_sequence_id as u64;
-        let dest = self.dests[d].clone();
+        if last >= SEQ_MAX {
+            return Err(StoreError::Exhausted(self.layout.dests[d].topic.clone()));
+        }
+        // Work on a copy: memory changes only once the commit succeeded.
+        let mut dest = self.dests[d].clone();
         let tx = self.conn.transaction()?;
-        let outcome = if last >= dest.next_seq {
-            // The broker holds numbers this store never gave out: the store
-            // was lost or replaced. Its pending records are new to the
-            // broker; number them above what it holds, or deduplication
-            // would drop them.
-            if last >= SEQ_MAX {
-                return Err(StoreError::Exhausted(self.layout.dests[d].topic.clone()));
-            }
+        let outcome = if last >= dest.next_seq && dest.fresh {
+            // The broker holds numbers this destination never gave out, and
+            // it never spoke to the broker before: the store was replaced
+            // (deleted, or damaged and moved aside). Its pending records are
+            // new to the broker; number them above what it holds, or
+            // deduplication would drop them.
             let (lo, hi) = dest.range(0);
             let lowest: Option<i64> = tx.query_row(
                 "SELECT MIN(key) FROM outbox WHERE key > ?1 AND key <= ?2",
@@ -700,29 +733,38 @@ impl Db {
                 )?;
                 tx.execute("UPDATE outbox SET key = -key WHERE key < 0", [])?;
             }
-            let next = (dest.next_seq + delta).max(last + 1);
-            tx.execute(SQL_SET_NEXT_SEQ, params![dest.id as i64, next as i64])?;
-            self.dests[d].next_seq = next;
+            dest.next_seq = (dest.next_seq + delta).max(last + 1);
             ResumeOutcome {
                 skipped: 0,
                 renumbered_by: delta,
             }
         } else {
+            // The broker holds everything up to `last`. When that is beyond
+            // what this store numbered, the store lost its newest commits (a
+            // power cut with `durability = "interval"`, or an older copy
+            // restored) but the broker got them: skip what it holds and
+            // number on from there, never twice.
             let (n, bytes) = delete_upto(&tx, &dest, last)?;
             Counts {
                 skipped: n as i64,
                 ..Counts::default()
             }
             .write(&tx)?;
-            let dest = &mut self.dests[d];
             dest.records = dest.records.saturating_sub(n);
             dest.bytes = dest.bytes.saturating_sub(bytes);
+            dest.next_seq = dest.next_seq.max(last + 1);
             ResumeOutcome {
                 skipped: n,
                 renumbered_by: 0,
             }
         };
-        tx.commit().map_err(sql)?;
+        tx.execute(
+            "UPDATE destinations SET next_seq = ?2, resumed = 1 WHERE id = ?1",
+            params![dest.id as i64, dest.next_seq as i64],
+        )?;
+        tx.commit()?;
+        dest.fresh = false;
+        self.dests[d] = dest;
         Ok(outcome)
     }
 
@@ -1118,19 +1160,35 @@ pub fn now_ms() -> u64 {
     crate::status::now_ms()
 }
 
-/// Opens an existing store file read-only and runs SQLite's quick check.
-fn check_integrity(path: &Path) -> Result<(), String> {
+/// Runs SQLite's quick check on an existing store file. `Ok(Some(reason))`
+/// only for damage (corruption, or not a database at all); any other
+/// failure (locked, no permission, a full disk) is an error: the file may be
+/// fine and must not be moved aside.
+fn check_integrity(path: &Path) -> Result<Option<String>, StoreError> {
     if !path.exists() {
-        return Ok(());
+        return Ok(None);
     }
     let check = || -> Result<String, rusqlite::Error> {
         let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
     };
     match check() {
-        Ok(s) if s == "ok" => Ok(()),
-        Ok(s) => Err(s),
-        Err(e) => Err(e.to_string()),
+        Ok(s) if s == "ok" => Ok(None),
+        Ok(s) => Ok(Some(s)),
+        Err(e)
+            if matches!(
+                e.sqlite_error_code(),
+                Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+            ) =>
+        {
+            Ok(Some(e.to_string()))
+        }
+        Err(e) if is_disk_full(&e) => Err(StoreError::DiskFull),
+        Err(source) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 

@@ -76,13 +76,24 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("store failure: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("the disk holding the store is full")]
     DiskFull,
     #[error("record numbers of {0} are exhausted (2^48)")]
     Exhausted(String),
     #[error("store thread has stopped")]
     Closed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    /// A full disk is its own error wherever it happens: callers keep going.
+    fn from(e: rusqlite::Error) -> StoreError {
+        if db::is_disk_full(&e) {
+            StoreError::DiskFull
+        } else {
+            StoreError::Sqlite(e)
+        }
+    }
 }
 
 /// Structured fields of a record, stored with postcard.
@@ -158,10 +169,11 @@ pub enum Command {
     },
     /// New batching, payload and stream limits (configuration reload).
     SetLimits(StoreConfig, Layout),
-    /// Ingest connected to the MQTT broker again (connection `epoch`):
-    /// messages held back from earlier connections will be redelivered, so
-    /// their held copies are dropped.
-    Epoch(u64),
+    /// Ingest connected to the MQTT broker again (connection `epoch`; was the
+    /// session still there): messages held back from earlier connections
+    /// will be redelivered, so their held copies are dropped, unless the
+    /// broker lost the session (then nothing is redelivered).
+    Epoch(u64, bool),
 }
 
 /// What [`Command::Resume`] did.
@@ -173,6 +185,16 @@ pub struct ResumeOutcome {
     /// lost or replaced); pending records were renumbered above them by this
     /// much.
     pub renumbered_by: u64,
+}
+
+/// What the store tells ingest: `pauses` counts the times it asked ingest
+/// to disconnect (a pause and the resume after it may come faster than
+/// ingest looks; the count still tells it to reconnect); `open` whether
+/// ingest may be connected now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intake {
+    pub open: bool,
+    pub pauses: u64,
 }
 
 /// Cheap handle for talking to the store thread.
@@ -224,8 +246,8 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    pub fn new_epoch(&self, epoch: u64) -> Result<(), StoreError> {
-        self.send(Command::Epoch(epoch))
+    pub fn new_epoch(&self, epoch: u64, session_present: bool) -> Result<(), StoreError> {
+        self.send(Command::Epoch(epoch, session_present))
     }
 
     pub fn set_limits(&self, cfg: StoreConfig, layout: Layout) -> Result<(), StoreError> {
@@ -245,9 +267,8 @@ pub struct Store {
     pub committed: watch::Receiver<Vec<u64>>,
     /// Set when the store was found damaged at start and moved aside.
     pub damaged: Option<db::Damaged>,
-    /// False while ingest should stay away from the MQTT broker (it holds
-    /// back as many messages as it may).
-    pub accepting: watch::Receiver<bool>,
+    /// Whether ingest may be connected to the MQTT broker (see [`Intake`]).
+    pub accepting: watch::Receiver<Intake>,
     thread: thread::JoinHandle<Result<(), StoreError>>,
 }
 
@@ -262,15 +283,27 @@ impl Store {
         live: crate::status::Live,
         metrics: crate::metrics::Metrics,
     ) -> Result<Store, StoreError> {
-        let (db, damaged) = Db::open(&cfg.path, layout, cfg.durability)?;
+        let reserve = Reserve::new(&cfg.path);
+        let (db, damaged) = match Db::open(&cfg.path, layout.clone(), cfg.durability) {
+            // Opening may need to write (the WAL index, a migration): give
+            // back the reserve and try once more.
+            Err(StoreError::DiskFull) => {
+                reserve.release();
+                tracing::error!(store = %cfg.path.display(), "DISK FULL at start: reserve given back");
+                Db::open(&cfg.path, layout, cfg.durability)?
+            }
+            r => r?,
+        };
         if damaged.is_some() {
             metrics.store_damaged.inc();
         }
-        let reserve = Reserve::new(&cfg.path);
         reserve.fill();
         let (tx, rx) = mpsc::channel();
         let (committed_tx, committed) = watch::channel(db.last_seqs());
-        let (accepting_tx, accepting) = watch::channel(true);
+        let (accepting_tx, accepting) = watch::channel(Intake {
+            open: true,
+            pauses: 0,
+        });
         let streams = db.layout().streams.len();
         let worker = Worker {
             db,
@@ -296,6 +329,8 @@ impl Store {
             reserve,
             last_space_check: None,
             undelivered: Vec::new(),
+            forget: Vec::new(),
+            budget_rearm: None,
         };
         let thread = thread::Builder::new()
             .name("ferry-store".into())
@@ -398,9 +433,9 @@ struct Worker {
     parked: VecDeque<Inbound>,
     /// Per stream: a `reject` stream is holding messages back.
     rejecting: Vec<bool>,
-    /// Tells ingest to disconnect (false) when too much is parked, and to
-    /// come back (true) once there is room.
-    accepting: watch::Sender<bool>,
+    /// Tells ingest to disconnect when too much is held back, and to come
+    /// back once there is room.
+    accepting: watch::Sender<Intake>,
     /// The current MQTT connection (see [`Command::Epoch`]).
     epoch: u64,
     /// Messages of this connection and earlier ones are refused (the
@@ -414,6 +449,12 @@ struct Worker {
     last_space_check: Option<Instant>,
     /// Deliveries whose deletion failed on a full disk, retried later.
     undelivered: Vec<Delivery>,
+    /// Packet ids of messages received but not stored (see
+    /// [`Db::commit_batch`]), cleared by the next commit.
+    forget: Vec<u16>,
+    /// After shedding for `store.max_bytes` could not get under it, not
+    /// again before the file uses this much.
+    budget_rearm: Option<u64>,
 }
 
 /// The window the drain rate is averaged over.
@@ -483,8 +524,8 @@ impl Worker {
                         }),
                     },
                     // What came before a new connection is stored first.
-                    Command::Epoch(e) => {
-                        others.push(Command::Epoch(e));
+                    Command::Epoch(e, present) => {
+                        others.push(Command::Epoch(e, present));
                         break;
                     }
                     other => others.push(other),
@@ -544,6 +585,7 @@ impl Worker {
         let mut batch: Vec<Inbound> = self.parked.drain(..).collect();
         for m in new {
             if self.refused(&m) {
+                self.forget.push(m.pkid);
                 continue;
             }
             batch.push(m);
@@ -593,10 +635,18 @@ impl Worker {
             let _ = self.acks.send(a);
         }
         if let Some(budget) = self.cfg.max_bytes {
-            if self.db.used_bytes()? > budget {
+            let used = self.db.used_bytes()?;
+            let due = used > budget && self.budget_rearm.map_or(true, |r| used >= r);
+            if due {
                 self.shed_under_pressure(DropReason::StoreFull, |db| {
                     Ok(db.used_bytes()? <= budget - budget / 10)
                 })?;
+                // What is left cannot be shed (newest states, dead letters,
+                // reject backlogs): not again before it grew by a tenth.
+                let after = self.db.used_bytes()?;
+                self.budget_rearm = (after > budget).then(|| after + budget / 10);
+            } else if used <= budget {
+                self.budget_rearm = None;
             }
         }
         Ok(())
@@ -616,16 +666,27 @@ impl Worker {
             return Ok(None);
         }
         let max_payload = self.cfg.max_payload_bytes;
-        let out = match self.db.commit_batch(deliveries, batch, max_payload) {
+        let forget = std::mem::take(&mut self.forget);
+        let out = match self
+            .db
+            .commit_batch(deliveries, &forget, batch, max_payload)
+        {
             Ok(out) => out,
             Err(StoreError::DiskFull) => {
                 self.enter_disk_full();
                 if !self.make_room(batch)? {
+                    self.forget = forget;
                     return Ok(None);
                 }
-                match self.db.commit_batch(deliveries, batch, max_payload) {
+                match self
+                    .db
+                    .commit_batch(deliveries, &forget, batch, max_payload)
+                {
                     Ok(out) => out,
-                    Err(StoreError::DiskFull) => return Ok(None),
+                    Err(StoreError::DiskFull) => {
+                        self.forget = forget;
+                        return Ok(None);
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -726,9 +787,27 @@ impl Worker {
 
     /// Holds a message back (unless the broker will redeliver it anyway).
     fn hold(&mut self, m: Inbound) {
-        if !self.refused(&m) {
+        if self.refused(&m) {
+            self.forget.push(m.pkid);
+        } else {
             self.parked.push_back(m);
         }
+    }
+
+    /// Drops held messages the broker will redeliver (`keep` says which
+    /// stay); their packet ids are forgotten.
+    fn drop_held(&mut self, keep: impl Fn(&Inbound) -> bool) -> usize {
+        let before = self.parked.len();
+        let mut kept = VecDeque::with_capacity(before);
+        for m in self.parked.drain(..) {
+            if keep(&m) {
+                kept.push_back(m);
+            } else {
+                self.forget.push(m.pkid);
+            }
+        }
+        self.parked = kept;
+        before - self.parked.len()
     }
 
     /// A message of an MQTT connection that back-pressure is closing: it is
@@ -743,26 +822,36 @@ impl Worker {
     /// to come back once the streams that held back have room (below 90%
     /// of their limits) and the disk is not full.
     fn backpressure(&mut self) {
-        let paused = !*self.accepting.borrow();
+        let paused = !self.accepting.borrow().open;
         let bytes: usize = self.parked.iter().map(|m| m.payload.len()).sum();
         if !paused && (self.parked.len() >= MAX_PARKED || bytes >= MAX_PARKED_BYTES) {
             // The broker redelivers what was never acked; keep only what it
             // cannot redeliver (QoS 0).
             let held = self.parked.len();
-            self.parked.retain(|m| m.ack.is_none());
+            self.drop_held(|m| m.ack.is_none());
             // Everything else of this connection goes back to the broker
             // too, so that nothing overtakes what was held back.
             self.closing_epoch = Some(self.epoch);
-            self.accepting.send_replace(false);
+            self.accepting.send_modify(|i| {
+                i.open = false;
+                i.pauses += 1;
+            });
             tracing::warn!(held, "too many messages held back: disconnecting from the mqtt broker until the store has room");
+            return;
+        }
+        if !paused {
             return;
         }
         // On a full disk, room is what shedding can free inside the store.
         let disk_room = !self.disk_full
-            || self
-                .make_room_bytes(MAX_PARKED_BYTES as u64)
-                .unwrap_or(false);
-        if paused && disk_room {
+            || match self.make_room_bytes(MAX_PARKED_BYTES as u64) {
+                Ok(room) => room,
+                Err(e) => {
+                    tracing::warn!(error = %e, "shedding on a full disk failed");
+                    false
+                }
+            };
+        if disk_room {
             let layout = self.db.layout();
             let room = (0..layout.streams.len()).all(|s| {
                 let spec = &layout.streams[s];
@@ -774,7 +863,7 @@ impl Worker {
                 spec.overflow != Overflow::Reject || !low.over(self.db.usage(s))
             });
             if room {
-                self.accepting.send_replace(true);
+                self.accepting.send_modify(|i| i.open = true);
             }
         }
     }
@@ -952,16 +1041,16 @@ impl Worker {
                     }
                     let _ = reply.send(r);
                 }
-                Command::Epoch(epoch) => {
+                Command::Epoch(epoch, session_present) => {
                     self.epoch = epoch;
-                    let before = self.parked.len();
-                    self.parked
-                        .retain(|p| p.ack.map_or(true, |a| a.epoch >= epoch));
-                    if self.parked.len() < before {
-                        tracing::debug!(
-                            dropped = before - self.parked.len(),
-                            "held-back messages of an earlier mqtt connection dropped; the broker redelivers them"
-                        );
+                    if session_present {
+                        let dropped = self.drop_held(|p| p.ack.map_or(true, |a| a.epoch >= epoch));
+                        if dropped > 0 {
+                            tracing::debug!(
+                                dropped,
+                                "held-back messages of an earlier mqtt connection dropped; the broker redelivers them"
+                            );
+                        }
                     }
                 }
                 Command::SetLimits(cfg, layout) => {

@@ -581,7 +581,12 @@ fn deliveries_and_new_records_share_one_transaction() {
         resent: 1,
     };
     let out = db
-        .commit_batch(&[d], &[msg(&l, "devices/a/state", b"3", 4, false)], 100)
+        .commit_batch(
+            &[d],
+            &[],
+            &[msg(&l, "devices/a/state", b"3", 4, false)],
+            100,
+        )
         .unwrap();
     assert_eq!((out.delivered, out.parked.len()), (2, 0));
     assert_eq!(payloads(&mut db, 0), vec!["2", "3"]);
@@ -615,4 +620,53 @@ fn redeliveries_are_recognised_in_rows_written_by_older_stores() {
         .insert_batch(&[msg(&l, "devices/b/state", b"x", 7, true)], 100)
         .unwrap();
     assert_eq!(out.redelivered, 1, "new rows carry the topic in the digest");
+}
+
+#[test]
+fn a_store_that_lost_its_newest_commits_skips_what_the_broker_holds() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    let batch: Vec<Inbound> = (0..5)
+        .map(|i| msg(&l, "devices/a/state", &[i], i as u16 + 1, false))
+        .collect();
+    db.insert_batch(&batch, 100).unwrap();
+    // The producer spoke to the broker before (it holds nothing yet).
+    assert_eq!(db.resume(0, -1).unwrap(), ResumeOutcome::default());
+    assert_eq!(db.resume(0, 0).unwrap().skipped, 0);
+    // A power cut lost records 6..=8 from the store, but the broker got
+    // them: it names 8. Nothing is renumbered or sent twice.
+    let out = db.resume(0, 8).unwrap();
+    assert_eq!(
+        out,
+        ResumeOutcome {
+            skipped: 5,
+            renumbered_by: 0
+        }
+    );
+    db.insert_batch(&[msg(&l, "devices/a/state", b"n", 9, false)], 100)
+        .unwrap();
+    let seqs: Vec<u64> = db.fetch(0, 0, 10).unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![9]);
+    drop(db);
+    // That is remembered across restarts.
+    let mut db = dir.db(l.clone());
+    assert_eq!(db.resume(0, 20).unwrap().renumbered_by, 0);
+}
+
+#[test]
+fn a_reject_stream_with_nothing_pending_takes_a_record_over_its_byte_limit() {
+    let dir = Dir::new();
+    let l = layout("max_bytes = 100\noverflow = \"reject\"", "");
+    let mut db = dir.db(l.clone());
+    let out = db
+        .insert_batch(
+            &[
+                msg(&l, "devices/a/state", &[b'x'; 150], 1, false),
+                msg(&l, "devices/a/state", b"y", 2, false),
+            ],
+            1000,
+        )
+        .unwrap();
+    assert_eq!((out.stored, out.parked.clone()), (1, vec![1]));
 }
