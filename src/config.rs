@@ -341,8 +341,8 @@ pub struct RawUplink {
 
 impl Config {
     /// The settings that differ from `new` and take effect only after a
-    /// restart (everything but `log_level` and the store's batching and
-    /// payload limits).
+    /// restart (everything but `log_level`, the store's batching, payload
+    /// and size limits, and the streams' limits and overflow policies).
     pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
         let mut out = Vec::new();
         if self.gateway_id != new.gateway_id {

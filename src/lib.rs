@@ -4,9 +4,10 @@
 //!
 //! - [`config`]: the gateway's TOML file, validated into [`config::Config`].
 //! - [`ingest`]: MQTT (rumqttc) in, QoS 1 with manual acks after commit.
-//! - [`store`]: SQLite journal on its own thread, group commit, record numbers.
-//! - [`uplink`]: ferry's own idempotent Pulsar producer, sequence id = record
-//!   number, resume from the broker's `last_sequence_id`.
+//! - [`store`]: SQLite on its own thread: one backlog per destination topic,
+//!   group commit, record numbers, overflow policies, full-disk handling.
+//! - [`uplink`]: ferry's own idempotent Pulsar producer, one session per
+//!   topic, sequence id = record number, resume from `last_sequence_id`.
 //! - [`shutdown`]: SIGTERM/SIGINT into one cancellation token.
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`check`]: what `ferry check` reports to installers.
