@@ -670,3 +670,25 @@ fn a_reject_stream_with_nothing_pending_takes_a_record_over_its_byte_limit() {
         .unwrap();
     assert_eq!((out.stored, out.parked.clone()), (1, vec![1]));
 }
+
+#[test]
+fn a_forgotten_packet_id_never_makes_a_redelivery_look_like_a_duplicate() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    // A heartbeat stored under packet id 7 ...
+    db.insert_batch(&[msg(&l, "devices/a/state", b"on", 7, false)], 100)
+        .unwrap();
+    // ... then, 65,535 messages later, the same heartbeat under id 7 was
+    // received but not stored (held back, then left to the broker). Its
+    // redelivery (DUP) must be stored, not taken for the old one.
+    let out = db
+        .commit_batch(
+            &[],
+            &[7],
+            &[msg(&l, "devices/a/state", b"on", 7, true)],
+            100,
+        )
+        .unwrap();
+    assert_eq!((out.stored, out.redelivered), (1, 0));
+}
