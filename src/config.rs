@@ -197,7 +197,7 @@ pub enum TokenSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     pub path: PathBuf,
-    /// Larger payloads go to the dead-letter table instead of the journal.
+    /// Larger payloads go to the dead-letter table instead of the store.
     pub max_payload_bytes: usize,
     /// Group commit: the longest a received message waits for companions.
     pub commit_max_wait: Duration,
