@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
 
-use super::layout::{self, DestIx, DropReason, Layout, Role, Usage};
+use super::layout::{self, DestIx, DropReason, Layout, Role, StreamSpec, Usage};
 use super::{AckToken, Inbound, Record, RecordProps, ResumeOutcome, StoreError};
 use crate::config::{Durability, Overflow};
 
@@ -223,14 +223,6 @@ pub fn is_disk_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(ErrorCode::DiskFull)
 }
 
-fn sql(e: rusqlite::Error) -> StoreError {
-    if is_disk_full(&e) {
-        StoreError::DiskFull
-    } else {
-        StoreError::Sqlite(e)
-    }
-}
-
 /// A store that failed its integrity check, and where it was moved.
 #[derive(Debug, Clone)]
 pub struct Damaged {
@@ -424,20 +416,11 @@ impl Db {
     }
 
     pub fn usage(&self, stream: usize) -> Usage {
-        self.layout.streams[stream]
-            .dests
-            .iter()
-            .fold(Usage::default(), |u, d| Usage {
-                records: u.records + self.dests[*d].records,
-                bytes: u.bytes + self.dests[*d].bytes,
-            })
+        stream_usage(&self.layout.streams[stream], &self.dests)
     }
 
     pub fn total(&self) -> Usage {
-        self.dests.iter().fold(Usage::default(), |u, d| Usage {
-            records: u.records + d.records,
-            bytes: u.bytes + d.bytes,
-        })
+        sum_usage(&self.dests)
     }
 
     /// Stores a batch in one transaction. On error nothing is stored and the
@@ -457,20 +440,6 @@ impl Db {
     /// and must not make the redelivery look like a duplicate. On error
     /// nothing changed and all can be tried again.
     pub fn commit_batch(
-        &mut self,
-        deliveries: &[Delivery],
-        forget: &[u16],
-        batch: &[Inbound],
-        max_payload: usize,
-    ) -> Result<BatchOutcome, StoreError> {
-        self.commit_batch_inner(deliveries, forget, batch, max_payload)
-            .map_err(|e| match e {
-                StoreError::Sqlite(s) => sql(s),
-                e => e,
-            })
-    }
-
-    fn commit_batch_inner(
         &mut self,
         deliveries: &[Delivery],
         forget: &[u16],
@@ -538,12 +507,7 @@ impl Db {
             let s = msg.stream.expect("checked above");
             let spec = &self.layout.streams[s];
             let len = msg.payload.len() as u64;
-            let usage = |dests: &[Dest]| {
-                spec.dests.iter().fold(Usage::default(), |u, d| Usage {
-                    records: u.records + dests[*d].records,
-                    bytes: u.bytes + dests[*d].bytes,
-                })
-            };
+            let usage = |dests: &[Dest]| stream_usage(spec, dests);
             // A stream with nothing pending takes a record even when that
             // alone is over its limits, or it would wait forever.
             let u = usage(&dests);
@@ -684,7 +648,7 @@ impl Db {
             ..Counts::default()
         }
         .write(&tx)?;
-        tx.commit().map_err(sql)?;
+        tx.commit()?;
         let dest = &mut self.dests[d];
         dest.records = dest.records.saturating_sub(n);
         dest.bytes = dest.bytes.saturating_sub(bytes);
@@ -788,7 +752,7 @@ impl Db {
             let tx = self.conn.transaction()?;
             let shed = shed_stream(&tx, &self.layout, &mut dests, s, Some(cutoff))?;
             write_shed(&tx, &self.layout, &shed)?;
-            tx.commit().map_err(sql)?;
+            tx.commit()?;
             self.dests = dests;
             total.merge(shed);
         }
@@ -836,7 +800,7 @@ impl Db {
                     shed.dropped.insert((spec.stream, reason), freed.records);
                 }
                 write_shed(&tx, &self.layout, &shed)?;
-                tx.commit().map_err(sql)?;
+                tx.commit()?;
                 self.dests = dests;
                 self.checkpoint(true);
                 total.merge(shed);
@@ -889,15 +853,14 @@ impl Db {
     }
 
     pub fn write_snapshot(&self, json: &str) -> Result<(), StoreError> {
-        self.conn.execute(SQL_AGENT_PUT, [json]).map_err(sql)?;
+        self.conn.execute(SQL_AGENT_PUT, [json])?;
         Ok(())
     }
 
     /// Records an event that `ferry status` shows.
     pub fn incident(&self, kind: &str, detail: &str) -> Result<(), StoreError> {
         self.conn
-            .execute(SQL_INCIDENT, params![now_ms() as i64, kind, detail])
-            .map_err(sql)?;
+            .execute(SQL_INCIDENT, params![now_ms() as i64, kind, detail])?;
         Ok(())
     }
 
@@ -918,6 +881,19 @@ impl Db {
     }
 }
 
+/// What `dests` hold together.
+fn sum_usage<'a>(dests: impl IntoIterator<Item = &'a Dest>) -> Usage {
+    dests.into_iter().fold(Usage::default(), |u, d| Usage {
+        records: u.records + d.records,
+        bytes: u.bytes + d.bytes,
+    })
+}
+
+/// What a stream holds over all its destinations.
+fn stream_usage(spec: &StreamSpec, dests: &[Dest]) -> Usage {
+    sum_usage(spec.dests.iter().map(|d| &dests[*d]))
+}
+
 /// Applies stream `s`'s policy (or, with `age_cutoff`, its age limit) to
 /// `dests`, inside `tx`. History goes before status; a device's newest
 /// pending state is never touched.
@@ -930,12 +906,7 @@ fn shed_stream(
 ) -> Result<Shed, StoreError> {
     let spec = &layout.streams[s];
     let mut shed = Shed::default();
-    let usage = |dests: &[Dest]| {
-        spec.dests.iter().fold(Usage::default(), |u, d| Usage {
-            records: u.records + dests[*d].records,
-            bytes: u.bytes + dests[*d].bytes,
-        })
-    };
+    let usage = |dests: &[Dest]| stream_usage(spec, dests);
     // History (and events) first, then the status topic.
     let mut order: Vec<DestIx> = spec.dests.clone();
     order.sort_by_key(|d| layout.dests[*d].role == Role::Status);

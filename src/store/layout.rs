@@ -181,18 +181,25 @@ impl Limits {
     /// How much drop-oldest frees once over: down to 90% of each limit that
     /// is exceeded, so that it does not run again at the very next record.
     pub fn shed_target(&self, u: Usage) -> Usage {
-        let low = |m: u64| m - m / 10;
+        let low = self.low_water();
+        let excess = |limit: Option<u64>, low: Option<u64>, used: u64| match (limit, low) {
+            (Some(m), Some(l)) if used > m => used - l,
+            _ => 0,
+        };
         Usage {
-            records: self
-                .max_records
-                .filter(|m| u.records > *m)
-                .map(|m| u.records - low(m))
-                .unwrap_or(0),
-            bytes: self
-                .max_bytes
-                .filter(|m| u.bytes > *m)
-                .map(|m| u.bytes - low(m))
-                .unwrap_or(0),
+            records: excess(self.max_records, low.max_records, u.records),
+            bytes: excess(self.max_bytes, low.max_bytes, u.bytes),
+        }
+    }
+
+    /// 90% of each record and byte limit: where drop-oldest sheds down to,
+    /// and where a `reject` stream takes messages again.
+    pub fn low_water(&self) -> Limits {
+        let low = |m: u64| m - m / 10;
+        Limits {
+            max_records: self.max_records.map(low),
+            max_bytes: self.max_bytes.map(low),
+            max_age: None,
         }
     }
 

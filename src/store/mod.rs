@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Durability, Limits, Overflow, StoreConfig};
+use crate::config::{Durability, Overflow, StoreConfig};
 use db::{Db, Delivery, Shed};
 use layout::{DestIx, DropReason, Layout};
 
@@ -855,12 +855,7 @@ impl Worker {
             let layout = self.db.layout();
             let room = (0..layout.streams.len()).all(|s| {
                 let spec = &layout.streams[s];
-                let low = Limits {
-                    max_records: spec.limits.max_records.map(|m| m - m / 10),
-                    max_bytes: spec.limits.max_bytes.map(|m| m - m / 10),
-                    max_age: None,
-                };
-                spec.overflow != Overflow::Reject || !low.over(self.db.usage(s))
+                spec.overflow != Overflow::Reject || !spec.limits.low_water().over(self.db.usage(s))
             });
             if room {
                 self.accepting.send_modify(|i| i.open = true);
