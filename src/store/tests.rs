@@ -66,6 +66,13 @@ fn rounds(l: &Layout, devices: usize, n: usize) -> Vec<Inbound> {
         .collect()
 }
 
+/// `n` updates of device `a`, payloads 0, 1, ..., packet ids from 1.
+fn numbered(l: &Layout, n: u8) -> Vec<Inbound> {
+    (0..n)
+        .map(|i| msg(l, "devices/a/state", &[i], i as u16 + 1, false))
+        .collect()
+}
+
 /// A throwaway folder removed on drop.
 struct Dir {
     path: std::path::PathBuf,
@@ -213,9 +220,7 @@ fn resume_skips_what_the_broker_holds() {
     let dir = Dir::new();
     let l = layout("", "");
     let mut db = dir.db(l.clone());
-    let batch: Vec<Inbound> = (0..5)
-        .map(|i| msg(&l, "devices/a/state", &[i], i as u16 + 1, false))
-        .collect();
+    let batch = numbered(&l, 5);
     db.insert_batch(&batch, 100).unwrap();
     let out = db.resume(0, 3).unwrap();
     assert_eq!(
@@ -240,9 +245,7 @@ fn resume_renumbers_when_the_broker_is_ahead_of_a_replaced_store() {
     let dir = Dir::new();
     let l = layout("", "");
     let mut db = dir.db(l.clone());
-    let batch: Vec<Inbound> = (0..3)
-        .map(|i| msg(&l, "devices/a/state", &[i], i as u16 + 1, false))
-        .collect();
+    let batch = numbered(&l, 3);
     db.insert_batch(&batch, 100).unwrap();
     db.insert_batch(&[msg(&l, "devices/a/alarm", b"e", 9, false)], 100)
         .unwrap();
@@ -627,9 +630,7 @@ fn a_store_that_lost_its_newest_commits_skips_what_the_broker_holds() {
     let dir = Dir::new();
     let l = layout("", "");
     let mut db = dir.db(l.clone());
-    let batch: Vec<Inbound> = (0..5)
-        .map(|i| msg(&l, "devices/a/state", &[i], i as u16 + 1, false))
-        .collect();
+    let batch = numbered(&l, 5);
     db.insert_batch(&batch, 100).unwrap();
     // The producer spoke to the broker before (it holds nothing yet).
     assert_eq!(db.resume(0, -1).unwrap(), ResumeOutcome::default());

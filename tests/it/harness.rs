@@ -862,6 +862,22 @@ listen = "127.0.0.1:{metrics_port}"
         }
     }
 
+    /// Runs `ferry status` (`--json` if asked) on this ferry's config.
+    pub fn status(&self, json: bool) -> String {
+        let mut cmd = Command::new(ferry_bin());
+        cmd.args(["status", "--config"]).arg(&self.config);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Runs `ferry check --online` on this ferry's config: exit code and
     /// everything it printed.
     pub fn check_online(&self) -> (Option<i32>, String) {

@@ -28,26 +28,7 @@ fn strictly_increasing(v: &[u64]) -> bool {
 }
 
 fn status_json(ferry: &Ferry) -> serde_json::Value {
-    let out = Command::new(ferry_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&ferry.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn status_table(ferry: &Ferry) -> String {
-    let out = Command::new(ferry_bin())
-        .args(["status", "--config"])
-        .arg(&ferry.config)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    serde_json::from_str(&ferry.status(true)).unwrap()
 }
 
 /// A stream's counter from `ferry status --json`.
@@ -67,6 +48,28 @@ fn shed_count(json: &serde_json::Value, stream: &str, what: &str) -> i64 {
         .iter()
         .find(|d| d[0] == what)
         .map_or(0, |d| d[1].as_i64().unwrap())
+}
+
+/// A namespace, its `device-status` and `device-history` topics, an MQTT
+/// prefix, and a ferry with one state stream writing to both (not started).
+async fn with_history(stack: &Stack, test: &str) -> (Namespace, String, String, String, Ferry) {
+    let ns = Namespace::create(stack, test).await;
+    let (status, history) = (ns.topic("device-status"), ns.topic("device-history"));
+    let prefix = unique(test);
+    let ferry = Ferry::with_streams(
+        stack,
+        test,
+        &unique("gw"),
+        &format!(
+            r#"[[streams]]
+name = "status"
+topic = "{status}"
+history_topic = "{history}"
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+"#
+        ),
+    );
+    (ns, status, history, prefix, ferry)
 }
 
 /// What `coalesce` with a history topic must leave of `updates` updates
@@ -171,7 +174,7 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
     let (s_left, h_left, superseded, h_dropped) = model_coalesce(STATES, DEVICES as u64, LIMIT);
     let (a_left, a_dropped) = model_drop_oldest(ALARMS, ALARM_LIMIT);
     let json = status_json(&ferry);
-    let table = status_table(&ferry);
+    let table = ferry.status(false);
     let metrics = ferry.scrape().await;
     report(
         "overflow",
@@ -388,22 +391,7 @@ async fn a_full_disk_keeps_every_latest_state_and_ferry_recovers_when_space_retu
     const DEVICES: usize = 200;
     const ROUNDS: u64 = 250;
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "diskfull").await;
-    let (status, history) = (ns.topic("device-status"), ns.topic("device-history"));
-    let prefix = unique("diskfull");
-    let mut ferry = Ferry::with_streams(
-        stack,
-        "diskfull",
-        &unique("gw"),
-        &format!(
-            r#"[[streams]]
-name = "status"
-topic = "{status}"
-history_topic = "{history}"
-subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
-"#
-        ),
-    );
+    let (ns, status, history, prefix, mut ferry) = with_history(stack, "diskfull").await;
     let disk = SmallDisk::mount(ferry.dir.join("disk"), "48m");
     // Something else on the same file system, to be deleted later.
     let filler = disk.dir.join("other-data");
@@ -432,12 +420,7 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
     assert!(ferry.is_running(), "ferry keeps running on a full disk");
     let metrics = ferry.scrape().await;
     let full = ferry.counters();
-    let table = Command::new(ferry_bin())
-        .args(["status", "--config"])
-        .arg(&ferry.config)
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let table = ferry.status(false);
     report(
         "diskfull",
         &format!(
@@ -532,7 +515,7 @@ async fn a_damaged_store_is_moved_aside_and_ferry_starts_fresh_without_duplicate
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("ferry.db.damaged-"))
         .collect();
-    let table = status_table(&ferry);
+    let table = ferry.status(false);
     report("damaged", &format!("moved aside: {aside:?}\n{table}"));
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert!(table.contains("INCIDENT"), "{table}");
@@ -550,22 +533,7 @@ async fn a_damaged_store_is_moved_aside_and_ferry_starts_fresh_without_duplicate
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_durability_with_a_history_topic_survives_kill_nine() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "interval").await;
-    let (status, history) = (ns.topic("device-status"), ns.topic("device-history"));
-    let prefix = unique("interval");
-    let mut ferry = Ferry::with_streams(
-        stack,
-        "interval",
-        &unique("gw"),
-        &format!(
-            r#"[[streams]]
-name = "status"
-topic = "{status}"
-history_topic = "{history}"
-subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
-"#
-        ),
-    );
+    let (_ns, status, history, prefix, mut ferry) = with_history(stack, "interval").await;
     ferry.edit_config(
         "[store]\n",
         "[store]\ndurability = \"interval\"\nsync_interval_ms = 500\n",

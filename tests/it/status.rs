@@ -1,27 +1,11 @@
 //! `ferry status` reads the running agent's store without disturbing it.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::*;
 use crate::stream::closed_port;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-fn status(ferry: &Ferry, json: bool) -> String {
-    let mut cmd = Command::new(ferry_bin());
-    cmd.args(["status", "--config"]).arg(&ferry.config);
-    if json {
-        cmd.arg("--json");
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
@@ -43,7 +27,7 @@ async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
     ferry.wait_stored(100, SECS(30)).await;
     tokio::time::sleep(SECS(6)).await;
 
-    let table = status(&ferry, false);
+    let table = ferry.status(false);
     report(
         "status",
         &format!("ferry status while Pulsar is unreachable:\n{table}"),
@@ -59,7 +43,7 @@ async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
     assert!(table.contains("dead letters     1"), "{table}");
     assert!(table.contains("exceeds store.max_payload_bytes"), "{table}");
 
-    let json: serde_json::Value = serde_json::from_str(&status(&ferry, true)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ferry.status(true)).unwrap();
     assert_eq!(json["pending_records"], 100);
     assert_eq!(json["running"], true);
     assert_eq!(json["agent"]["pulsar"]["connected"], false);
@@ -71,10 +55,10 @@ async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
     ferry.start();
     ferry.wait_drained(100, SECS(60)).await;
     tokio::time::sleep(SECS(6)).await;
-    let json: serde_json::Value = serde_json::from_str(&status(&ferry, true)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ferry.status(true)).unwrap();
     report(
         "status",
-        &format!("after the drain: {}", status(&ferry, false)),
+        &format!("after the drain: {}", ferry.status(false)),
     );
     assert_eq!(json["pending_records"], 0);
     assert_eq!(json["agent"]["pulsar"]["connected"], true);
