@@ -16,6 +16,10 @@ use serde::Deserialize;
 /// The largest message Pulsar accepts by default (`maxMessageSize`).
 pub const PULSAR_MAX_MESSAGE_BYTES: usize = 5 * 1024 * 1024;
 
+/// The largest `store.max_payload_bytes`: a record and its metadata fit in
+/// one Pulsar message.
+pub const MAX_PAYLOAD_BYTES: usize = PULSAR_MAX_MESSAGE_BYTES - 64 * 1024;
+
 /// One problem in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -558,7 +562,7 @@ impl RawConfig {
             store.max_payload_bytes,
             256 * 1024,
             1,
-            (PULSAR_MAX_MESSAGE_BYTES - 64 * 1024) as i64,
+            MAX_PAYLOAD_BYTES as i64,
         ) as usize;
         let commit_max_wait = v.int_in(
             "store.commit_max_wait_ms",

@@ -1035,3 +1035,17 @@ pub fn report(test: &str, line: &str) {
         let _ = writeln!(f, "[{test}] {line}");
     }
 }
+
+impl Ferry {
+    /// The running ferry's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// A process's peak resident set (`VmHWM`), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod harness;
+mod hostile_mqtt;
 mod metrics;
 mod outage;
 mod overflow;

@@ -1,0 +1,614 @@
+//! Ingest: device updates from the gateway's MQTT broker into the store.
+//!
+//! Ferry connects with a fixed client id and a persistent session
+//! (`clean_session = false`), subscribes at QoS 1 and acknowledges manually:
+//! a PUBACK goes out only after the store has committed the message, so the
+//! broker keeps (and after any crash redelivers) everything ferry has not
+//! made durable. Two tasks share the work, as rumqttc requires: one polls the
+//! event loop and hands messages to the store; the other receives the store's
+//! commit confirmations and sends the acks. Acking from the polling task
+//! could deadlock it (rumqttc #1025).
+//!
+//! Acks carry the connection epoch they belong to. An ack left over from an
+//! earlier connection is dropped: the broker redelivers that message with
+//! the DUP flag, the store recognises it, and it is acked then. Sending the
+//! stale ack instead could acknowledge a *different* message that the broker
+//! sent under the reused packet id and that is not yet committed.
+//!
+//! rumqttc does not talk to the broker directly but through the [`guard`],
+//! which rewrites the PUBLISH packets rumqttc cannot take (too long for
+//! memory, a topic that is not UTF-8) into ones the store dead-letters, so a
+//! poison message is acknowledged and never blocks the ones behind it. What
+//! is on its way to the store is bounded by bytes ([`intake`]); while that
+//! budget is spent, ingest reads nothing more from the broker.
+//!
+//! The broker is subscribed to on the first CONNACK of the process (the
+//! configuration may have changed since the session was made) and after
+//! that only when the broker lost the session: every subscription makes the
+//! broker resend every retained message. Reconnecting backs off, and the
+//! backoff starts over only after a connection proved good: it stayed up
+//! for [`STABLE_AFTER`] or delivered a message that was committed.
+
+pub mod guard;
+pub mod intake;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+use crate::store::layout::Layout;
+use crate::store::{AckToken, Inbound, Intake, StoreError, StoreHandle};
+use crate::uplink::Backoff;
+use guard::{Guard, Mark};
+use intake::Budget;
+
+/// A connection that stayed up this long was a good one: the next
+/// reconnect starts its backoff over.
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the mqtt guard: {0}")]
+    Guard(std::io::Error),
+}
+
+/// Runs ingest until `shutdown`. Messages go to `store`; the store's commit
+/// confirmations arrive on `acks`. While `accepting` is false (the store
+/// holds back as much as it may: a `reject` stream at its limit, or a full
+/// disk), ingest stays disconnected and the broker keeps the backlog.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    cfg: MqttConfig,
+    layout: Layout,
+    store: StoreHandle,
+    acks: UnboundedReceiver<AckToken>,
+    mut accepting: watch::Receiver<Intake>,
+    live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let guard =
+        Guard::start((cfg.host.clone(), cfg.port), shutdown.clone()).map_err(IngestError::Guard)?;
+    // rumqttc connects to the guard; nothing longer than the guard's cap
+    // reaches it.
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), guard.path(), 0);
+    opts.set_transport(Transport::Unix)
+        .set_keep_alive(cfg.keep_alive)
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(guard::CAP, 64 * 1024)
+        .set_request_channel_capacity(1024);
+    let epoch = Arc::new(AtomicU64::new(0));
+    let committed = Arc::new(AtomicU64::new(0));
+    let (current, client_rx) = watch::channel(None);
+    let acker = tokio::spawn(send_acks(client_rx, acks, epoch.clone(), committed.clone()));
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let mut session = Session {
+        layout,
+        store,
+        live,
+        metrics,
+        epoch,
+        committed,
+        addr,
+        mark: guard.mark(),
+        guard,
+        budget: Budget::new(intake::INTAKE_BYTES),
+        reconnect: Reconnect::new(),
+        subscriptions: Subscriptions::default(),
+    };
+    let result = loop {
+        if !accepting.borrow_and_update().open {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                r = accepting.wait_for(|a| a.open) => if r.is_err() { break Ok(()) },
+            }
+            tracing::info!("store has room again: reconnecting to the mqtt broker");
+        }
+        let pauses = accepting.borrow_and_update().pauses;
+        let (client, mut eventloop) = AsyncClient::new(opts.clone(), 1024);
+        current.send_replace(Some(client.clone()));
+        let end = session
+            .connection(&client, &mut eventloop, &mut accepting, pauses, &shutdown)
+            .await;
+        current.send_replace(None);
+        // Leave the session on the broker: what was not acked is
+        // redelivered later. A clean DISCONNECT keeps the persistent session.
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = eventloop.poll().await {
+                if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = ev {
+                    break;
+                }
+            }
+        })
+        .await;
+        match end {
+            Ok(Ended::Shutdown) => break Ok(()),
+            Ok(Ended::Paused) => {
+                let why = "paused: the store holds back what it may (reject limit or full disk); the broker keeps the backlog";
+                session.live.mqtt_down(&session.addr, why.into());
+                session.metrics.mqtt_connected.set(0);
+                tracing::warn!(broker = %session.addr, "mqtt intake {why}");
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    acker.abort();
+    result
+}
+
+/// Why one MQTT connection ended without an error.
+enum Ended {
+    Shutdown,
+    /// The store asked for back-pressure.
+    Paused,
+}
+
+/// What the MQTT connections of one ingest share.
+struct Session {
+    layout: Layout,
+    store: StoreHandle,
+    live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
+    /// Incremented at every CONNACK; acks carry it.
+    epoch: Arc<AtomicU64>,
+    /// The last epoch with a message the store committed (set by
+    /// `send_acks`).
+    committed: Arc<AtomicU64>,
+    addr: String,
+    guard: Guard,
+    mark: Mark,
+    budget: Budget,
+    reconnect: Reconnect,
+    subscriptions: Subscriptions,
+}
+
+impl Session {
+    /// Polls one client's event loop (reconnecting as rumqttc does) until
+    /// shutdown or back-pressure.
+    async fn connection(
+        &mut self,
+        client: &AsyncClient,
+        eventloop: &mut EventLoop,
+        accepting: &mut watch::Receiver<Intake>,
+        pauses: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, IngestError> {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                r = accepting.changed() => {
+                    // A pause, even one already over, ends this connection.
+                    if r.is_ok() && accepting.borrow_and_update().pauses != pauses {
+                        return Ok(Ended::Paused);
+                    }
+                    continue;
+                }
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    self.metrics.mqtt_received.inc();
+                    let epoch = self.epoch.load(Ordering::Acquire);
+                    let rewrite = self.mark.read(&p.payload);
+                    // While the budget is spent, this loop reads nothing:
+                    // TCP back-pressure reaches the broker.
+                    let share = tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                        s = self.budget.reserve(cost(&p, rewrite)) => s,
+                    };
+                    let msg = inbound(&self.layout, p, rewrite, epoch, share);
+                    self.store.insert(msg)?;
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    if refused {
+                        tracing::error!(pkid = ack.pkid, "mqtt broker refused a subscription");
+                    } else {
+                        tracing::info!(pkid = ack.pkid, "mqtt subscribed");
+                    }
+                    self.subscriptions.acked(!refused);
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    self.reconnect.connected(Instant::now());
+                    let n = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                    // Messages held back from earlier connections will be
+                    // redelivered on this one.
+                    self.store.new_epoch(n, ack.session_present)?;
+                    self.live.mqtt_up(&self.addr);
+                    self.metrics.mqtt_connected.set(1);
+                    tracing::info!(broker = %self.addr, session_present = ack.session_present, epoch = n, "mqtt connected");
+                    let filters = self.layout.filters();
+                    if self
+                        .subscriptions
+                        .connected(ack.session_present, filters.len())
+                    {
+                        // Subscribing from this task would block the loop
+                        // it polls if the request channel were full.
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            for f in filters {
+                                if let Err(e) = client.subscribe(f.clone(), QoS::AtLeastOnce).await
+                                {
+                                    tracing::warn!(filter = %f, error = %e, "mqtt subscribe failed");
+                                }
+                            }
+                        });
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // The guard knows better why the broker is unreachable.
+                    let why = self.guard.take_upstream_error().unwrap_or(e.to_string());
+                    self.live.mqtt_down(&self.addr, why.clone());
+                    if self.metrics.mqtt_connected.set(0) == 1 {
+                        self.metrics.mqtt_reconnects.inc();
+                    }
+                    let epoch = self.epoch.load(Ordering::Acquire);
+                    let committed = self.committed.load(Ordering::Acquire) == epoch;
+                    let delay = self.reconnect.lost(Instant::now(), committed);
+                    tracing::warn!(broker = %self.addr, error = %why, retry_in_ms = delay.as_millis() as u64,
+                        "mqtt connection lost; the broker keeps unacknowledged messages");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a message costs of the intake budget: what it holds in memory, and
+/// for a payload the guard cut a 32nd of its original size. That bounds the
+/// address space of cut payloads in flight (they are mappings as large as
+/// the original, see [`intake::cut_payload`]) to 32 times the budget, which
+/// matters on 32-bit ARM, and covers their page tables.
+fn cost(p: &Publish, rewrite: Option<(guard::Rewrite, usize)>) -> usize {
+    p.payload.len() + p.topic.len() + rewrite.map_or(0, |(r, _)| r.payload_len / 32)
+}
+
+/// The message for the store. One the guard rewrote (`rewrite`, from its
+/// mark) is dead-lettered by the store: a cut payload is as long as the
+/// original (so the store records the real size, over any
+/// `store.max_payload_bytes`), a topic that was not UTF-8 matches no stream.
+fn inbound(
+    layout: &Layout,
+    p: Publish,
+    rewrite: Option<(guard::Rewrite, usize)>,
+    epoch: u64,
+    share: OwnedSemaphorePermit,
+) -> Inbound {
+    let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
+        pkid: p.pkid,
+        epoch,
+    });
+    let routed = |topic: &str| match layout.route(topic) {
+        Some((s, d)) => (Some(s), d),
+        None => (None, None),
+    };
+    let (stream, device, payload) = match rewrite {
+        None => {
+            let (s, d) = routed(&p.topic);
+            (s, d, intake::held(p.payload, share))
+        }
+        Some((r, kept)) => {
+            let prefix = p.payload.slice(..kept);
+            let (s, d) = if r.invalid_topic {
+                (None, None)
+            } else {
+                routed(&p.topic)
+            };
+            if r.payload_len <= kept {
+                (s, d, intake::held(prefix, share))
+            } else {
+                match intake::cut_payload(&prefix, r.payload_len, share) {
+                    Ok(payload) => (s, d, payload),
+                    Err(share) => {
+                        // No address space for the mapping: the store must
+                        // still dead-letter it, if without its real size.
+                        tracing::error!(mqtt_topic = %p.topic, size = r.payload_len,
+                            "cannot map a cut payload; dead-lettered with its first bytes only");
+                        (None, None, intake::held(prefix, share))
+                    }
+                }
+            }
+        }
+    };
+    Inbound {
+        stream,
+        device,
+        counted: false,
+        dup: p.dup,
+        pkid: p.pkid,
+        retain: p.retain,
+        mqtt_topic: p.topic,
+        payload,
+        ack,
+    }
+}
+
+/// When to reconnect to the MQTT broker: exponential backoff from 200 ms to
+/// 30 s that starts over only after a good connection, one that stayed up
+/// for [`STABLE_AFTER`] or delivered a message the store committed. A
+/// CONNACK alone proves nothing: a broker that accepts the connection and
+/// then sends what ends it (or drops it) must not be hammered.
+struct Reconnect {
+    backoff: Backoff,
+    /// When the current connection got its CONNACK.
+    since: Option<Instant>,
+}
+
+impl Reconnect {
+    fn new() -> Reconnect {
+        Reconnect {
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+            since: None,
+        }
+    }
+
+    fn connected(&mut self, now: Instant) {
+        self.since = Some(now);
+    }
+
+    /// The connection ended (or could not be made): how long to wait.
+    /// `committed`: the last connection delivered a message the store
+    /// committed (it counts only if there was a connection since the last
+    /// loss).
+    fn lost(&mut self, now: Instant, committed: bool) -> Duration {
+        if let Some(since) = self.since.take() {
+            if committed || now.duration_since(since) >= STABLE_AFTER {
+                self.backoff.reset();
+            }
+        }
+        self.backoff.next_delay()
+    }
+}
+
+/// Whether to subscribe after a CONNACK: on the first of the process (the
+/// configuration may have changed since the session was made), when the
+/// broker lost the session, and until the broker has confirmed every
+/// filter once (a SUBSCRIBE lost with its connection is not resent by
+/// rumqttc).
+#[derive(Debug, Default)]
+struct Subscriptions {
+    /// Every filter was confirmed by a SUBACK since the process started.
+    confirmed: bool,
+    /// SUBACKs still expected for the subscriptions sent.
+    awaiting: usize,
+}
+
+impl Subscriptions {
+    /// A CONNACK: true if the filters (`count`) must be subscribed now.
+    fn connected(&mut self, session_present: bool, count: usize) -> bool {
+        if self.confirmed && session_present {
+            return false;
+        }
+        self.confirmed = false;
+        self.awaiting = count;
+        true
+    }
+
+    /// A SUBACK; `ok`: the broker granted every filter in it.
+    fn acked(&mut self, ok: bool) {
+        if !ok {
+            self.awaiting = usize::MAX;
+        }
+        self.awaiting = self.awaiting.saturating_sub(1);
+        if self.awaiting == 0 {
+            self.confirmed = true;
+        }
+    }
+}
+
+/// Sends the PUBACK of every committed message of the current connection
+/// (through the current client; none while ingest is paused).
+async fn send_acks(
+    client: watch::Receiver<Option<AsyncClient>>,
+    mut acks: UnboundedReceiver<AckToken>,
+    epoch: Arc<AtomicU64>,
+    committed: Arc<AtomicU64>,
+) {
+    while let Some(a) = acks.recv().await {
+        if a.epoch != epoch.load(Ordering::Acquire) {
+            continue;
+        }
+        committed.store(a.epoch, Ordering::Release);
+        let Some(client) = client.borrow().clone() else {
+            continue;
+        };
+        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        p.pkid = a.pkid;
+        // A closed client means its connection is gone; the broker
+        // redelivers the message and it is acked then.
+        let _ = client.ack(&p).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guard::{Framer, Mark, Rewritten, CAP, KEEP};
+    use super::*;
+    use crate::config::{Limits, Overflow, StreamConfig, StreamKind, Subscription};
+
+    fn layout() -> Layout {
+        Layout::new(&[StreamConfig {
+            name: "status".into(),
+            kind: StreamKind::State,
+            subscriptions: vec![Subscription {
+                filter: "devices/+/state".into(),
+                device_id_level: 1,
+            }],
+            topic: "persistent://t/n/status".into(),
+            history_topic: None,
+            overflow: Overflow::Coalesce,
+            limits: Limits::default(),
+        }])
+    }
+
+    /// A PUBLISH as rumqttc hands it over after the guard: the broker's
+    /// bytes through a framer with `mark`, parsed by rumqttc.
+    fn through_guard(mark: Mark, qos: u8, topic: &[u8], payload: &[u8]) -> Publish {
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        raw.extend_from_slice(topic);
+        if qos > 0 {
+            raw.extend_from_slice(&9u16.to_be_bytes());
+        }
+        raw.extend_from_slice(payload);
+        let mut packet = vec![0x30 | qos << 1];
+        let mut n = raw.len();
+        loop {
+            let b = (n % 128) as u8;
+            n /= 128;
+            packet.push(if n > 0 { b | 0x80 } else { b });
+            if n == 0 {
+                break;
+            }
+        }
+        packet.extend(raw);
+        let mut out = Vec::new();
+        let mut rw: Vec<Rewritten> = Vec::new();
+        Framer::new(mark, CAP)
+            .feed(&packet, &mut out, &mut rw)
+            .unwrap();
+        match rumqttc::Packet::read(&mut bytes::BytesMut::from(&out[..]), CAP).unwrap() {
+            Packet::Publish(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn to_store(mark: Mark, p: Publish, budget: &Budget) -> Inbound {
+        let rewrite = mark.read(&p.payload);
+        let share = budget.reserve(cost(&p, rewrite)).await;
+        inbound(&layout(), p, rewrite, 3, share)
+    }
+
+    #[tokio::test]
+    async fn an_ordinary_message_goes_to_its_stream_unchanged() {
+        let mark = Mark::random();
+        let budget = Budget::new(1 << 20);
+        let p = through_guard(mark, 1, b"devices/d1/state", b"{\"n\":1}");
+        let m = to_store(mark, p, &budget).await;
+        assert_eq!((m.stream, m.device.as_deref()), (Some(0), Some("d1")));
+        assert_eq!(&m.payload[..], b"{\"n\":1}");
+        assert_eq!(m.ack, Some(AckToken { pkid: 9, epoch: 3 }));
+        assert!(budget.available() < 1 << 20);
+        drop(m);
+        assert_eq!(
+            budget.available(),
+            1 << 20,
+            "the store dropping it frees its share"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_payload_reaches_the_store_with_its_real_size_over_any_limit() {
+        let mark = Mark::random();
+        let budget = Budget::new(intake::INTAKE_BYTES);
+        let n = CAP + 1000;
+        let payload: Vec<u8> = (0..n).map(|i| (i % 253) as u8).collect();
+        let p = through_guard(mark, 1, b"devices/d2/state", &payload);
+        assert!(p.payload.len() < KEEP + 100, "rumqttc got the cut packet");
+        let m = to_store(mark, p, &budget).await;
+        assert_eq!(m.payload.len(), n);
+        assert!(m.payload.len() > crate::config::MAX_PAYLOAD_BYTES);
+        assert_eq!(&m.payload[..KEEP], &payload[..KEEP]);
+        assert_eq!((m.stream, m.device.as_deref()), (Some(0), Some("d2")));
+        assert_eq!(m.mqtt_topic, "devices/d2/state");
+        assert!(m.ack.is_some(), "acknowledged once dead-lettered");
+        let taken = intake::INTAKE_BYTES - budget.available();
+        assert!(taken < KEEP + n / 32 + 1024, "{taken}");
+    }
+
+    #[tokio::test]
+    async fn a_topic_that_is_not_utf8_matches_no_stream() {
+        let mark = Mark::random();
+        let budget = Budget::new(1 << 20);
+        let p = through_guard(mark, 1, b"devices/\xff/state", b"{}");
+        let m = to_store(mark, p, &budget).await;
+        assert_eq!(m.stream, None);
+        assert_eq!(m.mqtt_topic, "$ferry/invalid-utf8/devices/%FF/state");
+        assert_eq!(&m.payload[..], b"{}");
+        assert!(m.ack.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_payload_with_another_processs_mark_is_an_ordinary_payload() {
+        let mark = Mark::random();
+        let budget = Budget::new(1 << 20);
+        let p = through_guard(Mark::random(), 0, b"devices/\xfe/state", b"x");
+        let len = p.payload.len();
+        let m = to_store(mark, p, &budget).await;
+        assert_eq!(m.payload.len(), len);
+    }
+
+    #[test]
+    fn the_backoff_starts_over_only_after_a_good_connection() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut r = Reconnect::new();
+        let step = |d: Duration| d.as_millis() as u64;
+        // Connections that end right after CONNACK: the waits grow.
+        let mut waits = Vec::new();
+        let mut at = 0;
+        for _ in 0..6 {
+            r.connected(ms(at));
+            let d = r.lost(ms(at + 10), false);
+            waits.push(step(d));
+            at += 10 + step(d);
+        }
+        for (w, base) in waits.iter().zip([200, 400, 800, 1600, 3200, 6400]) {
+            assert!(*w >= base && *w < base + base / 4, "{waits:?}");
+        }
+        // A connection that stayed up 30 s starts over.
+        r.connected(ms(at));
+        let d = r.lost(ms(at) + STABLE_AFTER, false);
+        assert!(step(d) < 250, "{d:?}");
+        // So does one that delivered a committed message, however short.
+        r.lost(ms(at), false);
+        r.lost(ms(at), false);
+        r.connected(ms(at));
+        let d = r.lost(ms(at + 50), true);
+        assert!(step(d) < 250, "{d:?}");
+        // Failed connection attempts (no CONNACK) keep growing, whatever
+        // the connection before them delivered.
+        let a = r.lost(ms(at), true);
+        let b = r.lost(ms(at), true);
+        let c = r.lost(ms(at), true);
+        assert!(step(b) >= 800 && step(c) >= 1600, "{a:?} {b:?} {c:?}");
+    }
+
+    #[test]
+    fn subscriptions_are_sent_on_the_first_connack_and_when_the_session_is_lost() {
+        let mut s = Subscriptions::default();
+        // The first CONNACK of the process, even with a session present.
+        assert!(s.connected(true, 2));
+        s.acked(true);
+        // A reconnect before both SUBACKs came: again.
+        assert!(s.connected(true, 2));
+        s.acked(true);
+        s.acked(true);
+        // Confirmed: a present session keeps them.
+        assert!(!s.connected(true, 2));
+        assert!(!s.connected(true, 2));
+        // The broker lost the session.
+        assert!(s.connected(false, 2));
+        s.acked(true);
+        s.acked(false);
+        // A refused filter is asked for again at the next connection.
+        assert!(s.connected(true, 2));
+    }
+}
