@@ -404,13 +404,52 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses and validates configuration text.
 pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
+        // The parser's own rendering quotes the offending line, which may
+        // hold a secret: only where, and what the parser says.
+        let at = e
+            .span()
+            .map(|s| {
+                let (line, column) = line_column(text, s.start);
+                format!(" at line {line}, column {column}")
+            })
+            .unwrap_or_default();
         vec![ConfigError {
             path: String::new(),
-            message: format!("not valid TOML: {}", one_line(&e.to_string())),
+            message: format!("not valid TOML{at}: {}", scrub(e.message())),
         }]
     })?;
     let raw = RawConfig::from_table(table)?;
     raw.validate()
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// A parser or serde message on one line, without the quoted values some of
+/// them carry (`invalid type: string "...", expected ...`): a value may be
+/// a secret typed into the wrong key.
+fn scrub(s: &str) -> String {
+    let mut out = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                if out.ends_with(' ') {
+                    out.pop();
+                }
+            }
+            ('"', true) => quoted = false,
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    one_line(&out)
 }
 
 fn one_line(s: &str) -> String {
@@ -434,7 +473,7 @@ impl RawConfig {
                 Err(e) => {
                     errors.push(ConfigError {
                         path: key.to_string(),
-                        message: one_line(e.message()),
+                        message: scrub(e.message()),
                     });
                     None
                 }
@@ -583,7 +622,7 @@ impl RawConfig {
             store.max_bytes,
             DEFAULT_STORE_MAX_BYTES,
             0,
-            i64::MAX,
+            MAX_SIZE_BYTES,
         );
         let sync_interval = v.int_in(
             "store.sync_interval_ms",
@@ -747,6 +786,13 @@ impl Validator {
 
 /// The store file's default budget.
 pub const DEFAULT_STORE_MAX_BYTES: i64 = 512 * 1024 * 1024;
+
+/// Upper bounds of the open-ended limits, far above any gateway's need and
+/// far below where arithmetic on them (milliseconds, sums, tenths) could
+/// overflow: ten years, 1 PiB, 2^40 records.
+pub const MAX_AGE_SECS: i64 = 10 * 365 * 24 * 3600;
+pub const MAX_SIZE_BYTES: i64 = 1 << 50;
+pub const MAX_RECORDS: i64 = 1 << 40;
 
 /// The streams: either `[[streams]]`, or the one-stream shorthand
 /// (`mqtt.subscriptions` and `pulsar.topic`), which is a `state` stream named
@@ -914,19 +960,20 @@ fn streams(
                 check_dest(v, "history_topic", h);
             }
         }
-        let positive = |v: &mut Validator, k: &str, n: Option<i64>| -> Option<u64> {
+        let positive = |v: &mut Validator, k: &str, n: Option<i64>, max: i64| -> Option<u64> {
             match n {
-                Some(n) if n < 1 => {
-                    v.error(&key(k), &format!("must be 1 or more, found {n}"));
+                Some(n) if n < 1 || n > max => {
+                    v.error(&key(k), &format!("must be between 1 and {max}, found {n}"));
                     None
                 }
                 n => n.map(|n| n as u64),
             }
         };
         let limits = Limits {
-            max_records: positive(v, "max_records", s.max_records),
-            max_bytes: positive(v, "max_bytes", s.max_bytes),
-            max_age: positive(v, "max_age_secs", s.max_age_secs).map(Duration::from_secs),
+            max_records: positive(v, "max_records", s.max_records, MAX_RECORDS),
+            max_bytes: positive(v, "max_bytes", s.max_bytes, MAX_SIZE_BYTES),
+            max_age: positive(v, "max_age_secs", s.max_age_secs, MAX_AGE_SECS)
+                .map(Duration::from_secs),
         };
         if overflow == Overflow::Reject && limits.max_age.is_some() {
             v.error(
@@ -1315,5 +1362,80 @@ subscriptions = [{ filter = "devices/+/alarm", device_id_level = 1 }]
         assert!(check_device_level("a/#", 3).is_ok());
         assert!(check_device_level("a/b/c", 1).is_err());
         assert!(check_device_level("a/+", 2).is_err());
+    }
+
+    const BASE: &str = r#"
+gateway_id = "gw-1"
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+[store]
+path = "/tmp/ferry.db"
+[[streams]]
+name = "status"
+topic = "persistent://t/n/status"
+subscriptions = [{ filter = "devices/+/state", device_id_level = 1 }]
+"#;
+
+    #[test]
+    fn a_toml_syntax_error_gives_line_and_column_but_never_the_text_of_the_line() {
+        let text =
+            format!("{BASE}[pulsar.auth]\ntoken_file = \"/etc/ferry/eyJhbGciOiJIUzI1NiJ9.secret\n");
+        let errs = parse(&text).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let msg = errs[0].to_string();
+        assert!(!msg.contains("eyJ"), "the line is echoed: {msg}");
+        assert!(!msg.contains("secret"), "the line is echoed: {msg}");
+        assert!(msg.contains("line 12, column 53"), "{msg}");
+        assert!(msg.starts_with("not valid TOML"), "{msg}");
+        // A value in the wrong type's place is not echoed either.
+        let typed = BASE.replace(
+            "gateway_id = \"gw-1\"",
+            "gateway_id = \"gw-1\"\n[mqtt]\nport = \"eyJsecret\"",
+        );
+        let errs = parse(&typed).unwrap_err();
+        assert_eq!(errs[0].path, "mqtt");
+        assert!(!errs[0].message.contains("eyJ"), "{}", errs[0].message);
+    }
+
+    #[test]
+    fn durations_and_sizes_are_bounded_with_their_key_path() {
+        let with = |extra: &str| parse(&format!("{BASE}{extra}\n"));
+        let path_of = |extra: &str| -> Vec<String> {
+            with(extra)
+                .unwrap_err()
+                .into_iter()
+                .map(|e| e.path)
+                .collect()
+        };
+        // 2^64 ms over 1000: truncated to about an hour before.
+        assert_eq!(
+            path_of("max_age_secs = 18446744073713152"),
+            ["streams[0].max_age_secs"]
+        );
+        let ten_years = 10 * 365 * 24 * 3600;
+        let c = with(&format!("max_age_secs = {ten_years}")).unwrap();
+        assert_eq!(
+            c.streams[0].limits.max_age,
+            Some(Duration::from_secs(ten_years))
+        );
+        assert_eq!(
+            path_of(&format!("max_age_secs = {}", ten_years + 1)),
+            ["streams[0].max_age_secs"]
+        );
+        assert_eq!(
+            path_of("max_bytes = 9223372036854775807"),
+            ["streams[0].max_bytes"]
+        );
+        assert_eq!(
+            path_of("max_records = 9223372036854775807"),
+            ["streams[0].max_records"]
+        );
+        let store = |k: &str| BASE.replace("[store]\n", &format!("[store]\n{k}\n"));
+        assert_eq!(
+            parse(&store("max_bytes = 9223372036854775807")).unwrap_err()[0].path,
+            "store.max_bytes"
+        );
+        let big = parse(&store("max_bytes = 1099511627776")).unwrap();
+        assert_eq!(big.store.max_bytes, Some(1 << 40));
     }
 }
