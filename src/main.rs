@@ -85,6 +85,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if let Err(e) = store_files_usable(&cfg.store.path) {
+                eprintln!("{}: store.path: {e}", config.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let log = init_logging(&cfg.log_level);
             match run(cfg, config, log) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +109,10 @@ fn status(path: &std::path::Path, json: bool) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(e) = store_files_usable(&cfg.store.path) {
+        eprintln!("{}: store.path: {e}", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
     match ferry::status::read(&cfg.store.path) {
         Ok(report) if json => {
             println!(
@@ -122,6 +130,40 @@ fn status(path: &std::path::Path, json: bool) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// The store and SQLite's files beside it must be regular files where they
+/// exist: opening a FIFO blocks forever, a directory or device fails
+/// obscurely. Checked before anything opens them.
+fn store_files_usable(store: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut paths = vec![store.to_path_buf()];
+    for suffix in ["-wal", "-shm", "-journal", ".reserve"] {
+        let mut p = store.as_os_str().to_owned();
+        p.push(suffix);
+        paths.push(PathBuf::from(p));
+    }
+    for p in paths {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        let t = meta.file_type();
+        let kind = if t.is_file() {
+            continue;
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else {
+            "not a file"
+        };
+        return Err(format!("{} is {kind}, not a regular file", p.display()));
+    }
+    Ok(())
 }
 
 /// The commented example configuration, with the gateway id filled in.

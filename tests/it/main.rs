@@ -11,6 +11,7 @@ mod metrics;
 mod outage;
 mod overflow;
 mod secure;
+mod special_files;
 mod status;
 mod stream;
 mod systemd;
