@@ -115,10 +115,7 @@ fn status(path: &std::path::Path, json: bool) -> ExitCode {
     }
     match ferry::status::read(&cfg.store.path) {
         Ok(report) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).expect("plain struct")
-            );
+            println!("{}", ferry::status::render_json(&report));
             ExitCode::SUCCESS
         }
         Ok(report) => {

@@ -333,9 +333,10 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         pending_records: pending,
         pending_bytes: bytes,
         oldest_age_seconds: oldest,
-        time_to_drain_seconds: (pending == 0)
-            .then_some(0.0)
-            .or_else(|| (running && rate > 0.0).then(|| pending as f64 / rate)),
+        time_to_drain_seconds: (pending == 0).then_some(0.0).or_else(|| {
+            // A tiny rate (or a damaged row) gives no finite estimate.
+            Some(pending as f64 / rate).filter(|t| running && rate > 0.0 && t.is_finite())
+        }),
         agent,
         streams,
         counters,
@@ -345,12 +346,15 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
     })
 }
 
-/// The report as a table for people.
+/// The report as a table for people. Every string in it may have come from
+/// outside (MQTT topics, broker errors, the store file), so every line goes
+/// out with its control and invisible characters escaped ([`printable`]).
 pub fn render(r: &Report) -> String {
     let now = now_ms();
     let ago = |ms: u64| human(Duration::from_millis(now.saturating_sub(ms)));
     let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<16} {v}\n"));
+    let mut line =
+        |k: &str, v: String| out.push_str(&format!("{:<16} {}\n", printable(k), printable(&v)));
     line("store", r.store.clone());
     match &r.agent {
         Some(a) if r.running => line(
@@ -419,7 +423,7 @@ pub fn render(r: &Report) -> String {
     for s in &r.streams {
         let age = s
             .oldest_age_seconds
-            .map(|a| format!(", oldest {}", human(Duration::from_secs_f64(a))))
+            .map(|a| format!(", oldest {}", human_secs(a)))
             .unwrap_or_default();
         let mut shed = vec![format!("superseded {}", s.superseded)];
         shed.extend(s.dropped.iter().map(|(k, v)| format!("dropped by {k} {v}")));
@@ -437,16 +441,13 @@ pub fn render(r: &Report) -> String {
         }
     }
     if let Some(age) = r.oldest_age_seconds {
-        line(
-            "oldest",
-            format!("{} old", human(Duration::from_secs_f64(age))),
-        );
+        line("oldest", format!("{} old", human_secs(age)));
     }
     if let Some(a) = &r.agent {
         line("drain rate", format!("{:.1} records/s", a.drain_rate));
     }
     match r.time_to_drain_seconds {
-        Some(t) => line("time to drain", human(Duration::from_secs_f64(t))),
+        Some(t) => line("time to drain", human_secs(t)),
         None if r.pending_records > 0 => line("time to drain", "unknown (not draining)".into()),
         None => {}
     }
@@ -471,6 +472,58 @@ pub fn render(r: &Report) -> String {
         );
     }
     out
+}
+
+/// The report as JSON for scripts. serde_json escapes C0 controls in
+/// strings; DEL, C1 controls and invisible characters get `\uXXXX` too, so
+/// the output is safe on a terminal and means the same.
+pub fn render_json(r: &Report) -> String {
+    let json = serde_json::to_string_pretty(r).expect("plain struct");
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if hidden(c) && c != '\n' {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `s` with every [`hidden`] character written as `\xNN` (ASCII) or
+/// `\u{N}`, so that nothing reaches the terminal that it would act on.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(hidden) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c as u32 {
+            n if hidden(c) && n < 0x80 => out.push_str(&format!("\\x{n:02x}")),
+            n if hidden(c) => out.push_str(&format!("\\u{{{n:x}}}")),
+            _ => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// Characters a terminal acts on or that hide or reorder text: C0 and C1
+/// controls and DEL, bidirectional marks, overrides and isolates,
+/// zero-width and other invisible format characters.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
+/// Seconds (from a report: they may be anything) as a person would say
+/// them.
+fn human_secs(s: f64) -> String {
+    if s.is_nan() || s < 0.0 {
+        return "unknown".into();
+    }
+    human(Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
 }
 
 fn human(d: Duration) -> String {
@@ -510,5 +563,267 @@ mod tests {
         assert_eq!(human(Duration::from_secs(600)), "10 min");
         assert_eq!(human(Duration::from_secs(5400)), "90 min");
         assert_eq!(human(Duration::from_secs(36_000)), "10.0 h");
+    }
+
+    /// A store with one pending record received at `received_ms` and
+    /// `agent` as its agent row, in a fresh directory.
+    fn store_with(agent: &str, received_ms: i64) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-status-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ferry.db");
+        let cfg = crate::config::parse(&format!(
+            r#"
+gateway_id = "gw"
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+[store]
+path = "{}"
+[[streams]]
+name = "status"
+topic = "persistent://t/n/status"
+subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
+"#,
+            path.display()
+        ))
+        .unwrap();
+        let layout = crate::store::layout::Layout::new(&cfg.streams);
+        drop(crate::store::db::Db::open(&path, layout, cfg.store.durability).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.execute(
+            "INSERT INTO outbox (key, device, received_ms, payload, props)
+             VALUES (((SELECT MIN(id) FROM destinations) << 48) | 1, 'd', ?1, x'00', x'')",
+            [received_ms],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT OR REPLACE INTO agent (id, snapshot) VALUES (1, ?1)",
+            [agent],
+        )
+        .unwrap();
+        path
+    }
+
+    fn snapshot_json(numbers: &[(&str, &str)]) -> String {
+        let mut fields = vec![
+            ("pid", "1".to_string()),
+            ("started_ms", "0".to_string()),
+            ("updated_ms", now_ms().to_string()),
+            ("drain_rate", "1.0".to_string()),
+            ("parked", "0".to_string()),
+        ];
+        for (k, v) in numbers {
+            match fields.iter_mut().find(|(f, _)| f == k) {
+                Some(f) => f.1 = v.to_string(),
+                None => fields.push((k, v.to_string())),
+            }
+        }
+        let since = numbers
+            .iter()
+            .find(|(k, _)| *k == "since_ms")
+            .map_or("0", |(_, v)| v);
+        let link =
+            format!(r#"{{"connected":true,"peer":"p","since_ms":{since},"last_error":null}}"#);
+        let mut json = String::from("{");
+        for (k, v) in fields.iter().filter(|(k, _)| *k != "since_ms") {
+            json.push_str(&format!("\"{k}\":{v},"));
+        }
+        json.push_str(&format!(
+            r#""mqtt":{link},"pulsar":{link},"topics":{{"persistent://t/n/status":{link}}}}}"#
+        ));
+        json
+    }
+
+    #[test]
+    fn no_value_in_the_agent_row_makes_status_panic() {
+        let future = (now_ms() + 3_600_000).to_string();
+        let extremes = [
+            "0",
+            "1",
+            "-1",
+            "5e-324",
+            "-5e-324",
+            "1e-300",
+            "1e308",
+            "-1e308",
+            "18446744073709551615",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "1e30",
+            future.as_str(),
+        ];
+        let keys = [
+            "pid",
+            "started_ms",
+            "updated_ms",
+            "drain_rate",
+            "parked",
+            "since_ms",
+        ];
+        let path = store_with(&snapshot_json(&[]), 0);
+        let c = Connection::open(&path).unwrap();
+        for key in keys {
+            for v in extremes {
+                // With the audit's case around it: updated in the future
+                // and a tiny drain rate.
+                let json = match key {
+                    "updated_ms" | "drain_rate" => snapshot_json(&[(key, v)]),
+                    _ => snapshot_json(&[
+                        (key, v),
+                        ("updated_ms", &future),
+                        ("drain_rate", "5e-324"),
+                    ]),
+                };
+                c.execute("UPDATE agent SET snapshot = ?1", [&json])
+                    .unwrap();
+                for received in [0, now_ms() as i64, i64::MAX, -1] {
+                    c.execute("UPDATE outbox SET received_ms = ?1", [received])
+                        .unwrap();
+                    let r = read(&path).unwrap();
+                    let _ = render(&r);
+                    let _ = render_json(&r);
+                }
+            }
+        }
+        drop(c);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn no_value_a_report_can_hold_makes_rendering_panic() {
+        let odd = [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1.0,
+            0.0,
+            5e-324,
+            1e308,
+            f64::MAX,
+        ];
+        for x in odd {
+            let agent = AgentSnapshot {
+                pid: u32::MAX,
+                started_ms: u64::MAX,
+                updated_ms: u64::MAX,
+                drain_rate: x,
+                parked: u64::MAX,
+                disk_full: true,
+                mqtt: Link {
+                    since_ms: u64::MAX,
+                    ..Link::default()
+                },
+                ..AgentSnapshot::default()
+            };
+            let r = Report {
+                store: "s".into(),
+                agent: Some(agent),
+                running: true,
+                pending_records: u64::MAX,
+                pending_bytes: u64::MAX,
+                oldest_age_seconds: Some(x),
+                time_to_drain_seconds: Some(x),
+                streams: vec![StreamReport {
+                    name: "s".into(),
+                    records: 1,
+                    bytes: 1,
+                    oldest_age_seconds: Some(x),
+                    topics: Vec::new(),
+                    superseded: i64::MIN,
+                    dropped: vec![("x".into(), i64::MAX)],
+                }],
+                counters: Vec::new(),
+                dead_letters: 0,
+                recent_dead_letters: vec![DeadLetter {
+                    received_ms: u64::MAX,
+                    mqtt_topic: "t".into(),
+                    reason: "r".into(),
+                    size: u64::MAX,
+                }],
+                incidents: vec![Incident {
+                    at_ms: u64::MAX,
+                    kind: "k".into(),
+                    detail: "d".into(),
+                }],
+            };
+            let _ = render(&r);
+            let _ = render_json(&r);
+        }
+    }
+
+    #[test]
+    fn what_came_from_outside_is_printed_with_control_characters_escaped() {
+        let evil = "a\x1b]0;owned\x07b\x1b[2J\u{9b}31m\u{202e}c\rd\u{7f}";
+        let link = Link {
+            connected: false,
+            peer: evil.into(),
+            since_ms: 1,
+            last_error: Some(evil.into()),
+        };
+        let mut topics = std::collections::BTreeMap::new();
+        topics.insert(format!("persistent://t/n/{evil}"), link.clone());
+        let r = Report {
+            store: evil.into(),
+            agent: Some(AgentSnapshot {
+                mqtt: link.clone(),
+                pulsar: link,
+                topics,
+                ..AgentSnapshot::default()
+            }),
+            running: false,
+            pending_records: 1,
+            pending_bytes: 1,
+            oldest_age_seconds: None,
+            time_to_drain_seconds: None,
+            streams: vec![StreamReport {
+                name: evil.into(),
+                records: 1,
+                bytes: 1,
+                oldest_age_seconds: None,
+                topics: vec![TopicBacklog {
+                    topic: evil.into(),
+                    role: evil.into(),
+                    records: 1,
+                    bytes: 1,
+                    oldest_age_seconds: None,
+                }],
+                superseded: 0,
+                dropped: vec![(evil.into(), 1)],
+            }],
+            counters: vec![(evil.into(), 1)],
+            dead_letters: 1,
+            recent_dead_letters: vec![DeadLetter {
+                received_ms: 1,
+                mqtt_topic: evil.into(),
+                reason: evil.into(),
+                size: 1,
+            }],
+            incidents: vec![Incident {
+                at_ms: 1,
+                kind: evil.into(),
+                detail: evil.into(),
+            }],
+        };
+        let bad = |c: char| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c);
+        let table = render(&r);
+        assert!(!table.chars().any(bad), "{table:?}");
+        assert!(
+            table.contains(r"a\x1b]0;owned\x07b\x1b[2J\u{9b}31m\u{202e}c\x0dd\x7f"),
+            "{table}"
+        );
+        assert!(table.contains("dead letters"));
+        let json = render_json(&r);
+        assert!(!json.chars().any(bad), "{json:?}");
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back["recent_dead_letters"][0]["mqtt_topic"], evil,
+            "the JSON still says the same"
+        );
     }
 }
