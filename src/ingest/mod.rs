@@ -302,7 +302,7 @@ fn inbound(
     let (stream, device, payload) = match rewrite {
         None => {
             let (s, d) = routed(&p.topic);
-            (s, d, intake::held(p.payload, share))
+            (s, d, intake::held(&p.payload, share))
         }
         Some((r, kept)) => {
             let prefix = p.payload.slice(..kept);
@@ -312,7 +312,7 @@ fn inbound(
                 routed(&p.topic)
             };
             if r.payload_len <= kept {
-                (s, d, intake::held(prefix, share))
+                (s, d, intake::held(&prefix, share))
             } else {
                 match intake::cut_payload(&prefix, r.payload_len, share) {
                     Ok(payload) => (s, d, payload),
@@ -321,7 +321,7 @@ fn inbound(
                         // still dead-letter it, if without its real size.
                         tracing::error!(mqtt_topic = %p.topic, size = r.payload_len,
                             "cannot map a cut payload; dead-lettered with its first bytes only");
-                        (None, None, intake::held(prefix, share))
+                        (None, None, intake::held(&prefix, share))
                     }
                 }
             }

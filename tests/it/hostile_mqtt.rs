@@ -557,6 +557,39 @@ async fn after_a_reconnect_with_the_session_present_ferry_does_not_subscribe_aga
     assert_eq!(ferry.terminate(), Some(0));
 }
 
+/// Reports the largest anonymous and file-backed resident sets of `pid`,
+/// sampled every 100 ms, until aborted.
+fn sample_rss(pid: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut most = (0u64, 0u64);
+        let field = |status: &str, name: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut n = 0;
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let now = (field(&status, "RssAnon:"), field(&status, "RssFile:"));
+            if now.0 > most.0 || now.1 > most.1 {
+                most = (most.0.max(now.0), most.1.max(now.1));
+            }
+            n += 1;
+            if n % 20 == 0 {
+                println!(
+                    "[rss] RssAnon {} MiB, RssFile {} MiB (most {} / {})",
+                    now.0 / 1024,
+                    now.1 / 1024,
+                    most.0 / 1024,
+                    most.1 / 1024
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Measurements (not tests): `cargo test --test it peak_rss -- --ignored`,
 // with `FERRY_BIN` set to compare builds.
@@ -606,6 +639,7 @@ async fn peak_rss_under_hostile_mqtt_input() {
     ferry.edit_config(&stack.service_url(), &closed);
     ferry.start();
     ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let sampler = sample_rss(ferry.pid().unwrap());
     let mut flood = Publisher::connect(stack).await;
     let n = 300_000;
     for i in 0..n {
@@ -615,6 +649,7 @@ async fn peak_rss_under_hostile_mqtt_input() {
     flood.wait_sent(n).await;
     let received = received_when_settled(&ferry).await;
     let kib = ferry.pid().and_then(peak_rss_kib).unwrap();
+    sampler.abort();
     report(
         "rss",
         &format!(
