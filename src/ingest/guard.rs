@@ -34,6 +34,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The largest `store.max_payload_bytes` ferry accepts.
 const MAX_PAYLOAD: usize = crate::config::MAX_PAYLOAD_BYTES;
@@ -401,6 +402,7 @@ pub struct Guard {
     path: String,
     mark: Mark,
     upstream_error: Arc<Mutex<Option<String>>>,
+    relays: TaskTracker,
 }
 
 impl Guard {
@@ -415,18 +417,29 @@ impl Guard {
         let listener = UnixListener::bind(&path)?;
         let mark = Mark::random();
         let upstream_error = Arc::new(Mutex::new(None));
+        let relays = TaskTracker::new();
         tokio::spawn(accept(
             listener,
             broker,
             mark,
             upstream_error.clone(),
+            relays.clone(),
             shutdown,
         ));
         Ok(Guard {
             path,
             mark,
             upstream_error,
+            relays,
         })
+    }
+
+    /// Waits (at most `limit`) until every relay has passed on what rumqttc
+    /// wrote before it closed its socket: the last PUBACKs and the
+    /// DISCONNECT reach the broker before the process exits.
+    pub async fn finish(self, limit: Duration) {
+        self.relays.close();
+        let _ = tokio::time::timeout(limit, self.relays.wait()).await;
     }
 
     /// The socket address for rumqttc (`Transport::Unix`).
@@ -453,6 +466,7 @@ async fn accept(
     broker: (String, u16),
     mark: Mark,
     errors: Arc<Mutex<Option<String>>>,
+    relays: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let me = std::process::id() as i32;
@@ -477,7 +491,7 @@ async fn accept(
                 continue;
             }
         }
-        tokio::spawn(relay(client, broker.clone(), mark, errors.clone()));
+        relays.spawn(relay(client, broker.clone(), mark, errors.clone()));
     }
 }
 

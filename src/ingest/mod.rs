@@ -143,6 +143,8 @@ pub async fn run(
         }
     };
     acker.abort();
+    // rumqttc's socket is closed: let the guard pass on its last bytes.
+    session.guard.finish(Duration::from_secs(1)).await;
     result
 }
 

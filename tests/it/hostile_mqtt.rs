@@ -248,6 +248,8 @@ struct FakeState {
     close_after_connack: bool,
     /// Incremented by [`FakeBroker::kick`]: the current connection closes.
     kicks: u64,
+    /// Clean DISCONNECT packets received.
+    disconnects: usize,
 }
 
 impl FakeState {
@@ -415,7 +417,10 @@ async fn fake_connection(mut sock: TcpStream, state: &Mutex<FakeState>, wake: &N
                         return;
                     }
                 }
-                Ok(Packet::Disconnect) => return,
+                Ok(Packet::Disconnect) => {
+                    state.lock().unwrap().disconnects += 1;
+                    return;
+                }
                 Ok(_) => {}
                 Err(rumqttc::Error::InsufficientBytes(_)) => break,
                 Err(_) => return,
