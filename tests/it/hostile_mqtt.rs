@@ -666,3 +666,46 @@ async fn peak_rss_under_hostile_mqtt_input() {
     flood.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
+
+/// A process's CPU time (user + system) so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are 11 and 12 after the name.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (what the guard costs), not a test"]
+async fn cpu_per_update_of_an_ordinary_stream() {
+    let (stack, _shared) = Stack::shared().await;
+    let Scenario {
+        topic: _,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "cpu").await;
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let pid = ferry.pid().unwrap();
+    let mut devices = Devices::connect(stack, &prefix, 100).await;
+    let before = cpu_time(pid);
+    let started = Instant::now();
+    devices.publish_rounds(0, 500).await;
+    ferry.wait_drained(50_000, SECS(300)).await;
+    let cpu = cpu_time(pid) - before;
+    report(
+        "cpu",
+        &format!(
+            "{}: 50,000 QoS 1 updates in {:.1} s, ferry CPU {:.2} s ({:.1} µs per update)",
+            ferry_bin().display(),
+            started.elapsed().as_secs_f64(),
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / 50_000.0
+        ),
+    );
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
