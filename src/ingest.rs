@@ -223,6 +223,7 @@ fn inbound(layout: &Layout, p: Publish, epoch: u64) -> Inbound {
     let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
         pkid: p.pkid,
         epoch,
+        gen: 0,
     });
     Inbound {
         stream,

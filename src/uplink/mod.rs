@@ -135,6 +135,9 @@ impl UplinkError {
     pub fn class(&self) -> ErrorClass {
         match self {
             UplinkError::Store(StoreError::DiskFull) => ErrorClass::Transient,
+            // Nothing was changed; an operator must find the other producer
+            // (or the broker's broken state).
+            UplinkError::Store(StoreError::SequenceRefused { .. }) => ErrorClass::NeedsOperator,
             UplinkError::Store(_) => ErrorClass::Fatal,
             UplinkError::Tls { failure, .. } => match failure {
                 tls::TlsFailure::Other(_) => ErrorClass::Transient,

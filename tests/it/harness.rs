@@ -964,10 +964,15 @@ listen = "127.0.0.1:{metrics_port}"
 
     /// Records still waiting in the store.
     pub fn pending(&self) -> i64 {
-        let c = rusqlite::Connection::open(self.store_path()).unwrap();
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        self.try_pending().expect("the store has an outbox")
+    }
+
+    /// Records still waiting, if the file is a store ferry has opened.
+    pub fn try_pending(&self) -> Option<i64> {
+        let c = rusqlite::Connection::open(self.store_path()).ok()?;
+        c.busy_timeout(Duration::from_secs(5)).ok()?;
         c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
-            .unwrap()
+            .ok()
     }
 
     /// Waits until the store has stored `stored` records in its life and
@@ -977,15 +982,15 @@ listen = "127.0.0.1:{metrics_port}"
         loop {
             if self.store_path().exists()
                 && self.counters().get("stored").copied().unwrap_or(0) >= stored
-                && self.pending() == 0
+                && self.try_pending() == Some(0)
             {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "store stored {:?} and still holds {} records; log tail:\n{}",
+                "store stored {:?} and still holds {:?} records; log tail:\n{}",
                 self.counters().get("stored"),
-                self.pending(),
+                self.try_pending(),
                 tail(&self.log_text(), 30)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1005,12 +1010,18 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// The store's lifetime counters; none while the file is not (yet) a
+/// store ferry has opened (a damaged file before ferry moved it aside, an
+/// old version before ferry upgraded it).
 pub fn read_counters(store: &Path) -> BTreeMap<String, i64> {
-    let c = rusqlite::Connection::open(store).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut stmt = c.prepare("SELECT name, value FROM counters").unwrap();
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-    rows.collect::<Result<_, _>>().unwrap()
+    let read = || -> rusqlite::Result<BTreeMap<String, i64>> {
+        let c = rusqlite::Connection::open(store)?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        let mut stmt = c.prepare("SELECT name, value FROM counters")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    };
+    read().unwrap_or_default()
 }
 
 pub fn tail(text: &str, lines: usize) -> String {

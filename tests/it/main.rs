@@ -5,10 +5,13 @@
 //! `tests/stack/stack up` and fails, never skips, when it cannot.
 
 mod bad_input;
+mod clock;
 mod harness;
 mod metrics;
 mod outage;
 mod overflow;
+mod resume;
+mod retained;
 mod secure;
 mod status;
 mod stream;
