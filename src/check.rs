@@ -92,7 +92,9 @@ async fn probe_pulsar(s: &UplinkSettings) -> Result<String, String> {
         "plain TCP".to_string()
     }];
     if let Some(src) = &s.auth {
-        let token = auth::read(src).map_err(|e| e.to_string())?;
+        let token = auth::read_async(src, s.operation_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         how.push(format!(
             "token from {} accepted{}",
             auth::describe(src),

@@ -105,7 +105,7 @@ impl Conn {
             challenges: 0,
         };
         let token = match &s.auth {
-            Some(src) => Some(auth::read(src)?),
+            Some(src) => Some(auth::read_async(src, s.operation_timeout).await?),
             None => None,
         };
         conn.role = token.as_ref().and_then(Secret::role);
@@ -132,7 +132,7 @@ impl Conn {
                     return Ok(());
                 }
                 if f.command.auth_challenge.is_some() {
-                    conn.answer_challenge(s)?;
+                    conn.answer_challenge(s).await?;
                     conn.flush().await?;
                     continue;
                 }
@@ -167,14 +167,14 @@ impl Conn {
     }
 
     /// Answers an AUTH_CHALLENGE with the token read again from its source.
-    pub fn answer_challenge(&mut self, s: &UplinkSettings) -> Result<(), UplinkError> {
+    pub async fn answer_challenge(&mut self, s: &UplinkSettings) -> Result<(), UplinkError> {
         let Some(src) = &s.auth else {
             return Err(UplinkError::AuthRejected {
                 message: "broker asks for credentials but pulsar.auth is not configured".into(),
                 role: None,
             });
         };
-        let token = auth::read(src)?;
+        let token = auth::read_async(src, s.operation_timeout).await?;
         self.role = token.role().or(self.role.take());
         let response = command(Type::AuthResponse, |c| {
             c.auth_response = Some(proto::CommandAuthResponse {
@@ -260,7 +260,7 @@ impl Conn {
                     continue;
                 }
                 if c.auth_challenge.is_some() {
-                    self.answer_challenge(s)?;
+                    self.answer_challenge(s).await?;
                     self.flush().await?;
                     continue;
                 }

@@ -477,10 +477,10 @@ impl Uplink {
                 }
                 frame = conn.read_frame() => {
                     last_heard = Instant::now();
-                    self.handle(&mut conn, frame?)?;
+                    self.handle(&mut conn, frame?).await?;
                     // Take whatever else already arrived before writing more.
                     while let Some(f) = conn.try_frame()? {
-                        self.handle(&mut conn, f)?;
+                        self.handle(&mut conn, f).await?;
                     }
                     self.report_delivered()?;
                     if conn.challenges > challenges_seen {
@@ -510,7 +510,7 @@ impl Uplink {
     }
 
     /// Handles one frame of an established session.
-    fn handle(&mut self, conn: &mut Conn, f: Frame) -> Result<(), UplinkError> {
+    async fn handle(&mut self, conn: &mut Conn, f: Frame) -> Result<(), UplinkError> {
         let c = f.command;
         if let Some(r) = c.send_receipt {
             if r.producer_id == PRODUCER_ID {
@@ -534,7 +534,7 @@ impl Uplink {
                 c.pong = Some(proto::CommandPong {})
             }));
         } else if c.auth_challenge.is_some() {
-            conn.answer_challenge(&self.settings)?;
+            conn.answer_challenge(&self.settings).await?;
         } else if c.close_producer.is_some() {
             return Err(UplinkError::ProducerClosed);
         } else if let Some(e) = c.error {
@@ -572,7 +572,11 @@ impl Uplink {
                 _ = tokio::time::sleep_until(deadline) => break,
                 f = conn.read_frame() => f,
             };
-            if frame.and_then(|f| self.handle(conn, f)).is_err() || conn.flush().await.is_err() {
+            let handled = match frame {
+                Ok(f) => self.handle(conn, f).await,
+                Err(e) => Err(e),
+            };
+            if handled.is_err() || conn.flush().await.is_err() {
                 break;
             }
         }
