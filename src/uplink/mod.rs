@@ -619,52 +619,91 @@ pub async fn connect_to_topic(s: &UplinkSettings) -> Result<Conn, UplinkError> {
         let Some(r) = reply.command.lookup_topic_response else {
             return Err(UplinkError::Timeout("lookup response"));
         };
-        let url = if s.service.tls {
-            r.broker_service_url_tls.clone()
-        } else {
-            r.broker_service_url.clone()
-        }
-        .unwrap_or_default();
-        let kind = LookupType::try_from(r.response.unwrap_or(0)).unwrap_or(LookupType::Failed);
-        if kind == LookupType::Failed {
-            return Err(match r.error {
-                Some(code) if conn::is_refusal(code) => conn::refusal(
-                    "lookup",
-                    code,
-                    r.message.unwrap_or_default(),
-                    s,
-                    conn.role.clone(),
-                ),
-                code => UplinkError::Lookup {
-                    topic: s.topic.clone(),
-                    error: code.map(server_error).unwrap_or_default(),
-                    message: r.message.unwrap_or_default(),
-                },
-            });
-        }
-        let proxy = r.proxy_through_service_url.unwrap_or(false);
-        if proxy {
-            // Keep talking to the service URL; the proxy forwards to `url`.
-            let next = Conn::open(s.service.clone(), Some(&url), s).await?;
-            if kind == LookupType::Connect {
-                return Ok(next);
+        let step = lookup_step(s, r, conn.role.clone())?;
+        match step.route {
+            Route::Proxy(url) => {
+                // Keep talking to the service URL; the proxy forwards to `url`.
+                let next = Conn::open(s.service.clone(), Some(&url), s).await?;
+                if step.serves_topic {
+                    return Ok(next);
+                }
+                conn = next;
             }
-            conn = next;
-        } else {
-            let (host, port, tls) =
-                parse_service_url(&url).map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
-            let target = Endpoint { host, port, tls };
-            if kind == LookupType::Connect && target == conn.endpoint {
-                return Ok(conn);
-            }
-            conn = Conn::open(target, None, s).await?;
-            if kind == LookupType::Connect {
-                return Ok(conn);
+            Route::Direct(target) => {
+                if step.serves_topic && target == conn.endpoint {
+                    return Ok(conn);
+                }
+                conn = Conn::open(target, None, s).await?;
+                if step.serves_topic {
+                    return Ok(conn);
+                }
             }
         }
-        authoritative = r.authoritative.unwrap_or(false);
+        authoritative = step.authoritative;
     }
     Err(UplinkError::TooManyRedirects(s.topic.clone()))
+}
+
+/// Where a lookup answer sends the uplink next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A connection of its own to this broker.
+    Direct(Endpoint),
+    /// The connection to the service URL, through the proxy there, which
+    /// forwards to the broker this URL names.
+    Proxy(String),
+}
+
+/// What one LOOKUP answer means, decided without I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupStep {
+    pub route: Route,
+    /// The broker on `route` serves the topic (CONNECT); otherwise look up
+    /// again there (REDIRECT).
+    pub serves_topic: bool,
+    /// Passed on with the next lookup after a redirect.
+    pub authoritative: bool,
+}
+
+/// Reads a LOOKUP answer: a refusal, a redirect or the broker to produce
+/// on, directly or through the proxy. `role` names the token's role in
+/// refusals.
+pub fn lookup_step(
+    s: &UplinkSettings,
+    r: proto::CommandLookupTopicResponse,
+    role: Option<String>,
+) -> Result<LookupStep, UplinkError> {
+    let url = if s.service.tls {
+        r.broker_service_url_tls.clone()
+    } else {
+        r.broker_service_url.clone()
+    }
+    .unwrap_or_default();
+    let kind = LookupType::try_from(r.response.unwrap_or(0)).unwrap_or(LookupType::Failed);
+    if kind == LookupType::Failed {
+        return Err(match r.error {
+            Some(code) if conn::is_refusal(code) => {
+                conn::refusal("lookup", code, r.message.unwrap_or_default(), s, role)
+            }
+            code => UplinkError::Lookup {
+                topic: s.topic.clone(),
+                error: code.map(server_error).unwrap_or_default(),
+                message: r.message.unwrap_or_default(),
+            },
+        });
+    }
+    let route = if r.proxy_through_service_url.unwrap_or(false) {
+        Route::Proxy(url)
+    } else {
+        let (host, port, tls) =
+            parse_service_url(&url).map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
+        Route::Direct(Endpoint { host, port, tls })
+    };
+    Ok(LookupStep {
+        route,
+        serves_topic: kind == LookupType::Connect,
+        authoritative: r.authoritative.unwrap_or(false),
+    })
 }
 
 /// Creates a producer named `name`; returns the broker's `last_sequence_id`.
