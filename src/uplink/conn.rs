@@ -71,6 +71,24 @@ impl Conn {
         s: &UplinkSettings,
     ) -> Result<Conn, UplinkError> {
         let addr = endpoint.to_string();
+        // TLS is configured exactly when the service URL is pulsar+ssl://;
+        // a connection never goes without it then (nor tries it without
+        // trust anchors). `lookup_step` refuses such answers first.
+        match (s.tls.is_some(), endpoint.tls) {
+            (true, false) => {
+                return Err(UplinkError::TlsDowngrade {
+                    topic: s.topic.clone(),
+                    url: format!("pulsar://{addr}"),
+                })
+            }
+            (false, true) => {
+                return Err(UplinkError::TlsNotConfigured {
+                    topic: s.topic.clone(),
+                    url: format!("pulsar+ssl://{addr}"),
+                })
+            }
+            _ => {}
+        }
         let tcp = tokio::time::timeout(
             s.connect_timeout,
             TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
@@ -82,8 +100,8 @@ impl Conn {
             source,
         })?;
         let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Io> = match (&s.tls, endpoint.tls) {
-            (Some(cfg), true) => {
+        let stream: Box<dyn Io> = match &s.tls {
+            Some(cfg) => {
                 let connector = tls::connector(cfg)?;
                 let name = tls::server_name(&endpoint.host)?;
                 let handshake = connector.connect(name, tcp);
@@ -93,7 +111,7 @@ impl Conn {
                     .map_err(|e| io_error(&addr, e))?;
                 Box::new(tls)
             }
-            _ => Box::new(tcp),
+            None => Box::new(tcp),
         };
         let mut conn = Conn {
             endpoint,

@@ -99,6 +99,12 @@ pub enum UplinkError {
     TooManyRedirects(String),
     #[error("broker answered with an unusable url `{0}`")]
     BadBrokerUrl(String),
+    #[error("lookup of {topic} sent ferry to `{url}`, a plaintext broker, while pulsar.service_url uses TLS; ferry never leaves TLS, so this is a misconfigured cluster (the brokers must advertise their TLS listener, brokerServicePortTls)")]
+    TlsDowngrade { topic: String, url: String },
+    #[error("lookup of {topic} sent ferry to `{url}`, a TLS broker, while pulsar.service_url is plain pulsar://; use pulsar+ssl:// with [pulsar.tls]")]
+    TlsNotConfigured { topic: String, url: String },
+    #[error("lookup of {0} answered without a broker url")]
+    NoBrokerUrl(String),
     #[error("broker closed the producer")]
     ProducerClosed,
     #[error("broker refused record {seq}: {error} ({message})")]
@@ -144,7 +150,9 @@ impl UplinkError {
             | UplinkError::Token(_)
             | UplinkError::AuthRejected { .. }
             | UplinkError::NotAuthorized { .. }
-            | UplinkError::TopicTerminated { .. } => ErrorClass::NeedsOperator,
+            | UplinkError::TopicTerminated { .. }
+            | UplinkError::TlsDowngrade { .. }
+            | UplinkError::TlsNotConfigured { .. } => ErrorClass::NeedsOperator,
             _ => ErrorClass::Transient,
         }
     }
@@ -668,17 +676,21 @@ pub struct LookupStep {
 /// Reads a LOOKUP answer: a refusal, a redirect or the broker to produce
 /// on, directly or through the proxy. `role` names the token's role in
 /// refusals.
+///
+/// Ferry never leaves TLS once `pulsar.service_url` is `pulsar+ssl://`: a
+/// direct connection must go to the answer's `broker_service_url_tls`, and
+/// that must be a `pulsar+ssl://` URL; a plaintext URL there, or only a
+/// plaintext `broker_service_url`, is a misconfigured cluster
+/// ([`UplinkError::TlsDowngrade`]), never a reason to send the token and
+/// the records in the clear. Through a proxy, ferry's connection stays the
+/// one to the service URL; the URL only tells the proxy which broker to
+/// forward to (a Pulsar proxy puts the one URL it reaches the broker by in
+/// both fields, TLS or not: how it gets there is the proxy's part).
 pub fn lookup_step(
     s: &UplinkSettings,
     r: proto::CommandLookupTopicResponse,
     role: Option<String>,
 ) -> Result<LookupStep, UplinkError> {
-    let url = if s.service.tls {
-        r.broker_service_url_tls.clone()
-    } else {
-        r.broker_service_url.clone()
-    }
-    .unwrap_or_default();
     let kind = LookupType::try_from(r.response.unwrap_or(0)).unwrap_or(LookupType::Failed);
     if kind == LookupType::Failed {
         return Err(match r.error {
@@ -692,12 +704,41 @@ pub fn lookup_step(
             },
         });
     }
+    let given = |u: Option<String>| u.filter(|u| !u.is_empty());
+    let (plain_url, tls_url) = (given(r.broker_service_url), given(r.broker_service_url_tls));
+    let no_url = || UplinkError::NoBrokerUrl(s.topic.clone());
     let route = if r.proxy_through_service_url.unwrap_or(false) {
-        Route::Proxy(url)
+        let url = if s.service.tls {
+            tls_url.or(plain_url)
+        } else {
+            plain_url.or(tls_url)
+        };
+        Route::Proxy(url.ok_or_else(no_url)?)
     } else {
+        // The URL of ferry's own scheme; the other one only to say why not.
+        let (url, other) = if s.service.tls {
+            (tls_url, plain_url)
+        } else {
+            (plain_url, tls_url)
+        };
+        let url = url.or(other).ok_or_else(no_url)?;
         let (host, port, tls) =
             parse_service_url(&url).map_err(|_| UplinkError::BadBrokerUrl(url.clone()))?;
-        Route::Direct(Endpoint { host, port, tls })
+        match (s.service.tls, tls) {
+            (true, false) => {
+                return Err(UplinkError::TlsDowngrade {
+                    topic: s.topic.clone(),
+                    url,
+                })
+            }
+            (false, true) => {
+                return Err(UplinkError::TlsNotConfigured {
+                    topic: s.topic.clone(),
+                    url,
+                })
+            }
+            _ => Route::Direct(Endpoint { host, port, tls }),
+        }
     };
     Ok(LookupStep {
         route,
@@ -816,44 +857,134 @@ mod tests {
     /// A fake broker at the I/O seam: answers CONNECT, and LOOKUP as told;
     /// reports every CONNECT and LOOKUP it saw.
     async fn fake_broker(answer: Answer) -> (u16, mpsc::UnboundedReceiver<BaseCommand>) {
+        fake_broker_with(None, answer).await
+    }
+
+    /// [`fake_broker`], speaking TLS when given an acceptor.
+    async fn fake_broker_with(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        answer: Answer,
+    ) -> (u16, mpsc::UnboundedReceiver<BaseCommand>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (seen, rx) = mpsc::unbounded_channel();
         let answer = std::sync::Arc::new(answer);
         tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let (seen, answer) = (seen.clone(), answer.clone());
+            while let Ok((sock, _)) = listener.accept().await {
+                let (seen, answer, tls) = (seen.clone(), answer.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = BytesMut::new();
-                    loop {
-                        while let Some(f) = frame::decode(&mut buf).unwrap() {
-                            let mut out = BytesMut::new();
-                            let c = f.command.clone();
-                            let _ = seen.send(f.command);
-                            if c.connect.is_some() {
-                                let reply = command(Type::Connected, |r| {
-                                    r.connected = Some(proto::CommandConnected {
-                                        server_version: "fake".into(),
-                                        ..Default::default()
-                                    })
-                                });
-                                frame::encode_command(&reply, &mut out);
-                            } else if let Some(l) = &c.lookup_topic {
-                                let reply = command(Type::LookupResponse, |r| {
-                                    r.lookup_topic_response = Some(answer(l, port))
-                                });
-                                frame::encode_command(&reply, &mut out);
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(sock) = acceptor.accept(sock).await {
+                                answer_lookups(sock, port, seen, answer).await;
                             }
-                            sock.write_all(&out).await.unwrap();
                         }
-                        if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                            return;
-                        }
+                        None => answer_lookups(sock, port, seen, answer).await,
                     }
                 });
             }
         });
         (port, rx)
+    }
+
+    async fn answer_lookups<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut sock: S,
+        port: u16,
+        seen: mpsc::UnboundedSender<BaseCommand>,
+        answer: std::sync::Arc<Answer>,
+    ) {
+        let mut buf = BytesMut::new();
+        loop {
+            while let Some(f) = frame::decode(&mut buf).unwrap() {
+                let mut out = BytesMut::new();
+                let c = f.command.clone();
+                let _ = seen.send(f.command);
+                if c.connect.is_some() {
+                    let reply = command(Type::Connected, |r| {
+                        r.connected = Some(proto::CommandConnected {
+                            server_version: "fake".into(),
+                            ..Default::default()
+                        })
+                    });
+                    frame::encode_command(&reply, &mut out);
+                } else if let Some(l) = &c.lookup_topic {
+                    let reply = command(Type::LookupResponse, |r| {
+                        r.lookup_topic_response = Some(answer(l, port))
+                    });
+                    frame::encode_command(&reply, &mut out);
+                }
+                if sock.write_all(&out).await.is_err() || sock.flush().await.is_err() {
+                    return;
+                }
+            }
+            if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+        }
+    }
+
+    /// A throwaway folder, removed on drop.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!(
+                "ferry-uplink-{name}-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A self-signed certificate for `localhost` and a token file: the
+    /// acceptor of a TLS fake broker, and a function that gives ferry's
+    /// settings for that broker's port (trusting the certificate).
+    fn tls_pki(
+        dir: &std::path::Path,
+    ) -> (tokio_rustls::TlsAcceptor, impl Fn(u16) -> UplinkSettings) {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, key.cert.pem()).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "secret-token\n").unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![key.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into()),
+        )
+        .unwrap();
+        let settings_for = move |port| {
+            let mut s = settings(port);
+            s.service = Endpoint {
+                host: "localhost".into(),
+                port,
+                tls: true,
+            };
+            s.tls = Some(TlsConfig {
+                ca_file: Some(ca.clone()),
+                use_system_roots: false,
+                client_cert: None,
+            });
+            s.auth = Some(TokenSource::File(token.clone()));
+            s
+        };
+        (
+            tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server)),
+            settings_for,
+        )
     }
 
     fn lookup_reply(
@@ -940,6 +1071,292 @@ mod tests {
                 .and_then(|f| f.supports_auth_refresh),
             Some(true)
         );
+    }
+
+    fn tls_settings() -> UplinkSettings {
+        let mut s = settings(6651);
+        s.service = Endpoint {
+            host: "pulsar.example".into(),
+            port: 6651,
+            tls: true,
+        };
+        s
+    }
+
+    /// A lookup answer with both URLs as given.
+    fn answer(
+        kind: LookupType,
+        plain: Option<&str>,
+        tls: Option<&str>,
+        proxy: bool,
+    ) -> CommandLookupTopicResponse {
+        CommandLookupTopicResponse {
+            broker_service_url: plain.map(str::to_string),
+            broker_service_url_tls: tls.map(str::to_string),
+            response: Some(kind as i32),
+            request_id: 1,
+            authoritative: Some(true),
+            proxy_through_service_url: Some(proxy),
+            ..Default::default()
+        }
+    }
+
+    fn direct(host: &str, port: u16, tls: bool) -> Route {
+        Route::Direct(Endpoint {
+            host: host.into(),
+            port,
+            tls,
+        })
+    }
+
+    #[test]
+    fn a_lookup_answer_redirects_or_names_the_broker_of_the_same_scheme() {
+        use LookupType::{Connect, Redirect};
+        let plain = settings(6650);
+        let step = lookup_step(
+            &plain,
+            answer(
+                Redirect,
+                Some("pulsar://b2:6650"),
+                Some("pulsar+ssl://b2:6651"),
+                false,
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            step,
+            LookupStep {
+                route: direct("b2", 6650, false),
+                serves_topic: false,
+                authoritative: true
+            }
+        );
+        let step = lookup_step(
+            &plain,
+            answer(Connect, Some("pulsar://b2:6650"), None, false),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (step.route, step.serves_topic),
+            (direct("b2", 6650, false), true)
+        );
+
+        let tls = tls_settings();
+        let step = lookup_step(
+            &tls,
+            answer(
+                Redirect,
+                Some("pulsar://b2:6650"),
+                Some("pulsar+ssl://b2:6651"),
+                false,
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (step.route, step.serves_topic),
+            (direct("b2", 6651, true), false)
+        );
+        let step = lookup_step(
+            &tls,
+            answer(
+                Connect,
+                Some("pulsar://b2:6650"),
+                Some("pulsar+ssl://b2:6651"),
+                false,
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (step.route, step.serves_topic),
+            (direct("b2", 6651, true), true)
+        );
+    }
+
+    #[test]
+    fn a_lookup_answer_through_the_proxy_keeps_the_service_connection() {
+        use LookupType::{Connect, Redirect};
+        let step = lookup_step(
+            &settings(6650),
+            answer(Connect, Some("pulsar://10.1.2.3:6650"), None, true),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (step.route, step.serves_topic),
+            (Route::Proxy("pulsar://10.1.2.3:6650".into()), true)
+        );
+        // A Pulsar proxy puts the one URL it reaches the broker by in both
+        // fields; ferry's own connection stays TLS to the proxy.
+        let step = lookup_step(
+            &tls_settings(),
+            answer(
+                Connect,
+                Some("pulsar://10.1.2.3:6650"),
+                Some("pulsar://10.1.2.3:6650"),
+                true,
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(step.route, Route::Proxy("pulsar://10.1.2.3:6650".into()));
+        let step = lookup_step(
+            &tls_settings(),
+            answer(
+                Redirect,
+                Some("pulsar://10.1.2.3:6650"),
+                Some("pulsar+ssl://10.1.2.3:6651"),
+                true,
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (step.route, step.serves_topic),
+            (Route::Proxy("pulsar+ssl://10.1.2.3:6651".into()), false)
+        );
+    }
+
+    #[test]
+    fn a_lookup_answer_never_switches_tls_off() {
+        use LookupType::{Connect, Redirect};
+        let tls = tls_settings();
+        for (kind, plain, tls_url) in [
+            // The TLS field names a plaintext broker.
+            (Connect, Some("pulsar://b2:6650"), Some("pulsar://b2:6650")),
+            (Redirect, None, Some("pulsar://b2:6650")),
+            // No TLS field, only the plaintext one.
+            (Connect, Some("pulsar://b2:6650"), None),
+            (Redirect, Some("pulsar://b2:6650"), Some("")),
+        ] {
+            let err = lookup_step(&tls, answer(kind, plain, tls_url, false), None)
+                .expect_err("a plaintext broker is refused");
+            assert!(
+                matches!(&err, UplinkError::TlsDowngrade { url, .. } if url == "pulsar://b2:6650"),
+                "{kind:?} {plain:?} {tls_url:?}: {err:?}"
+            );
+            assert_eq!(err.class(), ErrorClass::NeedsOperator);
+            assert!(err.to_string().contains("never leaves TLS"), "{err}");
+        }
+        // Without TLS settings ferry cannot verify a TLS broker either.
+        let err = lookup_step(
+            &settings(6650),
+            answer(Connect, None, Some("pulsar+ssl://b2:6651"), false),
+            None,
+        )
+        .expect_err("no TLS settings");
+        assert!(
+            matches!(err, UplinkError::TlsNotConfigured { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.class(), ErrorClass::NeedsOperator);
+    }
+
+    #[test]
+    fn a_lookup_answer_without_a_usable_url_is_an_error() {
+        use LookupType::Connect;
+        for (s, a) in [
+            (settings(6650), answer(Connect, None, None, false)),
+            (settings(6650), answer(Connect, Some(""), None, false)),
+            (tls_settings(), answer(Connect, None, None, false)),
+            (settings(6650), answer(Connect, None, None, true)),
+            (tls_settings(), answer(Connect, None, None, true)),
+        ] {
+            let err = lookup_step(&s, a, None).expect_err("no url");
+            assert!(matches!(err, UplinkError::NoBrokerUrl(_)), "{err:?}");
+        }
+        for url in [
+            "http://b2:8080",
+            "pulsar://b2:notaport",
+            "pulsar://b2:1,b3:2",
+        ] {
+            let err = lookup_step(
+                &settings(6650),
+                answer(Connect, Some(url), None, false),
+                None,
+            )
+            .expect_err("bad url");
+            assert!(
+                matches!(&err, UplinkError::BadBrokerUrl(u) if u == url),
+                "{err:?}"
+            );
+        }
+        let err = lookup_step(
+            &tls_settings(),
+            answer(Connect, None, Some("pulsar+ssl://b2:0"), false),
+            None,
+        )
+        .expect_err("bad url");
+        assert!(matches!(err, UplinkError::BadBrokerUrl(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_failed_lookup_is_a_refusal_or_a_lookup_error() {
+        let mut denied = answer(LookupType::Failed, None, None, false);
+        denied.error = Some(proto::ServerError::AuthorizationError as i32);
+        denied.message = Some("no produce permission".into());
+        let err = lookup_step(&settings(6650), denied, Some("gw-a".into())).unwrap_err();
+        assert!(
+            matches!(&err, UplinkError::NotAuthorized { role: Some(r), .. } if r == "gw-a"),
+            "{err:?}"
+        );
+        let mut busy = answer(LookupType::Failed, None, None, false);
+        busy.error = Some(proto::ServerError::ServiceNotReady as i32);
+        let err = lookup_step(&settings(6650), busy, None).unwrap_err();
+        assert!(matches!(err, UplinkError::Lookup { .. }), "{err:?}");
+        assert_eq!(err.class(), ErrorClass::Transient);
+    }
+
+    #[tokio::test]
+    async fn a_tls_lookup_that_names_a_plaintext_broker_gets_neither_token_nor_records() {
+        // The plaintext broker the lookup points at records what reaches it.
+        let (plain, mut plain_seen) = fake_broker(Box::new(|l, me| {
+            lookup_reply(
+                l,
+                LookupType::Connect,
+                format!("pulsar://127.0.0.1:{me}"),
+                true,
+                false,
+            )
+        }))
+        .await;
+        let dir = Scratch::new("downgrade");
+        let (acceptor, settings_for) = tls_pki(&dir.0);
+        let (service, mut seen) = fake_broker_with(
+            Some(acceptor),
+            Box::new(move |l, _| CommandLookupTopicResponse {
+                broker_service_url: Some(format!("pulsar://127.0.0.1:{plain}")),
+                broker_service_url_tls: Some(format!("pulsar://127.0.0.1:{plain}")),
+                response: Some(LookupType::Connect as i32),
+                request_id: l.request_id,
+                authoritative: Some(true),
+                ..Default::default()
+            }),
+        )
+        .await;
+        let s = settings_for(service);
+        let outcome = connect_to_topic(&s).await;
+        let mut connects = 0;
+        while let Ok(c) = seen.try_recv() {
+            connects += c.connect.iter().count();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut leaked = Vec::new();
+        while let Ok(c) = plain_seen.try_recv() {
+            leaked.push(c);
+        }
+        assert!(leaked.is_empty(), "the plaintext broker got {leaked:?}");
+        match outcome {
+            Ok(conn) => panic!("connected to {} in plaintext", conn.endpoint),
+            Err(e) => {
+                assert!(matches!(e, UplinkError::TlsDowngrade { .. }), "{e:?}");
+                assert_eq!(e.class(), ErrorClass::NeedsOperator);
+            }
+        }
+        assert_eq!(connects, 1, "the TLS service broker was reached");
     }
 
     #[test]
