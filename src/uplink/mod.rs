@@ -81,6 +81,12 @@ pub enum UplinkError {
     Closed,
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    #[error("timed out writing to {addr}: the broker took nothing for {waited_ms} ms ({pending} bytes waiting)")]
+    WriteStalled {
+        addr: String,
+        pending: usize,
+        waited_ms: u64,
+    },
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("broker refused {during}: {error} ({message})")]
@@ -293,13 +299,15 @@ impl DrainGate {
 }
 
 /// Runs one session per destination until `shutdown`; returns early only on
-/// a fatal error.
+/// a fatal error. Each session ticks a beat of its own in `health` (see
+/// [`Uplink::session`] for when).
 pub async fn run_all(
     sessions: Vec<UplinkSettings>,
     store: StoreHandle,
     committed: watch::Receiver<Vec<u64>>,
     live: crate::status::Live,
     metrics: crate::metrics::Metrics,
+    health: crate::notify::Health,
     shutdown: CancellationToken,
 ) -> Result<(), UplinkError> {
     let gate = DrainGate::new(sessions.len());
@@ -309,9 +317,11 @@ pub async fn run_all(
     }
     let runs = sessions.into_iter().enumerate().map(|(i, s)| {
         let m = metrics.uplink(&s.topic);
+        let beat = health.beat(format!("uplink {}", s.topic));
         run(
             s,
             i,
+            beat,
             gate.clone(),
             store.clone(),
             committed.clone(),
@@ -329,6 +339,7 @@ pub async fn run_all(
 async fn run(
     settings: UplinkSettings,
     session: usize,
+    beat: crate::notify::Beat,
     gate: DrainGate,
     store: StoreHandle,
     committed: watch::Receiver<Vec<u64>>,
@@ -343,6 +354,7 @@ async fn run(
         backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
         settings,
         session,
+        beat,
         gate,
         store,
         committed,
@@ -383,9 +395,12 @@ async fn run(
                     tracing::warn!(error = %e, topic = %uplink.settings.topic, retry_in_ms,
                         "uplink disconnected; records stay in the store");
                 }
-                tokio::select! {
-                    _ = uplink.shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                let backoff = tokio::time::sleep(delay);
+                if bounded(&uplink.beat, &uplink.shutdown, backoff)
+                    .await
+                    .is_none()
+                {
+                    return Ok(());
                 }
             }
         }
@@ -398,6 +413,8 @@ struct Uplink {
     settings: UplinkSettings,
     /// This session's place in the [`DrainGate`].
     session: usize,
+    /// This session's liveness for the systemd watchdog.
+    beat: crate::notify::Beat,
     gate: DrainGate,
     store: StoreHandle,
     committed: watch::Receiver<Vec<u64>>,
@@ -409,15 +426,29 @@ struct Uplink {
 }
 
 impl Uplink {
+    /// One session: connect, create the producer, then send until an error
+    /// or shutdown.
+    ///
+    /// Its beat ticks at every turn of the loop, whenever a write moved
+    /// bytes, and every second while the session waits for something that is
+    /// bounded (connecting, the producer, frames, the store). It does not
+    /// tick while a write makes no progress: a broker that stopped reading
+    /// silences the beat (and so the systemd watchdog) until the write fails
+    /// after `operation_timeout`. Shutdown never waits for a write.
     async fn session(&mut self) -> Result<SessionEnd, UplinkError> {
         let shutdown = self.shutdown.clone();
-        let mut conn = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            c = self.connect_to_topic() => c?,
-        };
-        let last_sequence_id = self.create_producer(&mut conn).await?;
         let dest = self.settings.dest;
-        let outcome = self.store.resume(dest, last_sequence_id).await?;
+        let setup = async {
+            let mut conn = connect_to_topic(&self.settings).await?;
+            let name = self.settings.producer_name.clone();
+            let last_sequence_id = create_producer(&mut conn, &self.settings, &name).await?;
+            let outcome = self.store.resume(dest, last_sequence_id).await?;
+            Ok::<_, UplinkError>((conn, last_sequence_id, outcome))
+        };
+        let Some(ready) = bounded(&self.beat, &shutdown, setup).await else {
+            return Ok(SessionEnd::Shutdown);
+        };
+        let (mut conn, last_sequence_id, outcome) = ready?;
         let cursor = self.state.on_ready(last_sequence_id);
         self.reported = self.reported.max(cursor);
         self.backoff.reset();
@@ -445,8 +476,11 @@ impl Uplink {
         let mut ping = tokio::time::interval(KEEPALIVE);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
+        let mut alive = tokio::time::interval(crate::notify::BEAT_EVERY);
+        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         loop {
+            self.beat.tick();
             if waiting && (self.gate.open() || ready_at.elapsed() >= PRIORITY_WAIT) {
                 waiting = false;
             }
@@ -473,7 +507,20 @@ impl Uplink {
                 self.state.on_send(seq, Instant::now());
                 self.metrics.sent.inc();
             }
-            conn.flush().await?;
+            // Write what is pending; the beat ticks only when bytes move.
+            while conn.pending_write() {
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => {
+                        self.drain(&mut conn).await;
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    written = conn.write_some() => {
+                        written?;
+                        self.beat.tick();
+                    }
+                }
+            }
 
             let deadline = self.state.next_deadline(self.settings.operation_timeout);
             let want_more = buffer.is_empty() && self.state.room() > 0 && !waiting;
@@ -513,6 +560,7 @@ impl Uplink {
                 _ = sleep_until_opt(deadline) => {
                     self.state.check_timeout(Instant::now(), self.settings.operation_timeout)?;
                 }
+                _ = alive.tick() => {}
             }
         }
     }
@@ -572,22 +620,25 @@ impl Uplink {
         Ok(())
     }
 
-    /// On shutdown: wait a little for the receipts of what is in flight.
+    /// On shutdown: wait a little for the receipts of what is in flight,
+    /// at most `drain_timeout`, however the broker behaves.
     async fn drain(&mut self, conn: &mut Conn) {
         let deadline = tokio::time::Instant::now() + self.settings.drain_timeout;
-        while self.state.in_flight() > 0 {
-            let frame = tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break,
-                f = conn.read_frame() => f,
-            };
-            let handled = match frame {
-                Ok(f) => self.handle(conn, f).await,
-                Err(e) => Err(e),
-            };
-            if handled.is_err() || conn.flush().await.is_err() {
-                break;
+        let receipts = async {
+            loop {
+                // What is written already (a part of a frame included) is
+                // completed first: receipts come only for whole frames.
+                conn.flush().await?;
+                if self.state.in_flight() == 0 {
+                    return Ok(());
+                }
+                let f = conn.read_frame().await?;
+                self.handle(conn, f).await?;
+                self.beat.tick();
             }
-        }
+        };
+        let _: Result<Result<(), UplinkError>, _> =
+            tokio::time::timeout_at(deadline, receipts).await;
         let left = self.state.in_flight();
         let _ = self.report_delivered();
         tracing::info!(
@@ -595,16 +646,24 @@ impl Uplink {
             "uplink stopped; unconfirmed records stay in the store"
         );
     }
+}
 
-    /// Connects to the broker that serves the topic.
-    async fn connect_to_topic(&self) -> Result<Conn, UplinkError> {
-        connect_to_topic(&self.settings).await
-    }
-
-    /// Creates the producer; returns the broker's `last_sequence_id`.
-    async fn create_producer(&mut self, conn: &mut Conn) -> Result<i64, UplinkError> {
-        let name = self.settings.producer_name.clone();
-        create_producer(conn, &self.settings, &name).await
+/// Awaits `fut`, whose own timeouts bound it, ticking `beat` every second
+/// meanwhile; `None` if `shutdown` came first.
+async fn bounded<F: std::future::Future>(
+    beat: &crate::notify::Beat,
+    shutdown: &CancellationToken,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut every = tokio::time::interval(crate::notify::BEAT_EVERY);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            out = &mut fut => return Some(out),
+            _ = every.tick() => beat.tick(),
+        }
     }
 }
 
@@ -825,6 +884,7 @@ fn encode_send(s: &UplinkSettings, rec: Record, dst: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{TlsConfig, TokenSource};
     use proto::{BaseCommand, CommandConnect, CommandLookupTopic, CommandLookupTopicResponse};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
@@ -1357,6 +1417,290 @@ mod tests {
             }
         }
         assert_eq!(connects, 1, "the TLS service broker was reached");
+    }
+
+    /// How a producing fake broker misbehaves once the producer is ready.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Hostile {
+        /// Never reads from the connection again (keeps it open).
+        StopsReading,
+        /// Reads every SEND but never sends a receipt.
+        WithholdsReceipts,
+    }
+
+    /// What a producing fake broker saw: per connection, the payload bytes
+    /// of the SENDs it received.
+    #[derive(Default)]
+    struct Received {
+        payload_bytes: std::sync::Mutex<Vec<u64>>,
+        producers: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Received {
+        fn per_connection(&self) -> Vec<u64> {
+            self.payload_bytes.lock().unwrap().clone()
+        }
+    }
+
+    /// A fake broker at the socket seam that lets ferry connect, look the
+    /// topic up (itself) and create its producer, and then misbehaves. Its
+    /// receive buffer is small, so that when it stops reading, ferry's
+    /// writes stop soon.
+    async fn producing_broker(mode: Hostile) -> (u16, std::sync::Arc<Received>) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(64 * 1024).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(16).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(Received::default());
+        let received = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move { produce_badly(sock, port, mode, seen).await });
+            }
+        });
+        (port, received)
+    }
+
+    async fn produce_badly(
+        mut sock: tokio::net::TcpStream,
+        port: u16,
+        mode: Hostile,
+        seen: std::sync::Arc<Received>,
+    ) {
+        let conn_ix = {
+            let mut v = seen.payload_bytes.lock().unwrap();
+            v.push(0);
+            v.len() - 1
+        };
+        let mut buf = BytesMut::new();
+        loop {
+            while let Ok(Some(f)) = frame::decode(&mut buf) {
+                let c = f.command;
+                let mut out = BytesMut::new();
+                let mut stop_reading = false;
+                if c.connect.is_some() {
+                    let reply = command(Type::Connected, |r| {
+                        r.connected = Some(proto::CommandConnected {
+                            server_version: "fake".into(),
+                            ..Default::default()
+                        })
+                    });
+                    frame::encode_command(&reply, &mut out);
+                } else if let Some(l) = &c.lookup_topic {
+                    let reply = command(Type::LookupResponse, |r| {
+                        r.lookup_topic_response = Some(lookup_reply(
+                            l,
+                            LookupType::Connect,
+                            format!("pulsar://127.0.0.1:{port}"),
+                            true,
+                            false,
+                        ))
+                    });
+                    frame::encode_command(&reply, &mut out);
+                } else if let Some(p) = &c.producer {
+                    let reply = command(Type::ProducerSuccess, |r| {
+                        r.producer_success = Some(proto::CommandProducerSuccess {
+                            request_id: p.request_id,
+                            producer_name: p.producer_name.clone().unwrap_or_default(),
+                            last_sequence_id: Some(-1),
+                            ..Default::default()
+                        })
+                    });
+                    frame::encode_command(&reply, &mut out);
+                    seen.producers
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    stop_reading = mode == Hostile::StopsReading;
+                } else if c.send.is_some() {
+                    let len = f.payload.map(|(_, p)| p.len() as u64).unwrap_or(0);
+                    seen.payload_bytes.lock().unwrap()[conn_ix] += len;
+                } else if c.ping.is_some() {
+                    frame::encode_command(
+                        &command(Type::Pong, |r| r.pong = Some(proto::CommandPong {})),
+                        &mut out,
+                    );
+                }
+                if sock.write_all(&out).await.is_err() {
+                    return;
+                }
+                if stop_reading {
+                    // Keep the connection open, never read again.
+                    std::future::pending::<()>().await;
+                }
+            }
+            if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+        }
+    }
+
+    /// A real store in `dir` holding `n` records of `size` payload bytes for
+    /// the topic of [`settings`], committed.
+    async fn store_with(dir: &std::path::Path, n: usize, size: usize) -> crate::store::Store {
+        let text = format!(
+            r#"
+gateway_id = "gw"
+[[mqtt.subscriptions]]
+filter = "devices/+/state"
+device_id_level = 1
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+topic = "persistent://t/n/status"
+[store]
+path = "{}"
+"#,
+            dir.join("ferry.db").display()
+        );
+        let cfg = crate::config::parse(&text).unwrap();
+        let (acks, _) = mpsc::unbounded_channel();
+        let store = crate::store::Store::open(
+            &cfg.store,
+            Layout::new(&cfg.streams),
+            acks,
+            crate::notify::Health::default().beat("store"),
+            crate::status::Live::default(),
+            crate::metrics::Metrics::new(),
+        )
+        .unwrap();
+        for i in 0..n {
+            store
+                .handle
+                .insert(crate::store::Inbound {
+                    mqtt_topic: format!("devices/d{i}/state"),
+                    payload: bytes::Bytes::from(vec![b'x'; size]),
+                    retain: false,
+                    stream: Some(0),
+                    device: Some(format!("d{i}")),
+                    dup: false,
+                    pkid: (i % 60_000) as u16 + 1,
+                    ack: None,
+                    counted: false,
+                })
+                .unwrap();
+        }
+        let mut committed = store.committed.clone();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            committed.wait_for(|c| c[0] >= n as u64),
+        )
+        .await
+        .expect("records committed")
+        .unwrap();
+        store
+    }
+
+    /// An uplink session on `store`, as `run` makes it.
+    fn uplink_on(
+        settings: UplinkSettings,
+        store: &crate::store::Store,
+        shutdown: CancellationToken,
+    ) -> Uplink {
+        uplink_beating(settings, store, shutdown, &crate::notify::Health::default())
+    }
+
+    /// [`uplink_on`], its beat in `health`.
+    fn uplink_beating(
+        settings: UplinkSettings,
+        store: &crate::store::Store,
+        shutdown: CancellationToken,
+        health: &crate::notify::Health,
+    ) -> Uplink {
+        Uplink {
+            beat: health.beat("uplink"),
+            live: crate::status::Live::default(),
+            metrics: crate::metrics::Metrics::new().uplink(&settings.topic),
+            state: ProducerState::new(settings.max_in_flight),
+            backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
+            settings,
+            session: 0,
+            gate: DrainGate::new(1),
+            store: store.handle.clone(),
+            committed: store.committed.clone(),
+            shutdown,
+            reported: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_stops_reading_ends_the_session_with_a_timeout() {
+        let dir = Scratch::new("stops-reading");
+        // 10 MiB: more than the socket buffers between ferry and the broker.
+        let store = store_with(&dir.0, 40, 256 * 1024).await;
+        let (port, seen) = producing_broker(Hostile::StopsReading).await;
+        let mut s = settings(port);
+        s.max_in_flight = 1000;
+        s.operation_timeout = Duration::from_millis(1000);
+        let mut up = uplink_on(s, &store, CancellationToken::new());
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), up.session())
+            .await
+            .unwrap_or_else(|_| panic!("the session still waits on the broker after 10 s"));
+        let waited = started.elapsed();
+        assert_eq!(seen.producers.load(std::sync::atomic::Ordering::SeqCst), 1);
+        match outcome {
+            Ok(_) => panic!("the session ended without an error"),
+            Err(e) => assert!(e.to_string().contains("timed out"), "{e}"),
+        }
+        assert!(
+            waited < Duration::from_secs(4),
+            "ended {waited:?} after it started, operation_timeout 1 s"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_a_broker_that_stopped_reading() {
+        let dir = Scratch::new("stuck-shutdown");
+        let store = store_with(&dir.0, 40, 256 * 1024).await;
+        let (port, seen) = producing_broker(Hostile::StopsReading).await;
+        let mut s = settings(port);
+        s.max_in_flight = 1000;
+        s.operation_timeout = Duration::from_secs(60);
+        s.drain_timeout = Duration::from_millis(300);
+        let shutdown = CancellationToken::new();
+        let mut up = uplink_on(s, &store, shutdown.clone());
+        let session = tokio::spawn(async move { up.session().await.map(|_| ()) });
+        while seen.producers.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let ferry's writes fill the socket buffers and stall.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cancelled = Instant::now();
+        shutdown.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), session).await;
+        let took = cancelled.elapsed();
+        assert!(ended.is_ok(), "the session still runs 5 s after shutdown");
+        assert!(
+            took < Duration::from_millis(300 + 700),
+            "stopped {took:?} after shutdown, drain_timeout 300 ms"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_beats_while_idle_and_falls_silent_while_a_write_is_stuck() {
+        let silent = |h: &crate::notify::Health| h.stalled(Duration::from_millis(1500)).is_some();
+        // Idle: nothing to send, the broker reads.
+        let dir = Scratch::new("beat-idle");
+        let store = store_with(&dir.0, 0, 0).await;
+        let (port, _) = producing_broker(Hostile::WithholdsReceipts).await;
+        let health = crate::notify::Health::default();
+        let mut up = uplink_beating(settings(port), &store, CancellationToken::new(), &health);
+        let idle = tokio::time::timeout(Duration::from_secs(3), up.session()).await;
+        assert!(idle.is_err(), "an idle session goes on");
+        assert!(!silent(&health), "an idle session beats");
+
+        // Stuck: the broker stopped reading; the write fails only after 4 s.
+        let dir = Scratch::new("beat-stuck");
+        let store = store_with(&dir.0, 40, 256 * 1024).await;
+        let (port, _) = producing_broker(Hostile::StopsReading).await;
+        let mut s = settings(port);
+        s.max_in_flight = 1000;
+        s.operation_timeout = Duration::from_secs(4);
+        let health = crate::notify::Health::default();
+        let mut up = uplink_beating(s, &store, CancellationToken::new(), &health);
+        let stuck = tokio::time::timeout(Duration::from_secs(3), up.session()).await;
+        assert!(stuck.is_err(), "still within the write bound");
+        assert!(silent(&health), "a session stuck in a write does not beat");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod harness;
+mod hostile_broker;
 mod metrics;
 mod outage;
 mod overflow;
