@@ -179,6 +179,9 @@ pub struct UplinkSettings {
     pub topic: String,
     pub producer_name: String,
     pub max_in_flight: usize,
+    /// Payload bytes in flight (and fetched ahead), at most; one record
+    /// always goes.
+    pub max_in_flight_bytes: usize,
     pub connect_timeout: Duration,
     pub operation_timeout: Duration,
     pub backoff_min: Duration,
@@ -211,6 +214,7 @@ impl UplinkSettings {
             producer_name: producer_name(&cfg.gateway_id, &topic),
             topic,
             max_in_flight: cfg.uplink.max_in_flight,
+            max_in_flight_bytes: cfg.uplink.max_in_flight_bytes,
             connect_timeout: cfg.uplink.connect_timeout,
             operation_timeout: cfg.uplink.operation_timeout,
             backoff_min: cfg.uplink.backoff_min,
@@ -350,7 +354,7 @@ async fn run(
     let mut uplink = Uplink {
         live,
         metrics,
-        state: ProducerState::new(settings.max_in_flight),
+        state: ProducerState::new(settings.max_in_flight, settings.max_in_flight_bytes),
         backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
         settings,
         session,
@@ -492,19 +496,27 @@ impl Uplink {
                         self.caught_up();
                         break;
                     }
+                    // Fetched ahead: the window's worth of payload bytes.
                     let limit = self.settings.max_in_flight.max(64);
-                    buffer.extend(self.store.fetch(dest, self.state.cursor(), limit).await?);
+                    let bytes = self.settings.max_in_flight_bytes;
+                    let after = self.state.cursor();
+                    buffer.extend(self.store.fetch(dest, after, limit, bytes).await?);
                     if buffer.is_empty() {
                         break;
                     }
                 }
-                let Some(rec) = buffer.pop_front() else { break };
+                let Some(rec) = buffer.front() else { break };
                 if rec.seq <= self.state.cursor() {
+                    buffer.pop_front();
                     continue;
                 }
-                let seq = rec.seq;
+                if !self.state.may_send(rec.payload.len()) {
+                    break;
+                }
+                let Some(rec) = buffer.pop_front() else { break };
+                let (seq, bytes) = (rec.seq, rec.payload.len());
                 encode_send(&self.settings, rec, &mut conn.wbuf);
-                self.state.on_send(seq, Instant::now());
+                self.state.on_send(seq, bytes, Instant::now());
                 self.metrics.sent.inc();
             }
             // Write what is pending; the beat ticks only when bytes move.
@@ -904,6 +916,7 @@ mod tests {
             topic: "persistent://t/n/status".into(),
             producer_name: "ferry-gw-status".into(),
             max_in_flight: 10,
+            max_in_flight_bytes: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(2),
             operation_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(10),
@@ -1610,7 +1623,7 @@ path = "{}"
             beat: health.beat("uplink"),
             live: crate::status::Live::default(),
             metrics: crate::metrics::Metrics::new().uplink(&settings.topic),
-            state: ProducerState::new(settings.max_in_flight),
+            state: ProducerState::new(settings.max_in_flight, settings.max_in_flight_bytes),
             backoff: Backoff::new(settings.backoff_min, settings.backoff_max),
             settings,
             session: 0,
@@ -1701,6 +1714,46 @@ path = "{}"
         let stuck = tokio::time::timeout(Duration::from_secs(3), up.session()).await;
         assert!(stuck.is_err(), "still within the write bound");
         assert!(silent(&health), "a session stuck in a write does not beat");
+    }
+
+    #[tokio::test]
+    async fn payload_bytes_in_flight_stay_under_the_cap_plus_one_record() {
+        let dir = Scratch::new("in-flight-bytes");
+        let size = 256 * 1024;
+        // 25 MiB waiting, receipts withheld: only the window goes out.
+        let store = store_with(&dir.0, 100, size).await;
+        for (cap, most) in [(1024 * 1024, 1024 * 1024 + size), (1024, size)] {
+            let (port, seen) = producing_broker(Hostile::WithholdsReceipts).await;
+            let mut s = settings(port);
+            s.max_in_flight = 1000;
+            s.max_in_flight_bytes = cap;
+            s.operation_timeout = Duration::from_secs(5);
+            let mut up = uplink_on(s, &store, CancellationToken::new());
+            let run = tokio::time::timeout(Duration::from_millis(1500), up.session()).await;
+            assert!(run.is_err(), "the session waits for receipts");
+            let got = seen.per_connection();
+            assert_eq!(got.len(), 1, "one connection");
+            assert!(
+                got[0] >= size as u64 && got[0] <= most as u64,
+                "cap {cap}: the broker got {} payload bytes without receipts, at most {most} allowed",
+                got[0]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_buffer_that_grew_is_given_back_once_written() {
+        let (port, _) = producing_broker(Hostile::WithholdsReceipts).await;
+        let s = settings(port);
+        let mut conn = Conn::open(s.service.clone(), None, &s).await.unwrap();
+        let big = vec![0u8; 8 * 1024 * 1024];
+        conn.wbuf.extend_from_slice(&big);
+        conn.flush().await.unwrap();
+        assert!(
+            conn.wbuf.capacity() <= conn::WBUF_KEEP,
+            "capacity {} after writing 8 MiB",
+            conn.wbuf.capacity()
+        );
     }
 
     #[test]
