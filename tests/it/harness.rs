@@ -1035,3 +1035,16 @@ pub fn report(test: &str, line: &str) {
         let _ = writeln!(f, "[{test}] {line}");
     }
 }
+
+impl Ferry {
+    /// A `/proc/<pid>/status` figure of the running ferry, in KiB (`VmHWM`:
+    /// peak resident memory).
+    pub fn proc_status_kib(&self, field: &str) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+    }
+}

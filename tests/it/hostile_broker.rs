@@ -25,6 +25,8 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 enum Hostile {
     /// Never reads from the connection again (keeps it open).
     StopsReading,
+    /// Reads every SEND but never sends a receipt.
+    WithholdsReceipts,
 }
 
 /// A fake Pulsar broker on a port of its own: CONNECT, LOOKUP (itself) and
@@ -33,6 +35,8 @@ enum Hostile {
 struct FakeBroker {
     port: u16,
     producers: Arc<AtomicUsize>,
+    /// Per connection, the payload bytes of the SENDs it received.
+    payload_bytes: Arc<Mutex<Vec<u64>>>,
 }
 
 impl FakeBroker {
@@ -43,13 +47,18 @@ impl FakeBroker {
         let listener = sock.listen(16).unwrap();
         let port = listener.local_addr().unwrap().port();
         let producers = Arc::new(AtomicUsize::new(0));
-        let count = producers.clone();
+        let payload_bytes = Arc::new(Mutex::new(Vec::new()));
+        let (count, bytes) = (producers.clone(), payload_bytes.clone());
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(serve(sock, port, mode, count.clone()));
+                tokio::spawn(serve(sock, port, mode, count.clone(), bytes.clone()));
             }
         });
-        FakeBroker { port, producers }
+        FakeBroker {
+            port,
+            producers,
+            payload_bytes,
+        }
     }
 
     fn url(&self) -> String {
@@ -73,7 +82,13 @@ async fn serve(
     port: u16,
     mode: Hostile,
     producers: Arc<AtomicUsize>,
+    payload_bytes: Arc<Mutex<Vec<u64>>>,
 ) {
+    let conn = {
+        let mut v = payload_bytes.lock().unwrap();
+        v.push(0);
+        v.len() - 1
+    };
     let mut buf = BytesMut::new();
     loop {
         while let Ok(Some(f)) = frame::decode(&mut buf) {
@@ -111,6 +126,9 @@ async fn serve(
                 frame::encode_command(&reply, &mut out);
                 producers.fetch_add(1, Ordering::SeqCst);
                 stop_reading = mode == Hostile::StopsReading;
+            } else if c.send.is_some() {
+                let len = f.payload.map(|(_, p)| p.len() as u64).unwrap_or(0);
+                payload_bytes.lock().unwrap()[conn] += len;
             } else if c.ping.is_some() {
                 let pong = command(Type::Pong, |r| r.pong = Some(proto::CommandPong {}));
                 frame::encode_command(&pong, &mut out);
@@ -252,5 +270,69 @@ async fn a_broker_that_stops_reading_neither_feeds_the_watchdog_nor_delays_sigte
     assert!(
         ferry.log_text().contains("stalled="),
         "the watchdog says which loop stalled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_withheld_keep_the_bytes_in_flight_to_the_window() {
+    let (stack, _shared) = Stack::shared().await;
+    let broker = FakeBroker::start(Hostile::WithholdsReceipts).await;
+    // uplink.max_in_flight_bytes as by default.
+    let cap: u64 = 4 * 1024 * 1024;
+    let (mut ferry, prefix) = ferry_against(
+        stack,
+        "withholds-receipts",
+        &broker,
+        "operation_timeout_ms = 120000",
+    );
+    // First the backlog, with Pulsar unreachable: the audit's case is
+    // 1,000 updates of 256 KiB (FERRY_IT_RECORDS for fewer).
+    let nowhere = format!("pulsar://127.0.0.1:{}", free_port());
+    ferry.edit_config(&broker.url(), &nowhere);
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let records: i64 = std::env::var("FERRY_IT_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let size = 256 * 1024;
+    let mut devices = Devices::connect(stack, &prefix, 1).await;
+    for i in 0..records {
+        let topic = devices.topic(&format!("dev-{i:04}"));
+        devices
+            .publish_raw(&topic, vec![b'a' + (i % 26) as u8; size])
+            .await;
+    }
+    ferry.wait_stored(records, SECS(300)).await;
+    // Every PUBACK sent, or the next start gets redeliveries to drop.
+    tokio::time::sleep(SECS(3)).await;
+    let stored_hwm = ferry.proc_status_kib("VmHWM").unwrap_or(0);
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+
+    // Then a ferry that only sends, to a broker that never confirms.
+    ferry.edit_config(&nowhere, &broker.url());
+    ferry.start();
+    broker.wait_producer(SECS(30)).await;
+    tokio::time::sleep(SECS(5)).await;
+    let got = broker.payload_bytes.lock().unwrap().clone();
+    let hwm = ferry.proc_status_kib("VmHWM").unwrap_or(0);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    report(
+        "withholds-receipts",
+        &format!(
+            "{records} x {} KiB pending, receipts withheld: payload bytes the broker got per \
+             connection {got:?} (cap {cap} + one record); ferry VmHWM {:.1} MiB while sending \
+             (storing them: {:.1} MiB)",
+            size / 1024,
+            mib(hwm),
+            mib(stored_hwm)
+        ),
+    );
+    assert_eq!(ferry.terminate(), Some(0));
+    assert!(!got.is_empty() && got.iter().all(|b| *b > 0), "{got:?}");
+    assert!(
+        got.iter().all(|b| *b <= cap + size as u64),
+        "bytes in flight over the window: {got:?}"
     );
 }
