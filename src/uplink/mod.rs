@@ -1756,6 +1756,60 @@ path = "{}"
         );
     }
 
+    #[tokio::test]
+    async fn a_tls_downgrade_is_the_links_last_error_and_is_retried_slowly() {
+        let dir = Scratch::new("downgrade-run");
+        let (acceptor, settings_for) = tls_pki(&dir.0);
+        let (service, mut seen) = fake_broker_with(
+            Some(acceptor),
+            Box::new(|l, _| CommandLookupTopicResponse {
+                broker_service_url: Some("pulsar://127.0.0.1:9".into()),
+                response: Some(LookupType::Connect as i32),
+                request_id: l.request_id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        let mut s = settings_for(service);
+        s.backoff_min = Duration::from_millis(10);
+        s.backoff_max = Duration::from_secs(30);
+        let topic = s.topic.clone();
+        let store = store_with(&dir.0, 1, 10).await;
+        let live = crate::status::Live::default();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(run(
+            s,
+            0,
+            crate::notify::Health::default().beat("uplink"),
+            DrainGate::new(1),
+            store.handle.clone(),
+            store.committed.clone(),
+            live.clone(),
+            crate::metrics::Metrics::new().uplink(&topic),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let link = live
+            .snapshot()
+            .topics
+            .get(&topic)
+            .cloned()
+            .unwrap_or_default();
+        let error = link.last_error.unwrap_or_default();
+        assert!(
+            !link.connected && error.contains("never leaves TLS"),
+            "{error}"
+        );
+        let mut connects = 0;
+        while let Ok(c) = seen.try_recv() {
+            connects += c.connect.iter().count();
+        }
+        assert_eq!(connects, 1, "retried at backoff_max, not at once");
+        shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(2), running).await;
+        assert!(matches!(stopped, Ok(Ok(Ok(())))), "stops on shutdown");
+    }
+
     #[test]
     fn producer_names_are_stable_per_gateway_and_topic() {
         assert_eq!(
