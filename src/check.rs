@@ -11,11 +11,15 @@ use crate::config::{Config, TokenSource};
 use crate::store::layout::Layout;
 use crate::uplink::{self, auth, UplinkSettings};
 
-/// Secret files that others can read, as warnings.
+/// Secret files that others can read, and token files ferry cannot use (a
+/// device, a FIFO, a file over 64 KiB), as warnings.
 pub fn secret_file_warnings(cfg: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(TokenSource::File(p)) = &cfg.pulsar.auth {
-        out.extend(auth::permission_warning("token file", p));
+        match auth::token_file_problem(p) {
+            Some(problem) => out.push(problem),
+            None => out.extend(auth::permission_warning("token file", p)),
+        }
     }
     if let Some((_, key)) = cfg.pulsar.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
         out.extend(auth::permission_warning("TLS key file", key));

@@ -181,6 +181,26 @@ fn file_kind(t: &std::fs::FileType) -> &'static str {
     }
 }
 
+/// Why a token file cannot be used, found without reading it (for `ferry
+/// check` offline): not a regular file, or larger than [`MAX_TOKEN_BYTES`].
+pub fn token_file_problem(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let problem = if !meta.is_file() {
+        AuthError::NotAFile {
+            path: path.display().to_string(),
+            kind: file_kind(&meta.file_type()),
+        }
+    } else if meta.len() > MAX_TOKEN_BYTES {
+        AuthError::TooLarge {
+            path: path.display().to_string(),
+            limit: MAX_TOKEN_BYTES,
+        }
+    } else {
+        return None;
+    };
+    Some(problem.to_string())
+}
+
 /// A warning when a secret file can be read by anyone but its owner.
 pub fn permission_warning(what: &str, path: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
@@ -295,6 +315,19 @@ mod tests {
         // Exactly at the limit is still a token.
         std::fs::write(&f, vec![b'a'; MAX_TOKEN_BYTES as usize]).unwrap();
         assert_eq!(read_within_a_second(&f).unwrap().expose().len(), 65536);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn check_names_an_unusable_token_file_without_reading_it() {
+        let zero = token_file_problem(Path::new("/dev/zero")).unwrap();
+        assert!(zero.contains("not a regular file"), "{zero}");
+        let dir = scratch("problem");
+        let f = dir.join("token");
+        std::fs::write(&f, vec![b'a'; MAX_TOKEN_BYTES as usize + 1]).unwrap();
+        assert!(token_file_problem(&f).unwrap().contains("65536"));
+        std::fs::write(&f, JWT).unwrap();
+        assert_eq!(token_file_problem(&f), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
