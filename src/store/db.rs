@@ -852,13 +852,13 @@ impl Db {
     }
 
     /// Records of destination `d` numbered above `after`, in order: at most
-    /// `limit` records, and no more once their payloads reach `max_bytes`
-    /// (at least one).
+    /// `limit` of them and `max_bytes` of payload, but at least one.
     pub fn fetch(
         &mut self,
         d: DestIx,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Record>, StoreError> {
         let (lo, hi) = self.dests[d].range(after);
         let mut stmt = self.conn.prepare_cached(SQL_FETCH)?;
@@ -875,7 +875,16 @@ impl Db {
                 }),
             })
         })?;
-        let recs: Vec<Record> = rows.collect::<Result<_, _>>()?;
+        // Payload bytes: at most `max_bytes`, but always one record.
+        let (mut recs, mut bytes) = (Vec::new(), 0);
+        for row in rows {
+            let rec: Record = row?;
+            if !recs.is_empty() && bytes + rec.payload.len() > max_bytes {
+                break;
+            }
+            bytes += rec.payload.len();
+            recs.push(rec);
+        }
         drop(stmt);
         if let Some(last) = recs.last() {
             if last.seq > self.dests[d].horizon {

@@ -167,11 +167,13 @@ pub struct AckToken {
 /// Requests to the store thread.
 pub enum Command {
     Insert(Inbound),
-    /// Records of `dest` with `seq > after`, in order, at most `limit`.
+    /// Records of `dest` with `seq > after`, in order, at most `limit` and
+    /// `max_bytes` of payload (but at least one).
     Fetch {
         dest: DestIx,
         after: u64,
         limit: usize,
+        max_bytes: usize,
         reply: oneshot::Sender<Result<Vec<Record>, StoreError>>,
     },
     /// The broker confirmed every record of `dest` up to `up_to`; `resent`
@@ -239,12 +241,14 @@ impl StoreHandle {
         dest: DestIx,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Record>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Fetch {
             dest,
             after,
             limit,
+            max_bytes,
             reply,
         })?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -1062,9 +1066,10 @@ impl Worker {
                     dest,
                     after,
                     limit,
+                    max_bytes,
                     reply,
                 } => {
-                    let r = self.db.fetch(dest, after, limit);
+                    let r = self.db.fetch(dest, after, limit, max_bytes);
                     if let Err(StoreError::Damaged(reason)) = &r {
                         let e = StoreError::Damaged(reason.clone());
                         let _ = reply.send(r);

@@ -109,7 +109,7 @@ impl Drop for Dir {
 }
 
 fn payloads(db: &mut Db, dest: usize) -> Vec<String> {
-    db.fetch(dest, 0, 1_000_000)
+    db.fetch(dest, 0, 1_000_000, usize::MAX)
         .unwrap()
         .into_iter()
         .map(|r| String::from_utf8(r.payload).unwrap())
@@ -135,7 +135,7 @@ fn numbers_are_never_reused_after_delete_and_reopen() {
     let mut db = dir.db(l.clone());
     db.insert_batch(&[msg(&l, "devices/a/state", b"3", 3, false)], 100)
         .unwrap();
-    let recs = db.fetch(0, 0, 10).unwrap();
+    let recs = db.fetch(0, 0, 10, usize::MAX).unwrap();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].seq, 3);
     assert_eq!(recs[0].device, "a");
@@ -237,7 +237,12 @@ fn resume_skips_what_the_broker_holds() {
             renumbered_by: 0
         }
     );
-    let seqs: Vec<u64> = db.fetch(0, 0, 10).unwrap().iter().map(|r| r.seq).collect();
+    let seqs: Vec<u64> = db
+        .fetch(0, 0, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     assert_eq!(seqs, vec![4, 5]);
     assert_eq!(db.resume(0, -1).unwrap(), ResumeOutcome::default());
     assert_eq!(
@@ -259,7 +264,7 @@ fn resume_renumbers_when_the_broker_is_ahead_of_a_replaced_store() {
     // The broker already holds 1..=50 from an earlier store.
     let out = db.resume(0, 50).unwrap();
     assert_eq!(out.renumbered_by, 50);
-    let recs = db.fetch(0, 0, 10).unwrap();
+    let recs = db.fetch(0, 0, 10, usize::MAX).unwrap();
     let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![51, 52, 53]);
     assert_eq!(recs[0].payload, vec![0]);
@@ -326,7 +331,7 @@ fn a_shed_never_touches_what_the_uplink_has_in_flight() {
     let batch = rounds(&l, 2, 10);
     db.insert_batch(&batch, 100).unwrap();
     // The uplink fetched (and may have sent) the first 4.
-    assert_eq!(db.fetch(0, 0, 4).unwrap().len(), 4);
+    assert_eq!(db.fetch(0, 0, 4, usize::MAX).unwrap().len(), 4);
     db.insert_batch(&rounds(&l, 2, 1), 100).unwrap();
     // 11 > 10: the 4 fetched stay; of the 7 others, the newest of each
     // device stay.
@@ -572,7 +577,7 @@ fn stores_of_every_older_version_open_with_their_backlog_and_numbers() {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, super::schema::VERSION);
-        let recs = db.fetch(0, 0, 100).unwrap();
+        let recs = db.fetch(0, 0, 100, usize::MAX).unwrap();
         let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, (41..=50).collect::<Vec<_>>(), "version {version}");
         assert_eq!(recs[0].props.mqtt_topic, "devices/d0/state");
@@ -698,7 +703,12 @@ fn a_store_that_lost_its_newest_commits_skips_what_the_broker_holds() {
     );
     db.insert_batch(&[msg(&l, "devices/a/state", b"n", 9, false)], 100)
         .unwrap();
-    let seqs: Vec<u64> = db.fetch(0, 0, 10).unwrap().iter().map(|r| r.seq).collect();
+    let seqs: Vec<u64> = db
+        .fetch(0, 0, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     assert_eq!(seqs, vec![9]);
     drop(db);
     // That is remembered across restarts.
@@ -749,7 +759,7 @@ fn a_forgotten_packet_id_never_makes_a_redelivery_look_like_a_duplicate() {
 // unbounded"): resume, broker numbers, damage, retained states, acks, clock.
 
 fn seqs(db: &mut Db, dest: usize) -> Vec<u64> {
-    db.fetch(dest, 0, 1_000_000)
+    db.fetch(dest, 0, 1_000_000, usize::MAX)
         .unwrap()
         .iter()
         .map(|r| r.seq)
@@ -830,7 +840,7 @@ fn what_a_live_session_commits_counts_as_possibly_sent_across_restarts() {
         let mut db = dir.db(l.clone());
         db.resume(0, 0).unwrap();
         db.insert_batch(&numbered(&l, 4), 100).unwrap();
-        assert_eq!(db.fetch(0, 0, 10).unwrap().len(), 4);
+        assert_eq!(db.fetch(0, 0, 10, usize::MAX).unwrap().len(), 4);
     }
     // Killed before the receipts were written; the broker got 1..=3.
     let mut db = dir.db(l.clone());
@@ -1140,8 +1150,8 @@ fn randomly_damaged_stores_are_used_or_moved_aside_never_a_failed_start() {
             db.resume(0, 120)?;
             db.resume(1, -1)?;
             db.insert_batch(&rounds(&l, 3, 20), 100)?;
-            db.fetch(0, 0, 1000)?;
-            db.fetch(1, 0, 1000)?;
+            db.fetch(0, 0, 1000, usize::MAX)?;
+            db.fetch(1, 0, 1000, usize::MAX)?;
             db.delivered(0, 150, 0)?;
             db.shed_aged()?;
             db.shed_emergency(0, DropReason::DiskFull)?;
@@ -1210,4 +1220,32 @@ fn a_restored_copy_skips_what_the_store_it_was_copied_from_sent_and_a_new_store_
     let out = db.resume(0, 7).unwrap();
     assert_eq!(out.skipped, 0);
     assert_eq!(seqs(&mut db, 0), vec![8, 9, 10, 11, 12]);
+}
+
+#[test]
+fn a_fetch_stops_at_its_byte_limit_but_returns_one_record_at_least() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    let updates: Vec<Inbound> = (0..5u16)
+        .map(|i| {
+            msg(
+                &l,
+                &format!("devices/d{i}/state"),
+                &[b'x'; 100],
+                i + 1,
+                false,
+            )
+        })
+        .collect();
+    db.insert_batch(&updates, 100).unwrap();
+    let seqs = |recs: Vec<Record>| recs.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(db.fetch(0, 0, 10, 250).unwrap()), vec![1, 2]);
+    assert_eq!(seqs(db.fetch(0, 0, 10, 300).unwrap()), vec![1, 2, 3]);
+    assert_eq!(
+        seqs(db.fetch(0, 2, 10, 10).unwrap()),
+        vec![3],
+        "one at least"
+    );
+    assert_eq!(seqs(db.fetch(0, 0, 2, usize::MAX).unwrap()), vec![1, 2]);
 }

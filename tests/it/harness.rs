@@ -112,12 +112,22 @@ static MTLS: OnceLock<Secure> = OnceLock::new();
 impl Secure {
     /// The broker with TLS and tokens; client certificates optional.
     pub fn get() -> &'static Secure {
-        SECURE.get_or_init(|| Secure::up("secure", 6651, 8081))
+        SECURE.get_or_init(|| {
+            let tls = env_port("FERRY_SECURE_PULSAR_TLS_PORT", 6651);
+            Secure::up(
+                "secure",
+                tls,
+                env_port("FERRY_SECURE_PULSAR_WEB_PORT", 8081),
+            )
+        })
     }
 
     /// The broker that also requires a client certificate.
     pub fn mtls() -> &'static Secure {
-        MTLS.get_or_init(|| Secure::up("mtls", 6652, 8082))
+        MTLS.get_or_init(|| {
+            let tls = env_port("FERRY_MTLS_PULSAR_TLS_PORT", 6652);
+            Secure::up("mtls", tls, env_port("FERRY_MTLS_PULSAR_WEB_PORT", 8082))
+        })
     }
 
     fn up(profile: &'static str, tls_port: u16, web_port: u16) -> Secure {
@@ -1044,5 +1054,18 @@ pub fn report(test: &str, line: &str) {
         .open(repo().join("target/it/figures.txt"))
     {
         let _ = writeln!(f, "[{test}] {line}");
+    }
+}
+
+impl Ferry {
+    /// A `/proc/<pid>/status` figure of the running ferry, in KiB (`VmHWM`:
+    /// peak resident memory).
+    pub fn proc_status_kib(&self, field: &str) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
     }
 }

@@ -7,6 +7,7 @@
 mod bad_input;
 mod clock;
 mod harness;
+mod hostile_broker;
 mod metrics;
 mod outage;
 mod overflow;
