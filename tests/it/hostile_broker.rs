@@ -27,6 +27,9 @@ enum Hostile {
     StopsReading,
     /// Reads every SEND but never sends a receipt.
     WithholdsReceipts,
+    /// Names this `last_sequence_id` for every producer (and then reads
+    /// and answers nothing but pings).
+    LastSequenceId(i64),
 }
 
 /// A fake Pulsar broker on a port of its own: CONNECT, LOOKUP (itself) and
@@ -119,7 +122,10 @@ async fn serve(
                     r.producer_success = Some(proto::CommandProducerSuccess {
                         request_id: p.request_id,
                         producer_name: p.producer_name.clone().unwrap_or_default(),
-                        last_sequence_id: Some(-1),
+                        last_sequence_id: Some(match mode {
+                            Hostile::LastSequenceId(n) => n,
+                            _ => -1,
+                        }),
                         ..Default::default()
                     })
                 });
@@ -335,4 +341,54 @@ async fn receipts_withheld_keep_the_bytes_in_flight_to_the_window() {
         got.iter().all(|b| *b <= cap + size as u64),
         "bytes in flight over the window: {got:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_number_ferry_cannot_honour_keeps_the_records_and_ferry_running() {
+    let (stack, _shared) = Stack::shared().await;
+    let mut figures = Vec::new();
+    // 2^48 - 1 made the store "exhausted" (exit 1 at every restart); 2^48 - 3
+    // renumbered keys past 48 bits, into the next destination's range.
+    for last in [(1i64 << 48) - 1, (1i64 << 48) - 3] {
+        let broker = FakeBroker::start(Hostile::LastSequenceId(last)).await;
+        let (mut ferry, prefix) = ferry_against(stack, "hostile-seq", &broker, "");
+        // Records first, with the broker out of reach.
+        let nowhere = format!("pulsar://127.0.0.1:{}", free_port());
+        ferry.edit_config(&broker.url(), &nowhere);
+        ferry.start();
+        ferry.wait_log("mqtt subscribed", SECS(30)).await;
+        let mut devices = Devices::connect(stack, &prefix, 5).await;
+        devices.publish_rounds(0, 4).await;
+        ferry.wait_stored(20, SECS(30)).await;
+        assert_eq!(ferry.terminate(), Some(0));
+
+        ferry.edit_config(&nowhere, &broker.url());
+        ferry.start();
+        broker.wait_producer(SECS(30)).await;
+        ferry
+            .wait_log("more than ferry numbers", SECS(30))
+            .await;
+        tokio::time::sleep(SECS(3)).await;
+        let running = ferry.is_running();
+        let pending = ferry.try_pending();
+        let keys: Vec<i64> = {
+            let c = rusqlite::Connection::open(ferry.store_path()).unwrap();
+            let mut stmt = c.prepare("SELECT key >> 48 FROM outbox").unwrap();
+            let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+            rows.collect::<Result<_, _>>().unwrap()
+        };
+        let table = ferry.status(false);
+        figures.push(format!(
+            "last_sequence_id {last}: running {running}, pending {pending:?}, producers created {}",
+            broker.producers.load(Ordering::SeqCst)
+        ));
+        devices.disconnect().await;
+        assert!(running, "ferry keeps running; log:\n{}", tail(&ferry.log_text(), 20));
+        assert_eq!(pending, Some(20), "nothing deleted or moved");
+        assert!(keys.iter().all(|k| *k == 1), "every record still in its destination: {keys:?}");
+        assert!(table.contains("sequence-refused"), "{table}");
+        assert!(table.contains("more than ferry numbers"), "{table}");
+        assert_eq!(ferry.terminate(), Some(0));
+    }
+    report("hostile-seq", &figures.join("\n"));
 }
