@@ -11,11 +11,15 @@ use crate::config::{Config, TokenSource};
 use crate::store::layout::Layout;
 use crate::uplink::{self, auth, UplinkSettings};
 
-/// Secret files that others can read, as warnings.
+/// Secret files that others can read, and token files ferry cannot use (a
+/// device, a FIFO, a file over 64 KiB), as warnings.
 pub fn secret_file_warnings(cfg: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(TokenSource::File(p)) = &cfg.pulsar.auth {
-        out.extend(auth::permission_warning("token file", p));
+        match auth::token_file_problem(p) {
+            Some(problem) => out.push(problem),
+            None => out.extend(auth::permission_warning("token file", p)),
+        }
     }
     if let Some((_, key)) = cfg.pulsar.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
         out.extend(auth::permission_warning("TLS key file", key));
@@ -92,7 +96,9 @@ async fn probe_pulsar(s: &UplinkSettings) -> Result<String, String> {
         "plain TCP".to_string()
     }];
     if let Some(src) = &s.auth {
-        let token = auth::read(src).map_err(|e| e.to_string())?;
+        let token = auth::read_async(src, s.operation_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         how.push(format!(
             "token from {} accepted{}",
             auth::describe(src),

@@ -230,6 +230,9 @@ pub enum Durability {
 pub struct UplinkConfig {
     /// Sends awaiting their receipt, at most.
     pub max_in_flight: usize,
+    /// Payload bytes sent and awaiting their receipt, at most (one record
+    /// always goes, however large); also what the uplink fetches ahead.
+    pub max_in_flight_bytes: usize,
     pub connect_timeout: Duration,
     pub operation_timeout: Duration,
     pub backoff_min: Duration,
@@ -336,6 +339,7 @@ pub struct RawStore {
 #[serde(deny_unknown_fields)]
 pub struct RawUplink {
     pub max_in_flight: Option<i64>,
+    pub max_in_flight_bytes: Option<i64>,
     pub connect_timeout_ms: Option<i64>,
     pub operation_timeout_ms: Option<i64>,
     pub backoff_min_ms: Option<i64>,
@@ -651,6 +655,13 @@ impl RawConfig {
 
         let up = self.uplink.unwrap_or_default();
         let max_in_flight = v.int_in("uplink.max_in_flight", up.max_in_flight, 1000, 1, 100_000);
+        let max_in_flight_bytes = v.int_in(
+            "uplink.max_in_flight_bytes",
+            up.max_in_flight_bytes,
+            DEFAULT_MAX_IN_FLIGHT_BYTES,
+            1024,
+            1024 * 1024 * 1024,
+        );
         let connect_timeout = v.int_in(
             "uplink.connect_timeout_ms",
             up.connect_timeout_ms,
@@ -735,6 +746,7 @@ impl RawConfig {
             streams,
             uplink: UplinkConfig {
                 max_in_flight: max_in_flight as usize,
+                max_in_flight_bytes: max_in_flight_bytes as usize,
                 connect_timeout: ms(connect_timeout),
                 operation_timeout: ms(operation_timeout),
                 backoff_min: ms(backoff_min),
@@ -783,6 +795,9 @@ impl Validator {
         }
     }
 }
+
+/// The uplink's default bound on payload bytes in flight per topic.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: i64 = 4 * 1024 * 1024;
 
 /// The store file's default budget.
 pub const DEFAULT_STORE_MAX_BYTES: i64 = 512 * 1024 * 1024;
@@ -1222,6 +1237,32 @@ max_payload_bytes = 0
                 "store.path",
                 "store.max_payload_bytes",
             ]
+        );
+    }
+
+    #[test]
+    fn the_uplink_bounds_bytes_in_flight() {
+        assert_eq!(
+            parse(GOOD).unwrap().uplink.max_in_flight_bytes,
+            4 * 1024 * 1024
+        );
+        let set = format!("{GOOD}[uplink]\nmax_in_flight_bytes = 65536\n");
+        assert_eq!(parse(&set).unwrap().uplink.max_in_flight_bytes, 65536);
+        let errs = parse(&format!(
+            "{GOOD}[uplink]\nmax_in_flight_bytes = 0\nmax_in_flight = 0\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["uplink.max_in_flight", "uplink.max_in_flight_bytes"]
+        );
+        assert!(
+            errs[1]
+                .message
+                .contains("between 1024 and 1073741824, found 0"),
+            "{}",
+            errs[1].message
         );
     }
 

@@ -31,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
+/// How much longer than `uplink.drain_timeout` shutdown waits for the uplink.
+const UPLINK_STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why ferry stopped with a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -109,18 +112,21 @@ pub async fn run(
             intake.clone(),
         ),
     ));
-    let mut uplink = tokio::spawn(alive(
-        "uplink",
-        health.beat("uplink"),
-        uplink::run_all(
-            uplink::UplinkSettings::from_config(&config, &layout),
-            store.handle.clone(),
-            store.committed.clone(),
-            live.clone(),
-            metrics.clone(),
-            outlet.clone(),
-        ),
-    ));
+    // The uplink's sessions tick beats of their own, from their progress.
+    let uplink_run = uplink::run_all(
+        uplink::UplinkSettings::from_config(&config, &layout),
+        store.handle.clone(),
+        store.committed.clone(),
+        live.clone(),
+        metrics.clone(),
+        health.clone(),
+        outlet.clone(),
+    );
+    let mut uplink = tokio::spawn(async move {
+        debug_hang("uplink").await;
+        uplink_run.await
+    });
+    let uplink_stop = config.uplink.drain_timeout + UPLINK_STOP_MARGIN;
     if let Some(interval) = notify::watchdog_interval() {
         tokio::spawn(notify::watchdog(
             health.clone(),
@@ -174,8 +180,20 @@ pub async fn run(
         }
     }
     outlet.cancel();
-    if let Ok(Err(e)) = uplink.await {
-        failure.get_or_insert(e.into());
+    // The uplink drains for at most drain_timeout; whatever it waits on,
+    // shutdown does not wait much longer.
+    match tokio::time::timeout(uplink_stop, &mut uplink).await {
+        Ok(Ok(Err(e))) => {
+            failure.get_or_insert(e.into());
+        }
+        Ok(_) => {}
+        Err(_) => {
+            uplink.abort();
+            tracing::warn!(
+                waited_ms = uplink_stop.as_millis() as u64,
+                "uplink did not stop in time; unconfirmed records stay in the store"
+            );
+        }
     }
     background.cancel();
     finish(store, failure)
@@ -187,11 +205,17 @@ async fn alive<F: std::future::Future>(
     beat: notify::Beat,
     fut: F,
 ) -> F::Output {
+    debug_hang(name).await;
+    notify::with_beat(beat, fut).await
+}
+
+/// The `FERRY_DEBUG_HANG` test hook: blocks this task's thread 2 s after
+/// start when asked to.
+async fn debug_hang(name: &'static str) {
     if notify::hang_requested(name) {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         notify::hang_forever(name);
     }
-    notify::with_beat(beat, fut).await
 }
 
 fn apply_reload(old: &Config, new: &Config, store: &store::StoreHandle) {

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub store_stored: Counter,
     pub store_dead_lettered: Counter,
     pub store_redeliveries_dropped: Counter,
+    pub store_retained_unchanged: Counter,
     pub store_commit_seconds: Histogram,
     pub store_disk_full: Gauge,
     pub store_damaged: Counter,
@@ -80,6 +81,7 @@ impl Default for Metrics {
             store_stored: Counter::default(),
             store_dead_lettered: Counter::default(),
             store_redeliveries_dropped: Counter::default(),
+            store_retained_unchanged: Counter::default(),
             // 0.1 ms to ~6.5 s.
             store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             store_disk_full: Gauge::default(),
@@ -197,6 +199,11 @@ impl Metrics {
             "store_redeliveries_dropped",
             "Broker redeliveries of messages already stored (acked, not stored twice)",
             self.store_redeliveries_dropped.clone(),
+        );
+        r.register(
+            "store_retained_unchanged",
+            "Retained messages the broker sent again at a subscription, unchanged since they were stored (acked, not stored twice)",
+            self.store_retained_unchanged.clone(),
         );
         r.register(
             "store_records_superseded",

@@ -61,7 +61,7 @@ fn epoch() -> Instant {
 /// Liveness of one loop.
 #[derive(Clone, Debug)]
 pub struct Beat {
-    name: &'static str,
+    name: Arc<str>,
     /// Milliseconds since [`epoch`] of the last tick.
     last: Arc<AtomicU64>,
 }
@@ -86,9 +86,9 @@ pub struct Health {
 
 impl Health {
     /// A new beat, ticked once already.
-    pub fn beat(&self, name: &'static str) -> Beat {
+    pub fn beat(&self, name: impl Into<Arc<str>>) -> Beat {
         let b = Beat {
-            name,
+            name: name.into(),
             last: Arc::new(AtomicU64::new(0)),
         };
         b.tick();
@@ -97,12 +97,12 @@ impl Health {
     }
 
     /// The first loop that has not ticked within `limit`.
-    pub fn stalled(&self, limit: Duration) -> Option<(&'static str, Duration)> {
+    pub fn stalled(&self, limit: Duration) -> Option<(Arc<str>, Duration)> {
         let beats = self.beats.lock().expect("health lock");
         beats
             .iter()
             .find(|b| b.age() > limit)
-            .map(|b| (b.name, b.age()))
+            .map(|b| (b.name.clone(), b.age()))
     }
 }
 
@@ -131,7 +131,7 @@ pub async fn watchdog(
             }
             Some((name, silent)) if !reported => {
                 tracing::error!(
-                    stalled = name,
+                    stalled = ?name,
                     silent_ms = silent.as_millis() as u64,
                     "a loop has stopped; no longer feeding the systemd watchdog"
                 );
@@ -143,7 +143,9 @@ pub async fn watchdog(
 }
 
 /// Runs `fut`, ticking `beat` every [`BEAT_EVERY`] while it is polled. If
-/// `fut` blocks its thread, the ticks stop with it.
+/// `fut` blocks its thread, the ticks stop with it; but the ticks go on
+/// while `fut` waits on anything, however long. A loop that can wait on the
+/// network (the uplink) ticks its beat from its own progress instead.
 pub async fn with_beat<F: Future>(beat: Beat, fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     let mut every = tokio::time::interval(BEAT_EVERY);
@@ -186,7 +188,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         a.tick();
         let (name, _) = h.stalled(Duration::from_millis(20)).expect("b is silent");
-        assert_eq!(name, "b");
+        assert_eq!(&*name, "b");
     }
 
     #[test]

@@ -203,9 +203,10 @@ pub struct Report {
 
 const SQL_DESTINATIONS: &str = "SELECT id, topic, stream, role FROM destinations ORDER BY id";
 const SQL_DEST_BACKLOG: &str = "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0),
-     (SELECT received_ms FROM outbox WHERE key > ?1 AND key <= ?2 ORDER BY key LIMIT 1)
+     (SELECT stored_at FROM outbox WHERE key > ?1 AND key <= ?2 ORDER BY key LIMIT 1)
      FROM outbox WHERE key > ?1 AND key <= ?2";
 const SQL_AGENT: &str = "SELECT snapshot FROM agent WHERE id = 1";
+const SQL_STORE_CLOCK: &str = "SELECT value FROM store_state WHERE name = 'clock_ms'";
 const SQL_COUNTERS: &str = "SELECT name, value FROM counters ORDER BY name";
 const SQL_DEAD_COUNT: &str = "SELECT COUNT(*) FROM dead_letters";
 const SQL_DEAD_RECENT: &str =
@@ -217,7 +218,13 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let now = now_ms();
-    let age = |t: Option<i64>| t.map(|o| now.saturating_sub(o as u64) as f64 / 1000.0);
+    // Record ages are on the store's own clock (the time ferry has run),
+    // which a wall clock jumping years does not move; it is written every
+    // few seconds while ferry runs.
+    let clock: i64 = conn
+        .query_row(SQL_STORE_CLOCK, [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
     let agent: Option<AgentSnapshot> = conn
         .query_row(SQL_AGENT, [], |r| r.get::<_, String>(0))
         .optional()?
@@ -225,6 +232,14 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
     let running = agent
         .as_ref()
         .is_some_and(|a| now.saturating_sub(a.updated_ms) < 3 * SNAPSHOT_EVERY.as_millis() as u64);
+    // While the agent runs, its clock went on since it was written (at
+    // most a few seconds: bounded, so a wall clock jump cannot matter).
+    let since_written = match &agent {
+        Some(a) if running => now.saturating_sub(a.updated_ms) as i64,
+        _ => 0,
+    };
+    let clock = clock.saturating_add(since_written);
+    let age = |t: Option<i64>| t.map(|o| clock.saturating_sub(o).max(0) as f64 / 1000.0);
     let mut stmt = conn.prepare(SQL_COUNTERS)?;
     let all_counters = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?

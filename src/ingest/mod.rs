@@ -296,6 +296,7 @@ fn inbound(
     let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
         pkid: p.pkid,
         epoch,
+        gen: 0,
     });
     let routed = |topic: &str| match layout.route(topic) {
         Some((s, d)) => (Some(s), d),
@@ -506,7 +507,14 @@ mod tests {
         let m = to_store(mark, p, &budget).await;
         assert_eq!((m.stream, m.device.as_deref()), (Some(0), Some("d1")));
         assert_eq!(&m.payload[..], b"{\"n\":1}");
-        assert_eq!(m.ack, Some(AckToken { pkid: 9, epoch: 3 }));
+        assert_eq!(
+            m.ack,
+            Some(AckToken {
+                pkid: 9,
+                epoch: 3,
+                gen: 0
+            })
+        );
         assert!(budget.available() < 1 << 20);
         drop(m);
         assert_eq!(

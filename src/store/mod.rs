@@ -49,6 +49,7 @@
 
 pub mod db;
 pub mod layout;
+pub mod schema;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,20 @@ pub enum StoreError {
     DiskFull,
     #[error("record numbers of {0} are exhausted (2^48)")]
     Exhausted(String),
+    /// The broker's `last_sequence_id` cannot be honoured: nothing changed.
+    #[error("the broker says it holds record {last_sequence_id} of {topic}, more than ferry numbers (below 2^47), with {pending} record(s) to send: another producer may use this gateway's producer name, or the broker's deduplication state is wrong; records stay in the store")]
+    SequenceRefused {
+        topic: String,
+        last_sequence_id: i64,
+        pending: u64,
+    },
+    /// The store is damaged (found while running); the next start moves it
+    /// aside.
+    #[error("store damaged: {0}")]
+    Damaged(String),
+    /// The store was written by a newer ferry; it is left as it is.
+    #[error("the store has schema version {found}, but this ferry knows versions up to {supported}: it was written by a newer ferry; run that version (or move the store away to start a new one)")]
+    TooNew { found: i32, supported: i32 },
     #[error("store thread has stopped")]
     Closed,
 }
@@ -90,6 +105,8 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         if db::is_disk_full(&e) {
             StoreError::DiskFull
+        } else if schema::is_damage(&e) {
+            StoreError::Damaged(e.to_string())
         } else {
             StoreError::Sqlite(e)
         }
@@ -141,16 +158,22 @@ pub struct AckToken {
     pub pkid: u16,
     /// MQTT connection epoch the message arrived on.
     pub epoch: u64,
+    /// The commit that stored (or dropped) the message, set by the store
+    /// when it releases the ack; ingest reports it back once the broker
+    /// processed the ack ([`Command::AcksConfirmed`]).
+    pub gen: u64,
 }
 
 /// Requests to the store thread.
 pub enum Command {
     Insert(Inbound),
-    /// Records of `dest` with `seq > after`, in order, at most `limit`.
+    /// Records of `dest` with `seq > after`, in order, at most `limit` and
+    /// `max_bytes` of payload (but at least one).
     Fetch {
         dest: DestIx,
         after: u64,
         limit: usize,
+        max_bytes: usize,
         reply: oneshot::Sender<Result<Vec<Record>, StoreError>>,
     },
     /// The broker confirmed every record of `dest` up to `up_to`; `resent`
@@ -174,6 +197,11 @@ pub enum Command {
     /// will be redelivered, so their held copies are dropped, unless the
     /// broker lost the session (then nothing is redelivered).
     Epoch(u64, bool),
+    /// The broker processed every ack of a commit up to `gen` sent on
+    /// connection `epoch`: ingest sent a request after them and got its
+    /// answer. From then on a DUP message under one of those packet ids is
+    /// a new message, even when byte-identical.
+    AcksConfirmed { epoch: u64, gen: u64 },
 }
 
 /// What [`Command::Resume`] did.
@@ -213,12 +241,14 @@ impl StoreHandle {
         dest: DestIx,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Record>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Fetch {
             dest,
             after,
             limit,
+            max_bytes,
             reply,
         })?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -248,6 +278,10 @@ impl StoreHandle {
 
     pub fn new_epoch(&self, epoch: u64, session_present: bool) -> Result<(), StoreError> {
         self.send(Command::Epoch(epoch, session_present))
+    }
+
+    pub fn acks_confirmed(&self, epoch: u64, gen: u64) -> Result<(), StoreError> {
+        self.send(Command::AcksConfirmed { epoch, gen })
     }
 
     pub fn set_limits(&self, cfg: StoreConfig, layout: Layout) -> Result<(), StoreError> {
@@ -470,8 +504,16 @@ const MAX_PARKED_BYTES: usize = 8 * 1024 * 1024;
 impl Worker {
     fn run(mut self) -> Result<(), StoreError> {
         let result = self.main_loop();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "store thread failed");
+        match &result {
+            Ok(()) => {
+                let _ = self.db.save_state_now();
+            }
+            Err(StoreError::Damaged(reason)) => {
+                schema::mark_damaged(&self.cfg.path, reason);
+                tracing::error!(store = %self.cfg.path.display(), %reason,
+                    "STORE DAMAGED while running: ferry stops; the next start moves the store aside (not deleted) and starts a fresh one");
+            }
+            Err(e) => tracing::error!(error = %e, "store thread failed"),
         }
         result
     }
@@ -615,6 +657,7 @@ impl Worker {
         m.store_stored.inc_by(out.stored);
         m.store_dead_lettered.inc_by(out.dead_lettered);
         m.store_redeliveries_dropped.inc_by(out.redelivered);
+        m.store_retained_unchanged.inc_by(out.retained_unchanged);
         self.count_shed(&out.shed);
         let mut rejecting = vec![false; self.rejecting.len()];
         let mut parked_idx = out.parked.iter().peekable();
@@ -724,14 +767,11 @@ impl Worker {
 
     fn room_for(&self, batch: &[Inbound]) -> u64 {
         let layout = self.db.layout();
-        // A row costs its payload plus key, device and properties, on pages
-        // that are not filled to the last byte.
+        // What each message will take: a dead letter only the part of its
+        // payload that is kept.
         batch
             .iter()
-            .map(|m| {
-                let dests = m.stream.map_or(0, |s| layout.streams[s].dests.len()) as u64;
-                (m.payload.len() as u64 + m.mqtt_topic.len() as u64 + 64) * 3 / 2 * dests
-            })
+            .map(|m| db::stored_size(layout, m, self.cfg.max_payload_bytes))
             .sum::<u64>()
             + 64 * 1024
     }
@@ -903,7 +943,7 @@ impl Worker {
             }
         };
         if every(&mut self.last_age_check, Duration::from_secs(1)) {
-            match self.db.shed_aged(db::now_ms()) {
+            match self.db.shed_aged() {
                 Ok(shed) => self.count_shed(&shed),
                 Err(StoreError::DiskFull) => {}
                 Err(e) => return Err(e),
@@ -911,6 +951,12 @@ impl Worker {
             if !self.undelivered.is_empty() {
                 let pending = std::mem::take(&mut self.undelivered);
                 self.deliver_all(pending)?;
+            }
+            if self.db.state_unsaved() {
+                match self.db.save_state_now() {
+                    Ok(()) | Err(StoreError::DiskFull) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         if let Durability::Interval(period) = self.cfg.durability {
@@ -953,13 +999,13 @@ impl Worker {
 
     /// Updates the store gauges.
     fn gauges(&mut self) -> Result<(), StoreError> {
-        let now = db::now_ms();
+        let now = self.db.clock().now_ms();
         for s in 0..self.db.layout().streams.len() {
             let spec = &self.db.layout().streams[s];
             let u = self.db.usage(s);
             let mut oldest: Option<u64> = None;
             for d in &spec.dests {
-                if let Some(t) = self.db.oldest_received_ms(*d)? {
+                if let Some(t) = self.db.oldest_stored_at(*d)? {
                     oldest = Some(oldest.map_or(t, |o: u64| o.min(t)));
                 }
             }
@@ -988,7 +1034,7 @@ impl Worker {
         let parked = self.parked.len() as u64;
         self.live.set_store(self.disk_full, parked);
         let json = serde_json::to_string(&self.live.snapshot()).expect("plain struct");
-        match self.db.write_snapshot(&json) {
+        match self.db.write_snapshot(&json).and_then(|()| self.db.save_state_now()) {
             Ok(()) | Err(StoreError::DiskFull) => Ok(()),
             Err(e) => Err(e),
         }
@@ -1020,9 +1066,16 @@ impl Worker {
                     dest,
                     after,
                     limit,
+                    max_bytes,
                     reply,
                 } => {
-                    let _ = reply.send(self.db.fetch(dest, after, limit));
+                    let r = self.db.fetch(dest, after, limit, max_bytes);
+                    if let Err(StoreError::Damaged(reason)) = &r {
+                        let e = StoreError::Damaged(reason.clone());
+                        let _ = reply.send(r);
+                        return Err(e);
+                    }
+                    let _ = reply.send(r);
                 }
                 Command::Resume {
                     dest,
@@ -1034,9 +1087,16 @@ impl Worker {
                         self.committed.send_replace(self.db.last_seqs());
                         freed = true;
                     }
+                    if let Err(StoreError::Damaged(reason)) = &r {
+                        let e = StoreError::Damaged(reason.clone());
+                        let _ = reply.send(r);
+                        return Err(e);
+                    }
                     let _ = reply.send(r);
                 }
+                Command::AcksConfirmed { epoch, gen } => self.db.acks_confirmed(epoch, gen),
                 Command::Epoch(epoch, session_present) => {
+                    self.db.new_connection(epoch, session_present);
                     self.epoch = epoch;
                     if session_present {
                         let dropped = self.drop_held(|p| p.ack.map_or(true, |a| a.epoch >= epoch));

@@ -42,7 +42,11 @@ fn msg(l: &Layout, topic: &str, payload: &[u8], pkid: u16, dup: bool) -> Inbound
         device,
         dup,
         pkid,
-        ack: Some(AckToken { pkid, epoch: 1 }),
+        ack: Some(AckToken {
+            pkid,
+            epoch: 1,
+            gen: 0,
+        }),
         counted: false,
     }
 }
@@ -105,7 +109,7 @@ impl Drop for Dir {
 }
 
 fn payloads(db: &mut Db, dest: usize) -> Vec<String> {
-    db.fetch(dest, 0, 1_000_000)
+    db.fetch(dest, 0, 1_000_000, usize::MAX)
         .unwrap()
         .into_iter()
         .map(|r| String::from_utf8(r.payload).unwrap())
@@ -131,7 +135,7 @@ fn numbers_are_never_reused_after_delete_and_reopen() {
     let mut db = dir.db(l.clone());
     db.insert_batch(&[msg(&l, "devices/a/state", b"3", 3, false)], 100)
         .unwrap();
-    let recs = db.fetch(0, 0, 10).unwrap();
+    let recs = db.fetch(0, 0, 10, usize::MAX).unwrap();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].seq, 3);
     assert_eq!(recs[0].device, "a");
@@ -220,6 +224,9 @@ fn resume_skips_what_the_broker_holds() {
     let dir = Dir::new();
     let l = layout("", "");
     let mut db = dir.db(l.clone());
+    // The session resumed before these were committed: they may have been
+    // sent.
+    assert_eq!(db.resume(0, -1).unwrap(), ResumeOutcome::default());
     let batch = numbered(&l, 5);
     db.insert_batch(&batch, 100).unwrap();
     let out = db.resume(0, 3).unwrap();
@@ -230,7 +237,12 @@ fn resume_skips_what_the_broker_holds() {
             renumbered_by: 0
         }
     );
-    let seqs: Vec<u64> = db.fetch(0, 0, 10).unwrap().iter().map(|r| r.seq).collect();
+    let seqs: Vec<u64> = db
+        .fetch(0, 0, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     assert_eq!(seqs, vec![4, 5]);
     assert_eq!(db.resume(0, -1).unwrap(), ResumeOutcome::default());
     assert_eq!(
@@ -252,7 +264,7 @@ fn resume_renumbers_when_the_broker_is_ahead_of_a_replaced_store() {
     // The broker already holds 1..=50 from an earlier store.
     let out = db.resume(0, 50).unwrap();
     assert_eq!(out.renumbered_by, 50);
-    let recs = db.fetch(0, 0, 10).unwrap();
+    let recs = db.fetch(0, 0, 10, usize::MAX).unwrap();
     let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![51, 52, 53]);
     assert_eq!(recs[0].payload, vec![0]);
@@ -264,7 +276,10 @@ fn resume_renumbers_when_the_broker_is_ahead_of_a_replaced_store() {
     db.insert_batch(&[msg(&l, "devices/a/state", b"n", 10, false)], 100)
         .unwrap();
     assert_eq!(db.last_seqs()[0], 54);
-    assert!(db.resume(0, SEQ_MAX as i64).is_err());
+    assert!(matches!(
+        db.resume(0, SEQ_MAX as i64),
+        Err(StoreError::SequenceRefused { .. })
+    ));
 }
 
 /// What `coalesce` should leave, computed independently: pending grows by
@@ -316,7 +331,7 @@ fn a_shed_never_touches_what_the_uplink_has_in_flight() {
     let batch = rounds(&l, 2, 10);
     db.insert_batch(&batch, 100).unwrap();
     // The uplink fetched (and may have sent) the first 4.
-    assert_eq!(db.fetch(0, 0, 4).unwrap().len(), 4);
+    assert_eq!(db.fetch(0, 0, 4, usize::MAX).unwrap().len(), 4);
     db.insert_batch(&rounds(&l, 2, 1), 100).unwrap();
     // 11 > 10: the 4 fetched stay; of the 7 others, the newest of each
     // device stay.
@@ -461,9 +476,10 @@ fn max_age_drops_old_records_but_not_the_newest_state() {
         100,
     )
     .unwrap();
-    let shed = db.shed_aged(db::now_ms()).unwrap();
+    let shed = db.shed_aged().unwrap();
     assert!(shed.is_empty(), "nothing is a minute old yet");
-    let shed = db.shed_aged(db::now_ms() + 61_000).unwrap();
+    db.advance_clock(61_000);
+    let shed = db.shed_aged().unwrap();
     assert_eq!(shed.dropped.get(&(0, DropReason::MaxAge)), Some(&1));
     assert_eq!(shed.dropped.get(&(1, DropReason::MaxAge)), Some(&1));
     assert_eq!(payloads(&mut db, 0), vec!["2", "3"]);
@@ -533,39 +549,85 @@ fn a_damaged_store_is_moved_aside_and_a_fresh_one_started() {
     assert!(report.incidents[0].detail.contains("moved to"));
 }
 
+/// Loads a fixture store of an older schema version (tests/fixtures).
+fn fixture(dir: &Dir, version: u32) -> std::path::PathBuf {
+    let sql = match version {
+        1 => include_str!("../../tests/fixtures/store-v1.sql"),
+        2 => include_str!("../../tests/fixtures/store-v2.sql"),
+        3 => include_str!("../../tests/fixtures/store-v3.sql"),
+        v => panic!("no fixture of version {v}"),
+    };
+    let path = dir.path.join(format!("v{version}.db"));
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(&sql.replace("@STATUS@", "persistent://t/n/status"))
+        .unwrap();
+    path
+}
+
 #[test]
-fn a_store_from_before_streams_is_migrated_with_its_numbers() {
+fn stores_of_every_older_version_open_with_their_backlog_and_numbers() {
+    for version in 1..=3 {
+        let dir = Dir::new();
+        let path = fixture(&dir, version);
+        let l = layout("", "");
+        let (mut db, damaged) = Db::open(&path, l.clone(), Durability::Full).unwrap();
+        assert!(damaged.is_none(), "version {version}");
+        let v: i32 = db
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, super::schema::VERSION);
+        let recs = db.fetch(0, 0, 100, usize::MAX).unwrap();
+        let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (41..=50).collect::<Vec<_>>(), "version {version}");
+        assert_eq!(recs[0].props.mqtt_topic, "devices/d0/state");
+        assert!(String::from_utf8_lossy(&recs[9].payload).contains(&format!("v{version}")));
+        assert_eq!(db.last_seqs()[0], 50);
+        // These stores' producers spoke to the broker: the broker holding
+        // up to 45 means 41..=45 were delivered.
+        assert_eq!(db.resume(0, 45).unwrap().skipped, 5, "version {version}");
+        // The redelivery row of packet id 7 (the last record) still
+        // recognises the broker's redelivery.
+        let last = String::from_utf8(recs[9].payload.clone()).unwrap();
+        let out = db
+            .insert_batch(&[msg(&l, "devices/d4/state", last.as_bytes(), 7, true)], 1000)
+            .unwrap();
+        assert_eq!((out.redelivered, out.stored), (1, 0), "version {version}");
+        db.insert_batch(&[msg(&l, "devices/a/state", b"new", 1, false)], 100)
+            .unwrap();
+        assert_eq!(db.last_seqs()[0], 51);
+        assert_eq!(db.counter("stored"), 61);
+    }
+}
+
+#[test]
+fn a_store_of_a_newer_version_is_refused_and_left_alone() {
     let dir = Dir::new();
     let path = dir.path.join("s.db");
     {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(
-            "CREATE TABLE journal (seq INTEGER PRIMARY KEY, device TEXT NOT NULL,
-               received_ms INTEGER NOT NULL, payload BLOB NOT NULL, props BLOB NOT NULL);
-             CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             INSERT INTO meta VALUES ('next_seq', 42);",
-        )
-        .unwrap();
-        let props = postcard::to_allocvec(&RecordProps {
-            mqtt_topic: "devices/a/state".into(),
-            retain: false,
-        })
-        .unwrap();
-        c.execute(
-            "INSERT INTO journal VALUES (41, 'a', 1, x'6f6c64', ?1)",
-            [props],
-        )
-        .unwrap();
+        let db = dir.db(layout("", ""));
+        db.conn()
+            .pragma_update(None, "user_version", super::schema::VERSION + 1)
+            .unwrap();
     }
-    let l = layout("", "");
-    let mut db = dir.db(l.clone());
-    let recs = db.fetch(0, 0, 10).unwrap();
-    assert_eq!(recs.len(), 1);
-    assert_eq!((recs[0].seq, recs[0].payload.as_slice()), (41, &b"old"[..]));
-    assert_eq!(db.last_seqs()[0], 41);
-    db.insert_batch(&[msg(&l, "devices/a/state", b"new", 1, false)], 100)
-        .unwrap();
-    assert_eq!(db.last_seqs()[0], 42);
+    let err = Db::open(&path, layout("", ""), Durability::Full).err().unwrap();
+    assert!(
+        matches!(err, StoreError::TooNew { found, supported } if found == supported + 1),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer ferry"), "{err}");
+    assert!(path.exists(), "never moved aside");
+    let aside = std::fs::read_dir(&dir.path)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("damaged")
+        })
+        .count();
+    assert_eq!(aside, 0);
 }
 
 #[test]
@@ -598,17 +660,11 @@ fn deliveries_and_new_records_share_one_transaction() {
 }
 
 #[test]
-fn redeliveries_are_recognised_in_rows_written_by_older_stores() {
+fn redeliveries_are_told_apart_by_topic() {
     let dir = Dir::new();
     let l = layout("", "");
     let mut db = dir.db(l.clone());
-    // An older store kept the topic as text and a payload-only digest.
-    let old_digest = ((crc32c::crc32c(b"x") as i64) << 32) | 1;
-    db.conn()
-        .execute(
-            "INSERT INTO mqtt_seen (pkid, topic, digest) VALUES (7, 'devices/a/state', ?1)",
-            [old_digest],
-        )
+    db.insert_batch(&[msg(&l, "devices/a/state", b"x", 7, false)], 100)
         .unwrap();
     let out = db
         .insert_batch(&[msg(&l, "devices/a/state", b"x", 7, true)], 100)
@@ -622,7 +678,7 @@ fn redeliveries_are_recognised_in_rows_written_by_older_stores() {
     let out = db
         .insert_batch(&[msg(&l, "devices/b/state", b"x", 7, true)], 100)
         .unwrap();
-    assert_eq!(out.redelivered, 1, "new rows carry the topic in the digest");
+    assert_eq!(out.redelivered, 1);
 }
 
 #[test]
@@ -647,7 +703,12 @@ fn a_store_that_lost_its_newest_commits_skips_what_the_broker_holds() {
     );
     db.insert_batch(&[msg(&l, "devices/a/state", b"n", 9, false)], 100)
         .unwrap();
-    let seqs: Vec<u64> = db.fetch(0, 0, 10).unwrap().iter().map(|r| r.seq).collect();
+    let seqs: Vec<u64> = db
+        .fetch(0, 0, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     assert_eq!(seqs, vec![9]);
     drop(db);
     // That is remembered across restarts.
@@ -692,4 +753,499 @@ fn a_forgotten_packet_id_never_makes_a_redelivery_look_like_a_duplicate() {
         )
         .unwrap();
     assert_eq!((out.stored, out.redelivered), (1, 0));
+}
+
+// ---- The audit's findings (issue "Nothing lost, nothing leaked, nothing
+// unbounded"): resume, broker numbers, damage, retained states, acks, clock.
+
+fn seqs(db: &mut Db, dest: usize) -> Vec<u64> {
+    db.fetch(dest, 0, 1_000_000, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+#[test]
+fn a_replaced_store_that_numbered_more_than_the_broker_holds_sends_everything() {
+    // The store was deleted; the fresh one stored 500 while Pulsar was
+    // unreachable; the broker holds 100 from the old store.
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    for chunk in rounds(&l, 10, 500).chunks(100) {
+        db.insert_batch(chunk, 100).unwrap();
+    }
+    let out = db.resume(0, 100).unwrap();
+    assert_eq!(
+        out,
+        ResumeOutcome {
+            skipped: 0,
+            renumbered_by: 100
+        }
+    );
+    assert_eq!(seqs(&mut db, 0), (101..=600).collect::<Vec<_>>());
+    assert_eq!(db.counter("skipped_on_resume"), 0);
+    // From now on they may be sent: another reconnect with the broker at
+    // 350 skips what it holds.
+    assert_eq!(db.resume(0, 350).unwrap().skipped, 250);
+    assert_eq!(seqs(&mut db, 0), (351..=600).collect::<Vec<_>>());
+}
+
+#[test]
+fn records_never_sent_are_renumbered_never_skipped() {
+    // The audit's case: pending old0..2 (sent before), NEW0..2 stored after
+    // the store rolled back, and the broker at 5.
+    let dir = Dir::new();
+    let l = layout("", "");
+    {
+        let mut db = dir.db(l.clone());
+        db.resume(0, -1).unwrap();
+        let old: Vec<Inbound> = (0..3)
+            .map(|i| msg(&l, "devices/a/state", format!("old{i}").as_bytes(), i + 1, false))
+            .collect();
+        db.insert_batch(&old, 100).unwrap();
+    }
+    let mut db = dir.db(l.clone());
+    let new: Vec<Inbound> = (0..3)
+        .map(|i| msg(&l, "devices/a/state", format!("NEW{i}").as_bytes(), i + 10, false))
+        .collect();
+    db.insert_batch(&new, 100).unwrap();
+    let out = db.resume(0, 5).unwrap();
+    assert_eq!(
+        out,
+        ResumeOutcome {
+            skipped: 3,
+            renumbered_by: 2
+        }
+    );
+    assert_eq!(payloads(&mut db, 0), vec!["NEW0", "NEW1", "NEW2"]);
+    assert_eq!(seqs(&mut db, 0), vec![6, 7, 8]);
+
+    // Two gateways sharing a gateway id: the broker answers 1,000,000 to a
+    // store whose records were never sent. Nothing is deleted.
+    let dir = Dir::new();
+    let mut db = dir.db(l.clone());
+    db.insert_batch(&numbered(&l, 10), 100).unwrap();
+    let out = db.resume(0, 1_000_000).unwrap();
+    assert_eq!(out.skipped, 0);
+    assert_eq!(seqs(&mut db, 0), (1_000_001..=1_000_010).collect::<Vec<_>>());
+}
+
+#[test]
+fn what_a_live_session_commits_counts_as_possibly_sent_across_restarts() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    {
+        let mut db = dir.db(l.clone());
+        db.resume(0, 0).unwrap();
+        db.insert_batch(&numbered(&l, 4), 100).unwrap();
+        assert_eq!(db.fetch(0, 0, 10, usize::MAX).unwrap().len(), 4);
+    }
+    // Killed before the receipts were written; the broker got 1..=3.
+    let mut db = dir.db(l.clone());
+    assert_eq!(
+        db.resume(0, 3).unwrap(),
+        ResumeOutcome {
+            skipped: 3,
+            renumbered_by: 0
+        }
+    );
+    assert_eq!(seqs(&mut db, 0), vec![4]);
+}
+
+#[test]
+fn a_broker_number_that_cannot_be_honoured_is_refused_and_changes_nothing() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    db.insert_batch(&numbered(&l, 5), 100).unwrap();
+    for last in [
+        SEQ_MAX as i64,
+        SEQ_MAX as i64 - 2,
+        i64::MAX,
+        super::db::SEQ_LIMIT as i64,
+    ] {
+        let err = db.resume(0, last).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SequenceRefused { last_sequence_id, pending: 5, .. } if last_sequence_id == last),
+            "{err}"
+        );
+    }
+    // (Looked at without fetching: a fetch means "may be sent".)
+    let keys: Vec<i64> = db
+        .conn()
+        .prepare("SELECT key FROM outbox WHERE key >> 48 = 1 ORDER BY key")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(keys, (1..=5).map(|s| (1 << 48) | s).collect::<Vec<_>>(), "nothing moved");
+    assert_eq!(db.last_seqs(), vec![5, 0]);
+    let incidents: i64 = db
+        .conn()
+        .query_row(
+            "SELECT COUNT(*) FROM incidents WHERE kind = 'sequence-refused'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(incidents, 1, "one incident per topic");
+    // The alarms destination's records stay where they are.
+    db.insert_batch(&[msg(&l, "devices/a/alarm", b"e", 9, false)], 100)
+        .unwrap();
+    assert_eq!(payloads(&mut db, 1), vec!["e"]);
+    // A high but honourable number still works, below the limit.
+    let last = super::db::SEQ_LIMIT as i64 - 1;
+    assert_eq!(db.resume(0, last).unwrap().renumbered_by, last as u64);
+    assert_eq!(db.last_seqs()[0], super::db::SEQ_LIMIT + 4);
+}
+
+/// Opens `path` after `damage` ran on a healthy store with one record,
+/// and says whether it was moved aside.
+fn open_after(damage: &str) -> (Option<super::db::Damaged>, Db) {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let path = dir.path.join("s.db");
+    {
+        let mut db = dir.db(l.clone());
+        db.insert_batch(&numbered(&l, 3), 100).unwrap();
+        db.conn().execute_batch(damage).unwrap();
+    }
+    let (db, damaged) = Db::open(&path, l, Durability::Full).unwrap();
+    std::mem::forget(dir);
+    (damaged, db)
+}
+
+#[test]
+fn damage_that_passes_the_quick_check_is_found_at_open() {
+    for (what, sql) in [
+        ("a renamed column", "ALTER TABLE outbox RENAME COLUMN props TO propz;"),
+        (
+            "text where a blob belongs",
+            "UPDATE outbox SET payload = 'text' WHERE key = (SELECT MIN(key) FROM outbox);",
+        ),
+        (
+            "next_seq = 2^48",
+            "UPDATE destinations SET next_seq = 281474976710656 WHERE id = 1;",
+        ),
+        (
+            "a destination id of 65,536",
+            "UPDATE destinations SET id = 65536 WHERE id = 2;",
+        ),
+        ("a missing table", "DROP TABLE topic_last;"),
+        ("a negative key", "INSERT INTO outbox VALUES (-5, 'a', 0, x'00', x'00', 0);"),
+    ] {
+        let (damaged, mut db) = open_after(sql);
+        let d = damaged.unwrap_or_else(|| panic!("{what}: not found"));
+        assert!(d.moved_to.exists(), "{what}");
+        assert_eq!(db.total().records, 0, "{what}: a fresh store");
+        let l = db.layout().clone();
+        db.insert_batch(&numbered(&l, 1), 100).unwrap();
+    }
+}
+
+#[test]
+fn a_next_record_number_behind_the_records_is_repaired() {
+    let (damaged, mut db) = open_after("UPDATE destinations SET next_seq = 2 WHERE id = 1;");
+    assert!(damaged.is_none());
+    assert_eq!(db.last_seqs()[0], 3);
+    let l = db.layout().clone();
+    db.insert_batch(&numbered(&l, 2), 100).unwrap();
+    assert_eq!(seqs(&mut db, 0), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn a_header_that_makes_the_file_read_only_is_damage() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let path = dir.path.join("s.db");
+    {
+        let mut db = dir.db(l.clone());
+        db.insert_batch(&numbered(&l, 3), 100).unwrap();
+        db.checkpoint(true);
+        db.conn()
+            .pragma_update(None, "journal_mode", "DELETE")
+            .unwrap();
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[18] = 3; // file format write version: unknown, so read-only
+    std::fs::write(&path, bytes).unwrap();
+    let (mut db, damaged) = Db::open(&path, l.clone(), Durability::Full).unwrap();
+    assert!(damaged.expect("found").reason.contains("read-only"));
+    db.insert_batch(&numbered(&l, 1), 100).unwrap();
+}
+
+#[test]
+fn damage_found_while_running_moves_the_store_aside_at_the_next_start() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let path = dir.path.join("s.db");
+    {
+        let mut db = dir.db(l.clone());
+        db.insert_batch(&numbered(&l, 3), 100).unwrap();
+    }
+    super::schema::mark_damaged(&path, "database disk image is malformed");
+    let (db, damaged) = Db::open(&path, l.clone(), Durability::Full).unwrap();
+    let d = damaged.expect("moved aside");
+    assert!(d.reason.contains("malformed"), "{}", d.reason);
+    assert_eq!(db.total().records, 0);
+    assert!(!super::schema::marker(&path).exists());
+    // A type error at run time is damage.
+    let e: StoreError = rusqlite::Error::InvalidColumnType(
+        3,
+        "payload".into(),
+        rusqlite::types::Type::Text,
+    )
+    .into();
+    assert!(matches!(e, StoreError::Damaged(_)));
+}
+
+#[test]
+fn a_retained_state_sent_again_at_a_subscription_is_stored_once() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    let retained = |payload: &[u8], pkid| {
+        let mut m = msg(&l, "devices/a/state", payload, pkid, false);
+        m.retain = true;
+        m
+    };
+    // Published retained while ferry listened: delivered live (retain 0).
+    db.insert_batch(&[msg(&l, "devices/a/state", b"on", 1, false)], 100)
+        .unwrap();
+    // Ferry resubscribed: the broker sends it again, retained.
+    let out = db.insert_batch(&[retained(b"on", 2)], 100).unwrap();
+    assert_eq!((out.stored, out.retained_unchanged, out.acks.len()), (0, 1, 1));
+    // It changed while ferry was away: stored, once.
+    let out = db.insert_batch(&[retained(b"off", 3)], 100).unwrap();
+    assert_eq!(out.stored, 1);
+    let out = db.insert_batch(&[retained(b"off", 4)], 100).unwrap();
+    assert_eq!(out.stored, 0);
+    // A live update with the same payload is always a new update.
+    let out = db
+        .insert_batch(&[msg(&l, "devices/a/state", b"off", 5, false)], 100)
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    assert_eq!(payloads(&mut db, 0), vec!["on", "off", "off"]);
+    assert_eq!(db.counter("retained_unchanged"), 2);
+}
+
+#[test]
+fn a_byte_identical_message_under_a_reused_packet_id_is_stored_once_its_ack_was_confirmed() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    db.new_connection(1, true);
+    let m = msg(&l, "devices/a/state", b"same", 5, false);
+    let out = db.insert_batch(&[m.clone()], 100).unwrap();
+    let gen = out.acks[0].gen;
+    assert!(gen > 0);
+    let mut dup = m.clone();
+    dup.dup = true;
+    // Its ack not confirmed: a DUP with the same id and bytes is the
+    // broker's redelivery.
+    assert_eq!(db.insert_batch(&[dup.clone()], 100).unwrap().redelivered, 1);
+    // Ingest saw the broker process the ack: the broker may use packet id 5
+    // again, and a DUP under it (sent before a crash) is a new message.
+    db.acks_confirmed(1, gen);
+    let out = db.insert_batch(&[dup.clone()], 100).unwrap();
+    assert_eq!((out.stored, out.redelivered), (1, 0));
+    // That is remembered across restarts.
+    let gen2 = out.acks[0].gen;
+    db.acks_confirmed(1, gen2);
+    db.save_state_now().unwrap();
+    drop(db);
+    let mut db = dir.db(l.clone());
+    db.new_connection(1, true);
+    assert_eq!(db.insert_batch(&[dup.clone()], 100).unwrap().stored, 1);
+    // A DUP after the broker lost the session is never a redelivery.
+    db.new_connection(2, false);
+    assert_eq!(db.insert_batch(&[dup], 100).unwrap().stored, 1);
+}
+
+#[test]
+fn ages_follow_the_store_clock_not_the_wall_clock() {
+    let dir = Dir::new();
+    let l = layout("max_age_secs = 60", "");
+    {
+        let mut db = dir.db(l.clone());
+        db.insert_batch(
+            &[
+                msg(&l, "devices/a/state", b"1", 1, false),
+                msg(&l, "devices/a/state", b"2", 2, false),
+            ],
+            100,
+        )
+        .unwrap();
+        db.advance_clock(30_000);
+        db.save_state_now().unwrap();
+    }
+    // A restart (wall clock years off or not): the clock goes on from 30 s.
+    let mut db = dir.db(l.clone());
+    assert!(db.clock().now_ms() >= 30_000);
+    assert!(db.shed_aged().unwrap().is_empty());
+    db.advance_clock(31_000);
+    let shed = db.shed_aged().unwrap();
+    assert_eq!(shed.dropped.get(&(0, DropReason::MaxAge)), Some(&1));
+    assert_eq!(payloads(&mut db, 0), vec!["2"]);
+}
+
+#[test]
+fn an_oversized_message_needs_only_the_room_its_dead_letter_takes() {
+    let l = layout("", "");
+    let big = msg(&l, "devices/a/state", &vec![0u8; 60 << 20], 1, false);
+    let room = super::db::stored_size(&l, &big, 256 * 1024);
+    assert!(room < 200 * 1024, "{room}");
+    let small = msg(&l, "devices/a/state", &[0u8; 100], 1, false);
+    assert!(super::db::stored_size(&l, &small, 256 * 1024) < 1024);
+}
+
+#[test]
+fn randomly_damaged_stores_are_used_or_moved_aside_never_a_failed_start() {
+    // A healthy store with records, redelivery rows and dead letters.
+    let dir = Dir::new();
+    let l = layout("", "max_records = 50");
+    let healthy = dir.path.join("healthy.db");
+    {
+        let mut db = Db::open(&healthy, l.clone(), Durability::Full).unwrap().0;
+        db.resume(0, -1).unwrap();
+        for chunk in rounds(&l, 7, 300).chunks(50) {
+            db.insert_batch(chunk, 100).unwrap();
+        }
+        db.insert_batch(&[msg(&l, "devices/a/alarm", &[7u8; 300], 9, false)], 100)
+            .unwrap();
+        db.delivered(0, 100, 0).unwrap();
+        db.checkpoint(true);
+        db.conn()
+            .pragma_update(None, "journal_mode", "DELETE")
+            .unwrap();
+    }
+    let original = std::fs::read(&healthy).unwrap();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut used, mut moved) = (0, 0);
+    for round in 0..400 {
+        let mut bytes = original.clone();
+        for _ in 0..1 + next() % 8 {
+            let at = (next() % bytes.len() as u64) as usize;
+            bytes[at] = next() as u8;
+        }
+        let path = dir.path.join(format!("r{round}.db"));
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut db, damaged) = match Db::open(&path, l.clone(), Durability::Full) {
+            Ok(r) => r,
+            Err(e) => panic!("round {round}: a damaged store stopped the start: {e}"),
+        };
+        let moved_at_open = damaged.is_some();
+        // Everything ferry does with a store either works or reports damage,
+        // which the next start turns into a fresh store.
+        let run = |db: &mut Db| -> Result<(), StoreError> {
+            db.resume(0, 120)?;
+            db.resume(1, -1)?;
+            db.insert_batch(&rounds(&l, 3, 20), 100)?;
+            db.fetch(0, 0, 1000, usize::MAX)?;
+            db.fetch(1, 0, 1000, usize::MAX)?;
+            db.delivered(0, 150, 0)?;
+            db.shed_aged()?;
+            db.shed_emergency(0, DropReason::DiskFull)?;
+            db.shed_emergency(1, DropReason::DiskFull)?;
+            db.save_state_now()?;
+            Ok(())
+        };
+        match run(&mut db) {
+            Ok(()) if moved_at_open => moved += 1,
+            Ok(()) => used += 1,
+            Err(StoreError::Damaged(reason)) => {
+                drop(db);
+                super::schema::mark_damaged(&path, &reason);
+                let (mut db, damaged) = Db::open(&path, l.clone(), Durability::Full)
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                assert!(damaged.is_some(), "round {round}");
+                run(&mut db).unwrap_or_else(|e| panic!("round {round}: fresh store: {e}"));
+                moved += 1;
+            }
+            Err(e) => panic!("round {round}: not classified as damage: {e}"),
+        }
+        // `ferry status` never fails on what ferry could open.
+        let _ = crate::status::read(&path);
+    }
+    eprintln!("400 damaged copies: {used} used as they were, {moved} moved aside");
+    assert_eq!(used + moved, 400);
+}
+
+#[test]
+fn a_restored_copy_skips_what_the_store_it_was_copied_from_sent_and_a_new_store_does_not() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let path = dir.path.join("s.db");
+    let backup = dir.path.join("backup.db");
+    {
+        let mut db = dir.db(l.clone());
+        db.insert_batch(&numbered(&l, 5), 100).unwrap();
+    }
+    std::fs::copy(&path, &backup).unwrap();
+    {
+        // The original sends them (and two more) after the copy was made.
+        let mut db = dir.db(l.clone());
+        db.resume(0, -1).unwrap();
+        db.insert_batch(&numbered(&l, 2), 100).unwrap();
+    }
+    std::fs::copy(&backup, &path).unwrap();
+    let mut db = dir.db(l.clone());
+    let out = db.resume(0, 7).unwrap();
+    assert_eq!(
+        out,
+        ResumeOutcome {
+            skipped: 5,
+            renumbered_by: 0
+        },
+        "the copy's records were sent by the original"
+    );
+    db.insert_batch(&numbered(&l, 1), 100).unwrap();
+    assert_eq!(seqs(&mut db, 0), vec![8]);
+    drop(db);
+
+    // A new store (the old one deleted) has another id: the file beside it
+    // says nothing about its records.
+    std::fs::remove_file(&path).unwrap();
+    let mut db = dir.db(l.clone());
+    db.insert_batch(&numbered(&l, 5), 100).unwrap();
+    let out = db.resume(0, 7).unwrap();
+    assert_eq!(out.skipped, 0);
+    assert_eq!(seqs(&mut db, 0), vec![8, 9, 10, 11, 12]);
+}
+
+#[test]
+fn a_fetch_stops_at_its_byte_limit_but_returns_one_record_at_least() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    let updates: Vec<Inbound> = (0..5u16)
+        .map(|i| {
+            msg(
+                &l,
+                &format!("devices/d{i}/state"),
+                &[b'x'; 100],
+                i + 1,
+                false,
+            )
+        })
+        .collect();
+    db.insert_batch(&updates, 100).unwrap();
+    let seqs = |recs: Vec<Record>| recs.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(db.fetch(0, 0, 10, 250).unwrap()), vec![1, 2]);
+    assert_eq!(seqs(db.fetch(0, 0, 10, 300).unwrap()), vec![1, 2, 3]);
+    assert_eq!(
+        seqs(db.fetch(0, 2, 10, 10).unwrap()),
+        vec![3],
+        "one at least"
+    );
+    assert_eq!(seqs(db.fetch(0, 0, 2, usize::MAX).unwrap()), vec![1, 2]);
 }

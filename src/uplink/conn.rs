@@ -1,7 +1,12 @@
 //! One connection to a Pulsar broker: TCP, optional TLS, CONNECT/CONNECTED
 //! with the token, and the requests that wait for an answer. Frames are
 //! written into `wbuf` by whoever handles them and flushed by the owner's
-//! loop, so reading stays cancel-safe.
+//! loop, so reading stays cancel-safe; writing is cancel-safe too
+//! ([`Conn::write_some`]), so that a loop can stop waiting for a broker that
+//! no longer reads. Every write and every wait for an answer is bounded by
+//! `uplink.operation_timeout`.
+
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pulsar::proto::{self, base_command::Type, BaseCommand, ServerError};
@@ -15,6 +20,12 @@ use super::{UplinkError, UplinkSettings};
 
 /// Pulsar protocol version ferry speaks.
 const PROTOCOL_VERSION: i32 = 19;
+
+/// Buffer capacity a connection starts with.
+const BUF_INITIAL: usize = 64 * 1024;
+/// A write buffer that grew past this (large records) is given back once
+/// it has been written out, so that one burst does not hold its memory.
+pub const WBUF_KEEP: usize = 1024 * 1024;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -37,7 +48,17 @@ pub struct Conn {
     pub endpoint: Endpoint,
     stream: Box<dyn Io>,
     rbuf: BytesMut,
+    /// Frames to write; appended to by whoever handles a frame.
     pub wbuf: BytesMut,
+    /// How much of `wbuf` is written already.
+    written: usize,
+    /// Everything in `wbuf` went to the stream, which may still hold some
+    /// (TLS records) until flushed.
+    unflushed: bool,
+    /// Since when the broker has taken nothing of what waits to be written.
+    write_waiting_since: Option<Instant>,
+    /// How long the broker may take nothing (`uplink.operation_timeout`).
+    write_timeout: Duration,
     request_id: u64,
     /// The role of the token this connection authenticated with (from its
     /// unverified `sub` claim), for messages.
@@ -71,6 +92,24 @@ impl Conn {
         s: &UplinkSettings,
     ) -> Result<Conn, UplinkError> {
         let addr = endpoint.to_string();
+        // TLS is configured exactly when the service URL is pulsar+ssl://;
+        // a connection never goes without it then (nor tries it without
+        // trust anchors). `lookup_step` refuses such answers first.
+        match (s.tls.is_some(), endpoint.tls) {
+            (true, false) => {
+                return Err(UplinkError::TlsDowngrade {
+                    topic: s.topic.clone(),
+                    url: format!("pulsar://{addr}"),
+                })
+            }
+            (false, true) => {
+                return Err(UplinkError::TlsNotConfigured {
+                    topic: s.topic.clone(),
+                    url: format!("pulsar+ssl://{addr}"),
+                })
+            }
+            _ => {}
+        }
         let tcp = tokio::time::timeout(
             s.connect_timeout,
             TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
@@ -82,8 +121,8 @@ impl Conn {
             source,
         })?;
         let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Io> = match (&s.tls, endpoint.tls) {
-            (Some(cfg), true) => {
+        let stream: Box<dyn Io> = match &s.tls {
+            Some(cfg) => {
                 let connector = tls::connector(cfg)?;
                 let name = tls::server_name(&endpoint.host)?;
                 let handshake = connector.connect(name, tcp);
@@ -93,19 +132,23 @@ impl Conn {
                     .map_err(|e| io_error(&addr, e))?;
                 Box::new(tls)
             }
-            _ => Box::new(tcp),
+            None => Box::new(tcp),
         };
         let mut conn = Conn {
             endpoint,
             stream,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            wbuf: BytesMut::with_capacity(64 * 1024),
+            rbuf: BytesMut::with_capacity(BUF_INITIAL),
+            wbuf: BytesMut::with_capacity(BUF_INITIAL),
+            written: 0,
+            unflushed: false,
+            write_waiting_since: None,
+            write_timeout: s.operation_timeout,
             request_id: 0,
             role: None,
             challenges: 0,
         };
         let token = match &s.auth {
-            Some(src) => Some(auth::read(src)?),
+            Some(src) => Some(auth::read_async(src, s.operation_timeout).await?),
             None => None,
         };
         conn.role = token.as_ref().and_then(Secret::role);
@@ -132,7 +175,7 @@ impl Conn {
                     return Ok(());
                 }
                 if f.command.auth_challenge.is_some() {
-                    conn.answer_challenge(s)?;
+                    conn.answer_challenge(s).await?;
                     conn.flush().await?;
                     continue;
                 }
@@ -167,14 +210,14 @@ impl Conn {
     }
 
     /// Answers an AUTH_CHALLENGE with the token read again from its source.
-    pub fn answer_challenge(&mut self, s: &UplinkSettings) -> Result<(), UplinkError> {
+    pub async fn answer_challenge(&mut self, s: &UplinkSettings) -> Result<(), UplinkError> {
         let Some(src) = &s.auth else {
             return Err(UplinkError::AuthRejected {
                 message: "broker asks for credentials but pulsar.auth is not configured".into(),
                 role: None,
             });
         };
-        let token = auth::read(src)?;
+        let token = auth::read_async(src, s.operation_timeout).await?;
         self.role = token.role().or(self.role.take());
         let response = command(Type::AuthResponse, |c| {
             c.auth_response = Some(proto::CommandAuthResponse {
@@ -193,15 +236,63 @@ impl Conn {
         Ok(())
     }
 
+    /// Whether frames wait to be written (or flushed).
+    pub fn pending_write(&self) -> bool {
+        self.written < self.wbuf.len() || self.unflushed
+    }
+
+    /// Writes what the broker takes now: returns once some bytes went out,
+    /// or fails with [`UplinkError::WriteStalled`] when the broker has taken
+    /// nothing for `operation_timeout` (a slow link makes progress; a broker
+    /// that stopped reading does not). Cancel-safe: what was written stays
+    /// written, and the clock keeps running across calls.
+    pub async fn write_some(&mut self) -> Result<(), UplinkError> {
+        let since = *self.write_waiting_since.get_or_insert_with(Instant::now);
+        let deadline = tokio::time::Instant::from(since + self.write_timeout);
+        let stalled = |c: &Conn| UplinkError::WriteStalled {
+            addr: c.endpoint.to_string(),
+            pending: c.wbuf.len() - c.written,
+            waited_ms: c.write_timeout.as_millis() as u64,
+        };
+        if self.written < self.wbuf.len() {
+            let write = self.stream.write(&self.wbuf[self.written..]);
+            let n = match tokio::time::timeout_at(deadline, write).await {
+                Err(_) => return Err(stalled(self)),
+                Ok(r) => r.map_err(|e| io_error(&self.endpoint.to_string(), e))?,
+            };
+            if n == 0 {
+                return Err(io_error(
+                    &self.endpoint.to_string(),
+                    std::io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            self.written += n;
+            self.write_waiting_since = Some(Instant::now());
+            if self.written == self.wbuf.len() {
+                self.wbuf.clear();
+                self.written = 0;
+                self.unflushed = true;
+                if self.wbuf.capacity() > WBUF_KEEP {
+                    self.wbuf = BytesMut::with_capacity(BUF_INITIAL);
+                }
+            }
+            return Ok(());
+        }
+        if self.unflushed {
+            match tokio::time::timeout_at(deadline, self.stream.flush()).await {
+                Err(_) => return Err(stalled(self)),
+                Ok(r) => r.map_err(|e| io_error(&self.endpoint.to_string(), e))?,
+            }
+            self.unflushed = false;
+        }
+        self.write_waiting_since = None;
+        Ok(())
+    }
+
+    /// Writes everything pending (see [`Conn::write_some`] for the bound).
     pub async fn flush(&mut self) -> Result<(), UplinkError> {
-        if !self.wbuf.is_empty() {
-            let addr = self.endpoint.to_string();
-            self.stream
-                .write_all(&self.wbuf)
-                .await
-                .map_err(|e| io_error(&addr, e))?;
-            self.stream.flush().await.map_err(|e| io_error(&addr, e))?;
-            self.wbuf.clear();
+        while self.pending_write() {
+            self.write_some().await?;
         }
         Ok(())
     }
@@ -260,7 +351,7 @@ impl Conn {
                     continue;
                 }
                 if c.auth_challenge.is_some() {
-                    self.answer_challenge(s)?;
+                    self.answer_challenge(s).await?;
                     self.flush().await?;
                     continue;
                 }

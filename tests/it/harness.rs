@@ -112,12 +112,22 @@ static MTLS: OnceLock<Secure> = OnceLock::new();
 impl Secure {
     /// The broker with TLS and tokens; client certificates optional.
     pub fn get() -> &'static Secure {
-        SECURE.get_or_init(|| Secure::up("secure", 6651, 8081))
+        SECURE.get_or_init(|| {
+            let tls = env_port("FERRY_SECURE_PULSAR_TLS_PORT", 6651);
+            Secure::up(
+                "secure",
+                tls,
+                env_port("FERRY_SECURE_PULSAR_WEB_PORT", 8081),
+            )
+        })
     }
 
     /// The broker that also requires a client certificate.
     pub fn mtls() -> &'static Secure {
-        MTLS.get_or_init(|| Secure::up("mtls", 6652, 8082))
+        MTLS.get_or_init(|| {
+            let tls = env_port("FERRY_MTLS_PULSAR_TLS_PORT", 6652);
+            Secure::up("mtls", tls, env_port("FERRY_MTLS_PULSAR_WEB_PORT", 8082))
+        })
     }
 
     fn up(profile: &'static str, tls_port: u16, web_port: u16) -> Secure {
@@ -964,10 +974,15 @@ listen = "127.0.0.1:{metrics_port}"
 
     /// Records still waiting in the store.
     pub fn pending(&self) -> i64 {
-        let c = rusqlite::Connection::open(self.store_path()).unwrap();
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        self.try_pending().expect("the store has an outbox")
+    }
+
+    /// Records still waiting, if the file is a store ferry has opened.
+    pub fn try_pending(&self) -> Option<i64> {
+        let c = rusqlite::Connection::open(self.store_path()).ok()?;
+        c.busy_timeout(Duration::from_secs(5)).ok()?;
         c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
-            .unwrap()
+            .ok()
     }
 
     /// Waits until the store has stored `stored` records in its life and
@@ -977,15 +992,15 @@ listen = "127.0.0.1:{metrics_port}"
         loop {
             if self.store_path().exists()
                 && self.counters().get("stored").copied().unwrap_or(0) >= stored
-                && self.pending() == 0
+                && self.try_pending() == Some(0)
             {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "store stored {:?} and still holds {} records; log tail:\n{}",
+                "store stored {:?} and still holds {:?} records; log tail:\n{}",
                 self.counters().get("stored"),
-                self.pending(),
+                self.try_pending(),
                 tail(&self.log_text(), 30)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1005,12 +1020,18 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// The store's lifetime counters; none while the file is not (yet) a
+/// store ferry has opened (a damaged file before ferry moved it aside, an
+/// old version before ferry upgraded it).
 pub fn read_counters(store: &Path) -> BTreeMap<String, i64> {
-    let c = rusqlite::Connection::open(store).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut stmt = c.prepare("SELECT name, value FROM counters").unwrap();
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-    rows.collect::<Result<_, _>>().unwrap()
+    let read = || -> rusqlite::Result<BTreeMap<String, i64>> {
+        let c = rusqlite::Connection::open(store)?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        let mut stmt = c.prepare("SELECT name, value FROM counters")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    };
+    read().unwrap_or_default()
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
@@ -1041,11 +1062,15 @@ impl Ferry {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
-}
 
-/// A process's peak resident set (`VmHWM`), in KiB.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    /// A `/proc/<pid>/status` figure of the running ferry, in KiB (`VmHWM`:
+    /// peak resident memory).
+    pub fn proc_status_kib(&self, field: &str) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+    }
 }

@@ -160,7 +160,7 @@ async fn a_sixty_mib_payload_is_dead_lettered_with_its_real_size_and_the_rest_fl
     let m = ferry.scrape().await;
     assert_eq!(m.get("ferry_mqtt_reconnects_total"), Some(&0.0), "{m:?}");
     assert_eq!(ferry.log_count("mqtt connected"), 1, "one MQTT connection");
-    if let Some(kib) = ferry.pid().and_then(peak_rss_kib) {
+    if let Some(kib) = ferry.proc_status_kib("VmHWM") {
         report(
             "sixtymib",
             &format!("ferry peak RSS (VmHWM) {} MiB", kib / 1024),
@@ -621,7 +621,7 @@ async fn peak_rss_under_hostile_mqtt_input() {
     }
     big.wait_acked(3).await;
     wait_dead_lettered(&ferry, 3, SECS(300)).await;
-    let kib = ferry.pid().and_then(peak_rss_kib).unwrap();
+    let kib = ferry.proc_status_kib("VmHWM").unwrap();
     report(
         "rss",
         &format!(
@@ -653,7 +653,7 @@ async fn peak_rss_under_hostile_mqtt_input() {
     }
     flood.wait_sent(n).await;
     let received = received_when_settled(&ferry).await;
-    let kib = ferry.pid().and_then(peak_rss_kib).unwrap();
+    let kib = ferry.proc_status_kib("VmHWM").unwrap();
     sampler.abort();
     report(
         "rss",

@@ -5,11 +5,15 @@
 //! `tests/stack/stack up` and fails, never skips, when it cannot.
 
 mod bad_input;
+mod clock;
 mod harness;
+mod hostile_broker;
 mod hostile_mqtt;
 mod metrics;
 mod outage;
 mod overflow;
+mod resume;
+mod retained;
 mod secure;
 mod special_files;
 mod status;

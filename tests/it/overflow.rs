@@ -485,52 +485,6 @@ async fn a_full_disk_keeps_every_latest_state_and_ferry_recovers_when_space_retu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_store_is_moved_aside_and_ferry_starts_fresh_without_duplicates() {
-    let (stack, _shared) = Stack::shared().await;
-    let Scenario {
-        topic,
-        prefix,
-        mut ferry,
-    } = Scenario::new(stack, "damaged").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
-    let mut devices = Devices::connect(stack, &prefix, 10).await;
-    devices.publish_rounds(0, 10).await;
-    ferry.wait_drained(100, SECS(60)).await;
-    assert_eq!(ferry.terminate(), Some(0));
-
-    // Garbage over the file's header.
-    let path = ferry.store_path();
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[..64].copy_from_slice(&[0x5a; 64]);
-    std::fs::write(&path, bytes).unwrap();
-
-    ferry.start();
-    ferry.wait_log("STORE DAMAGED", SECS(30)).await;
-    ferry.wait_log("producer ready", SECS(30)).await;
-    devices.publish_rounds(10, 20).await;
-    ferry.wait_drained(100, SECS(60)).await;
-    let aside: Vec<String> = std::fs::read_dir(&ferry.dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("ferry.db.damaged-"))
-        .collect();
-    let table = ferry.status(false);
-    report("damaged", &format!("moved aside: {aside:?}\n{table}"));
-    assert_eq!(aside.len(), 1, "{aside:?}");
-    assert!(table.contains("INCIDENT"), "{table}");
-    assert!(table.contains("store-damaged"), "{table}");
-    // The fresh store numbers from 1 again while the broker holds 100 from
-    // the old one: ferry numbers above them instead of being deduplicated.
-    let msgs = read_topic(stack, &topic, false, 200, SECS(20)).await;
-    let t = tally(&msgs, &devices.ids, 20);
-    report("damaged", &format!("topic after the fresh start: {t:?}"));
-    assert_eq!(t, exact(200));
-    devices.disconnect().await;
-    assert_eq!(ferry.terminate(), Some(0));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_durability_with_a_history_topic_survives_kill_nine() {
     let (stack, _shared) = Stack::shared().await;
     let (_ns, status, history, prefix, mut ferry) = with_history(stack, "interval").await;
@@ -581,4 +535,110 @@ async fn interval_durability_with_a_history_topic_survives_kill_nine() {
     assert_eq!(ts, exact(5000));
     assert_eq!(th, exact(5000));
     assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_oversized_message_on_a_full_disk_sheds_only_what_its_dead_letter_needs() {
+    let (stack, _shared) = Stack::shared().await;
+    let ns = Namespace::create(stack, "bigfull").await;
+    let topic = ns.topic("alarms");
+    let prefix = unique("bigfull");
+    let mut ferry = Ferry::with_streams(
+        stack,
+        "bigfull",
+        &unique("gw"),
+        &format!(
+            r#"[[streams]]
+name = "alarms"
+kind = "events"
+topic = "{topic}"
+subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
+"#
+        ),
+    );
+    let disk = SmallDisk::mount(ferry.dir.join("disk"), "48m");
+    std::fs::write(disk.dir.join("other-data"), vec![1u8; 20 << 20]).unwrap();
+    ferry.move_store(&disk.dir.join("ferry.db"));
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    ferry.edit_config(&stack.service_url(), &closed);
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+
+    // Events until the disk is full.
+    let mut devices = Devices::connect_kind(stack, &prefix, 100, "alarm").await;
+    devices.pad = 4000;
+    devices.publish_rounds(0, 80).await;
+    ferry.wait_log("DISK FULL", SECS(120)).await;
+    let mut settled = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(SECS(2)).await;
+        let now = ferry.counters().get("stored").copied().unwrap_or(0);
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    let before = ferry.pending();
+    let reconnects_before = ferry.scrape().await["ferry_mqtt_reconnects_total"];
+
+    // One 60 MiB message, then 20 small ones.
+    publish_big(stack, &format!("{prefix}/dev-big/alarm"), 60 << 20).await;
+    for i in 0..20 {
+        devices
+            .publish_raw(&devices.topic("dev-0000"), format!("{{\"n\":{}}}", 1000 + i).into_bytes())
+            .await;
+    }
+    let stored = ferry.counters().get("stored").copied().unwrap_or(0);
+    let deadline = std::time::Instant::now() + SECS(60);
+    while ferry.counters().get("stored").copied().unwrap_or(0) < stored + 20 {
+        assert!(std::time::Instant::now() < deadline, "the 20 small messages were not stored: {:?}", ferry.counters());
+        tokio::time::sleep(SECS(1)).await;
+    }
+    let after = ferry.pending();
+    let counters = ferry.counters();
+    let reconnects = ferry.scrape().await["ferry_mqtt_reconnects_total"] - reconnects_before;
+    let dead: (i64, String) = {
+        let c = rusqlite::Connection::open(ferry.store_path()).unwrap();
+        c.query_row(
+            "SELECT size, reason FROM dead_letters ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    report(
+        "bigfull",
+        &format!(
+            "full disk: {before} events pending; after a 60 MiB message and 20 small ones: {after} pending, dead letter {dead:?}, mqtt reconnects {reconnects}, counters {counters:?}"
+        ),
+    );
+    assert_eq!(dead.0, 60 << 20, "the dead letter records the real size");
+    assert!(
+        after + 200 >= before,
+        "only room for the dead letter is made: {before} pending before, {after} after"
+    );
+    assert_eq!(reconnects, 0.0, "no mqtt reconnect");
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+/// Publishes one message of `size` bytes at QoS 1 and waits for its ack.
+async fn publish_big(stack: &Stack, topic: &str, size: usize) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(unique("big"), "127.0.0.1", stack.mqtt_port);
+    opts.set_keep_alive(Duration::from_secs(60))
+        .set_max_packet_size(size + 1024, size + 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, vec![b'x'; size])
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(SECS(60), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("big publisher: {other:?}"),
+        }
+    }
+    let _ = client.disconnect().await;
 }

@@ -1,0 +1,194 @@
+//! Every way a store can come back different from what the broker knows
+//! (deleted, moved aside as damaged, restored from an older copy, written
+//! by an older ferry): records it stored while Pulsar was out of reach
+//! arrive, each exactly once, in order.
+
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::stream::closed_port;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Points ferry at a closed port (`false`) or at the stack's broker.
+fn reach_pulsar(ferry: &Ferry, stack: &Stack, closed: &str, reachable: bool) {
+    if reachable {
+        ferry.edit_config(closed, &stack.service_url());
+    } else {
+        ferry.edit_config(&stack.service_url(), closed);
+    }
+}
+
+/// Delivers rounds `0..10` of 10 devices, stops ferry, lets `replace` do
+/// its worst to the store, stores rounds `10..60` while Pulsar is out of
+/// reach, then lets ferry reach Pulsar: the topic must hold all 600, each
+/// exactly once, in order.
+async fn replaced_store_loses_nothing(test: &str, replace: impl FnOnce(&Ferry)) -> String {
+    let (stack, _shared) = Stack::shared().await;
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, test).await;
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let mut devices = Devices::connect(stack, &prefix, 10).await;
+    devices.publish_rounds(0, 10).await;
+    ferry.wait_drained(100, SECS(60)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+
+    replace(&ferry);
+
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    reach_pulsar(&ferry, stack, &closed, false);
+    ferry.start();
+    devices.publish_rounds(10, 60).await;
+    ferry.wait_stored(500, SECS(60)).await;
+    let stored = ferry.counters();
+    assert_eq!(ferry.terminate(), Some(0));
+    reach_pulsar(&ferry, stack, &closed, true);
+    ferry.start();
+    ferry.wait_drained(500, SECS(60)).await;
+    let msgs = read_topic(stack, &topic, false, 600, SECS(20)).await;
+    let t = tally(&msgs, &devices.ids, 60);
+    let after = ferry.counters();
+    report(
+        test,
+        &format!(
+            "after the store was replaced, 500 stored offline ({stored:?}); then {after:?}; topic: {t:?}"
+        ),
+    );
+    assert_eq!(t, exact(600));
+    assert_eq!(after.get("skipped_on_resume").copied().unwrap_or(0), 0);
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+    ferry.status(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_deleted_while_ferry_was_stopped_loses_nothing_it_stores_before_pulsar_is_back() {
+    replaced_store_loses_nothing("deleted", |ferry| {
+        let path = ferry.store_path();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_moved_aside_and_nothing_stored_after_it_is_lost() {
+    let dir = std::sync::Mutex::new(None);
+    let table = replaced_store_loses_nothing("damaged", |ferry| {
+        // Garbage over the file's header.
+        let path = ferry.store_path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..64].copy_from_slice(&[0x5a; 64]);
+        std::fs::write(&path, bytes).unwrap();
+        *dir.lock().unwrap() = Some(ferry.dir.clone());
+    })
+    .await;
+    let dir = dir.lock().unwrap().clone().unwrap();
+    let aside: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("ferry.db.damaged-") && !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .collect();
+    report("damaged", &format!("moved aside: {aside:?}\n{table}"));
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(table.contains("INCIDENT"), "{table}");
+    assert!(table.contains("store-damaged"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
+    let (stack, _shared) = Stack::shared().await;
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "restored").await;
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let mut devices = Devices::connect(stack, &prefix, 10).await;
+    devices.publish_rounds(0, 5).await;
+    ferry.wait_drained(50, SECS(60)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+    // A backup of the store, taken while ferry was stopped.
+    let store = ferry.store_path();
+    let backup = ferry.dir.join("backup.db");
+    std::fs::copy(&store, &backup).unwrap();
+    let _ = std::fs::remove_file(format!("{}-wal", store.display()));
+
+    ferry.start();
+    devices.publish_rounds(5, 10).await;
+    ferry.wait_drained(100, SECS(60)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+
+    // The backup is restored: the store numbers from 51 again, while the
+    // broker holds 1..=100. What it stores now was never sent.
+    std::fs::copy(&backup, &store).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
+    }
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    reach_pulsar(&ferry, stack, &closed, false);
+    ferry.start();
+    devices.publish_rounds(10, 15).await;
+    ferry.wait_stored(100, SECS(60)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+    reach_pulsar(&ferry, stack, &closed, true);
+    ferry.start();
+    ferry.wait_drained(100, SECS(60)).await;
+    let msgs = read_topic(stack, &topic, false, 150, SECS(20)).await;
+    let t = tally(&msgs, &devices.ids, 15);
+    report(
+        "restored",
+        &format!("restored copy, 50 stored offline: {:?}; topic {t:?}", ferry.counters()),
+    );
+    assert_eq!(t, exact(150));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_written_by_every_older_ferry_deliver_their_backlog_exactly_once() {
+    let (stack, _shared) = Stack::shared().await;
+    let mut figures = Vec::new();
+    for version in 1..=3 {
+        let test = format!("fixture-v{version}");
+        let Scenario {
+            topic,
+            prefix,
+            mut ferry,
+        } = Scenario::new(stack, &test).await;
+        let sql = std::fs::read_to_string(repo().join(format!("tests/fixtures/store-v{version}.sql")))
+            .unwrap()
+            .replace("@STATUS@", &topic)
+            .replace("devices/", &format!("{prefix}/"));
+        let conn = rusqlite::Connection::open(ferry.store_path()).unwrap();
+        conn.execute_batch(&sql).unwrap();
+        drop(conn);
+        ferry.start();
+        ferry.wait_drained(0, SECS(60)).await;
+        let msgs = read_topic(stack, &topic, false, 10, SECS(20)).await;
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.sequence_id).collect();
+        let fixture = msgs
+            .iter()
+            .filter(|m| String::from_utf8_lossy(&m.payload).contains(&format!("\"v{version}\"")))
+            .count();
+        figures.push(format!("v{version}: {} messages, sequence ids {seqs:?}", msgs.len()));
+        assert_eq!(seqs, (41..=50).collect::<Vec<_>>(), "version {version}");
+        assert_eq!(fixture, 10);
+        // And it goes on numbering from there.
+        let mut devices = Devices::connect(stack, &prefix, 5).await;
+        devices.publish_rounds(2, 3).await;
+        ferry.wait_drained(65, SECS(60)).await;
+        let msgs = read_topic(stack, &topic, false, 15, SECS(20)).await;
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.sequence_id).collect();
+        assert_eq!(seqs, (41..=55).collect::<Vec<_>>(), "version {version}");
+        devices.disconnect().await;
+        assert_eq!(ferry.terminate(), Some(0));
+    }
+    report("fixtures", &figures.join("\n"));
+}
