@@ -624,6 +624,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             pkid: 0,
             ack: None,
             counted: false,
+            guarded: None,
         };
         db.insert_batch(&[msg], 1024).unwrap();
         drop(db);

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::store::layout::Layout;
-use crate::store::{AckToken, Inbound, Intake, StoreError, StoreHandle};
+use crate::store::{AckToken, Guarded, Inbound, Intake, StoreError, StoreHandle};
 use crate::uplink::Backoff;
 use guard::{Guard, Mark};
 use intake::Budget;
@@ -206,7 +206,7 @@ impl Session {
                     // TCP back-pressure reaches the broker.
                     let share = tokio::select! {
                         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
-                        s = self.budget.reserve(cost(&p, rewrite)) => s,
+                        s = self.budget.reserve(cost(&p)) => s,
                     };
                     let msg = inbound(&self.layout, p, rewrite, epoch, share);
                     self.store.insert(msg)?;
@@ -273,19 +273,15 @@ impl Session {
     }
 }
 
-/// What a message costs of the intake budget: what it holds in memory, and
-/// for a payload the guard cut a 32nd of its original size. That bounds the
-/// address space of cut payloads in flight (they are mappings as large as
-/// the original, see [`intake::cut_payload`]) to 32 times the budget, which
-/// matters on 32-bit ARM, and covers their page tables.
-fn cost(p: &Publish, rewrite: Option<(guard::Rewrite, usize)>) -> usize {
-    p.payload.len() + p.topic.len() + rewrite.map_or(0, |(r, _)| r.payload_len / 32)
+/// What a message costs of the intake budget: what it holds in memory.
+fn cost(p: &Publish) -> usize {
+    p.payload.len() + p.topic.len()
 }
 
 /// The message for the store. One the guard rewrote (`rewrite`, from its
-/// mark) is dead-lettered by the store: a cut payload is as long as the
-/// original (so the store records the real size, over any
-/// `store.max_payload_bytes`), a topic that was not UTF-8 matches no stream.
+/// mark) says so ([`Guarded`]), and the store dead-letters it with its real
+/// size: a cut payload keeps only its first bytes, a topic that was not
+/// UTF-8 is the guard's escaped form.
 fn inbound(
     layout: &Layout,
     p: Publish,
@@ -298,36 +294,23 @@ fn inbound(
         epoch,
         gen: 0,
     });
-    let routed = |topic: &str| match layout.route(topic) {
+    let (stream, device) = match layout.route(&p.topic) {
         Some((s, d)) => (Some(s), d),
         None => (None, None),
     };
-    let (stream, device, payload) = match rewrite {
-        None => {
-            let (s, d) = routed(&p.topic);
-            (s, d, intake::held(&p.payload, share))
-        }
+    let (payload, guarded) = match rewrite {
+        None => (intake::held(&p.payload, share), None),
         Some((r, kept)) => {
-            let prefix = p.payload.slice(..kept);
-            let (s, d) = if r.invalid_topic {
-                (None, None)
+            let guarded = if r.invalid_topic {
+                Some(Guarded::TopicNotUtf8)
+            } else if r.payload_len > kept {
+                Some(Guarded::Cut {
+                    len: r.payload_len as u64,
+                })
             } else {
-                routed(&p.topic)
+                None
             };
-            if r.payload_len <= kept {
-                (s, d, intake::held(&prefix, share))
-            } else {
-                match intake::cut_payload(&prefix, r.payload_len, share) {
-                    Ok(payload) => (s, d, payload),
-                    Err(share) => {
-                        // No address space for the mapping: the store must
-                        // still dead-letter it, if without its real size.
-                        tracing::error!(mqtt_topic = %p.topic, size = r.payload_len,
-                            "cannot map a cut payload; dead-lettered with its first bytes only");
-                        (None, None, intake::held(&prefix, share))
-                    }
-                }
-            }
+            (intake::held(&p.payload[..kept], share), guarded)
         }
     };
     Inbound {
@@ -340,6 +323,7 @@ fn inbound(
         mqtt_topic: p.topic,
         payload,
         ack,
+        guarded,
     }
 }
 
@@ -495,7 +479,7 @@ mod tests {
 
     async fn to_store(mark: Mark, p: Publish, budget: &Budget) -> Inbound {
         let rewrite = mark.read(&p.payload);
-        let share = budget.reserve(cost(&p, rewrite)).await;
+        let share = budget.reserve(cost(&p)).await;
         inbound(&layout(), p, rewrite, 3, share)
     }
 
@@ -533,23 +517,31 @@ mod tests {
         let p = through_guard(mark, 1, b"devices/d2/state", &payload);
         assert!(p.payload.len() < KEEP + 100, "rumqttc got the cut packet");
         let m = to_store(mark, p, &budget).await;
-        assert_eq!(m.payload.len(), n);
-        assert!(m.payload.len() > crate::config::MAX_PAYLOAD_BYTES);
-        assert_eq!(&m.payload[..KEEP], &payload[..KEEP]);
+        assert_eq!(m.guarded, Some(Guarded::Cut { len: n as u64 }));
+        assert_eq!(m.size(), n as u64);
+        assert!(m.size() > crate::config::MAX_PAYLOAD_BYTES as u64);
+        assert_eq!(&m.payload[..], &payload[..KEEP]);
         assert_eq!((m.stream, m.device.as_deref()), (Some(0), Some("d2")));
         assert_eq!(m.mqtt_topic, "devices/d2/state");
         assert!(m.ack.is_some(), "acknowledged once dead-lettered");
+        let reason = crate::store::db::dead_letter_reason(&m, crate::config::MAX_PAYLOAD_BYTES);
+        assert!(reason.unwrap().contains(&format!("payload of {n} bytes")));
         let taken = intake::INTAKE_BYTES - budget.available();
-        assert!(taken < KEEP + n / 32 + 1024, "{taken}");
+        assert!(taken < KEEP + 1024, "{taken}");
     }
 
     #[tokio::test]
-    async fn a_topic_that_is_not_utf8_matches_no_stream() {
+    async fn a_topic_that_is_not_utf8_matches_no_stream_and_says_so() {
         let mark = Mark::random();
         let budget = Budget::new(1 << 20);
         let p = through_guard(mark, 1, b"devices/\xff/state", b"{}");
         let m = to_store(mark, p, &budget).await;
         assert_eq!(m.stream, None);
+        assert_eq!(m.guarded, Some(Guarded::TopicNotUtf8));
+        assert_eq!(
+            crate::store::db::dead_letter_reason(&m, 1024).as_deref(),
+            Some("topic is not valid UTF-8")
+        );
         assert_eq!(m.mqtt_topic, "$ferry/invalid-utf8/devices/%FF/state");
         assert_eq!(&m.payload[..], b"{}");
         assert!(m.ack.is_some());

@@ -17,7 +17,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, MA
 
 use super::layout::{self, DestIx, DropReason, Layout, Role, StreamSpec, Usage};
 use super::schema;
-use super::{AckToken, Inbound, Record, RecordProps, ResumeOutcome, StoreError};
+use super::{AckToken, Guarded, Inbound, Record, RecordProps, ResumeOutcome, StoreError};
 use crate::config::{Durability, Overflow};
 
 const SEQ_BITS: u32 = 48;
@@ -454,6 +454,10 @@ impl Db {
         }
         damage_or!(db.load_state());
         damage_or!(db.recall_horizons());
+        // From now on the file speaks for this store as it is: a copy of
+        // the store restored later must not take over horizons of records
+        // numbered after this start.
+        db.remember_horizons();
         Ok(Ok(db))
     }
 
@@ -645,7 +649,7 @@ impl Db {
                 continue;
             }
             let topic = topic_key(&msg.mqtt_topic);
-            let digest = payload_digest(&msg.payload);
+            let digest = payload_digest(&msg.payload, msg.size());
             if msg.retain && last_on_topic(&tx, topic)? == Some(digest) {
                 // A retained state the broker sent again at a subscription,
                 // unchanged since it was stored (live or retained).
@@ -659,14 +663,14 @@ impl Db {
                     now as i64,
                     msg.mqtt_topic,
                     reason,
-                    msg.payload.len() as i64,
+                    msg.size() as i64,
                     keep
                 ])?;
                 if msg.pkid != 0 {
                     seen_put(&tx, &self.acks, msg, gen)?;
                 }
                 set_last_on_topic(&tx, topic, digest)?;
-                tracing::warn!(mqtt_topic = %msg.mqtt_topic.escape_debug(), size = msg.payload.len(), %reason, "message dead-lettered");
+                tracing::warn!(mqtt_topic = %msg.mqtt_topic.escape_debug(), size = msg.size(), %reason, "message dead-lettered");
                 counts.dead_lettered += 1;
                 out.acks.extend(msg.ack);
                 continue;
@@ -1030,8 +1034,8 @@ impl Db {
         Ok(outcome)
     }
 
-    /// A copy of every destination's horizon beside the store (written
-    /// after each resume, before anything is sent), for
+    /// A copy of every destination's horizon beside the store (written at
+    /// open and after each resume, before anything is sent), for
     /// [`Db::recall_horizons`].
     fn remember_horizons(&self) {
         let mut text = format!("{:x}\n", self.store_id);
@@ -1056,8 +1060,10 @@ impl Db {
     /// the horizons of when the copy was taken, while the store it was
     /// copied from may have sent more since. The horizons file beside it
     /// says what that store had handed to a session; for the same store
-    /// (same id) a higher horizon is taken over, so that its records are
-    /// skipped if the broker holds them rather than sent twice. A new store
+    /// (same id) a higher horizon is taken over, up to the records the
+    /// copy holds, so that those are skipped if the broker holds them
+    /// rather than sent twice; what the copy numbers after it was put back
+    /// is never covered (the file is rewritten at every open). A new store
     /// (another id) ignores the file; a power cut never makes it apply (it
     /// is written only after the store's own horizon reached the disk).
     fn recall_horizons(&mut self) -> Result<(), rusqlite::Error> {
@@ -1491,7 +1497,7 @@ fn seen_before(tx: &Transaction<'_>, acks: &Acks, msg: &Inbound) -> Result<bool,
     Ok(match seen {
         None => false,
         Some((d, conn, gen)) => {
-            d == digest(&msg.mqtt_topic, &msg.payload)
+            d == digest(msg)
                 && !acks.is_confirmed(conn.max(0) as u64, gen.max(0) as u64)
         }
     })
@@ -1501,7 +1507,7 @@ fn seen_put(tx: &Transaction<'_>, acks: &Acks, msg: &Inbound, gen: u64) -> Resul
     let conn = msg.ack.map_or(0, |a| acks.conn(a.epoch));
     tx.prepare_cached(SQL_SEEN_PUT)?.execute(params![
         msg.pkid,
-        digest(&msg.mqtt_topic, &msg.payload),
+        digest(msg),
         conn as i64,
         gen as i64
     ])?;
@@ -1544,12 +1550,17 @@ fn save_state(tx: &Transaction<'_>, acks: &Acks, commit_seq: u64, clock: u64) ->
 
 /// Why a message can never be forwarded, if it cannot.
 pub fn dead_letter_reason(msg: &Inbound, max_payload: usize) -> Option<String> {
-    match (&msg.stream, &msg.device) {
-        (None, _) => Some("topic matches no stream's subscription".to_string()),
-        (_, None) => Some("no device id in topic".to_string()),
-        _ if msg.payload.len() > max_payload => Some(format!(
-            "payload of {} bytes exceeds store.max_payload_bytes ({max_payload})",
+    let size = msg.size();
+    match (&msg.stream, &msg.device, msg.guarded) {
+        (_, _, Some(Guarded::TopicNotUtf8)) => Some("topic is not valid UTF-8".to_string()),
+        (None, _, _) => Some("topic matches no stream's subscription".to_string()),
+        (_, None, _) => Some("no device id in topic".to_string()),
+        (_, _, Some(Guarded::Cut { .. })) => Some(format!(
+            "payload of {size} bytes exceeds store.max_payload_bytes ({max_payload}); only its first {} bytes were read",
             msg.payload.len()
+        )),
+        _ if size > max_payload as u64 => Some(format!(
+            "payload of {size} bytes exceeds store.max_payload_bytes ({max_payload})"
         )),
         _ => None,
     }
@@ -1570,13 +1581,13 @@ pub fn stored_size(layout: &Layout, msg: &Inbound, max_payload: usize) -> u64 {
 
 /// Fingerprint of a message for redelivery detection: CRC32C of the
 /// payload, and CRC32C of the topic mixed with the payload's length.
-fn digest(topic: &str, payload: &[u8]) -> i64 {
-    payload_digest(payload) ^ i64::from(crc32c::crc32c(topic.as_bytes()))
+fn digest(msg: &Inbound) -> i64 {
+    payload_digest(&msg.payload, msg.size()) ^ i64::from(crc32c::crc32c(msg.mqtt_topic.as_bytes()))
 }
 
-/// Fingerprint of a payload: its CRC32C and length.
-fn payload_digest(payload: &[u8]) -> i64 {
-    ((crc32c::crc32c(payload) as i64) << 32) | (payload.len() as i64 & 0xffff_ffff)
+/// Fingerprint of a payload (as much of it as was read) and its size.
+fn payload_digest(payload: &[u8], size: u64) -> i64 {
+    ((crc32c::crc32c(payload) as i64) << 32) | (size as i64 & 0xffff_ffff)
 }
 
 /// A 64-bit key for a topic (two CRC32Cs with different seeds).

@@ -150,6 +150,29 @@ pub struct Inbound {
     /// Already counted as received by a committed transaction (it was held
     /// back by a `reject` stream and is tried again).
     pub counted: bool,
+    /// What the MQTT guard changed on its way in, if anything: such a
+    /// message is dead-lettered.
+    pub guarded: Option<Guarded>,
+}
+
+/// What the MQTT guard changed of a message it could not pass on whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarded {
+    /// The payload was cut while it streamed in: `payload` holds its first
+    /// bytes; it had this many.
+    Cut { len: u64 },
+    /// The topic was not UTF-8 (`mqtt_topic` is the guard's escaped form).
+    TopicNotUtf8,
+}
+
+impl Inbound {
+    /// The payload's size as the device sent it.
+    pub fn size(&self) -> u64 {
+        match self.guarded {
+            Some(Guarded::Cut { len }) => len,
+            _ => self.payload.len() as u64,
+        }
+    }
 }
 
 /// What ingest needs to acknowledge one message, returned after commit.

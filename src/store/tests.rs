@@ -48,6 +48,7 @@ fn msg(l: &Layout, topic: &str, payload: &[u8], pkid: u16, dup: bool) -> Inbound
             gen: 0,
         }),
         counted: false,
+        guarded: None,
     }
 }
 
@@ -1248,4 +1249,42 @@ fn a_fetch_stops_at_its_byte_limit_but_returns_one_record_at_least() {
         "one at least"
     );
     assert_eq!(seqs(db.fetch(0, 0, 2, usize::MAX).unwrap()), vec![1, 2]);
+}
+
+#[test]
+fn a_restored_copy_never_takes_the_originals_horizon_for_what_it_numbered_itself() {
+    // The original resumes after numbering 6..=10 (its horizon file says
+    // 10); the copy, put back with 1..=5 sent and nothing pending, numbers
+    // its own 6..=10 before it can resume: those were never sent.
+    let dir = Dir::new();
+    let l = layout("", "");
+    let path = dir.path.join("s.db");
+    let backup = dir.path.join("backup.db");
+    {
+        let mut db = dir.db(l.clone());
+        db.resume(0, -1).unwrap();
+        db.insert_batch(&numbered(&l, 5), 100).unwrap();
+        db.delivered(0, 5, 0).unwrap();
+    }
+    std::fs::copy(&path, &backup).unwrap();
+    {
+        let mut db = dir.db(l.clone());
+        db.insert_batch(&numbered(&l, 5), 100).unwrap();
+        db.resume(0, 5).unwrap();
+    }
+    std::fs::copy(&backup, &path).unwrap();
+    {
+        let mut db = dir.db(l.clone());
+        db.insert_batch(&numbered(&l, 5), 100).unwrap();
+    }
+    let mut db = dir.db(l.clone());
+    let out = db.resume(0, 10).unwrap();
+    assert_eq!(
+        out,
+        ResumeOutcome {
+            skipped: 0,
+            renumbered_by: 5
+        }
+    );
+    assert_eq!(seqs(&mut db, 0), vec![11, 12, 13, 14, 15]);
 }

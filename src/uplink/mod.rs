@@ -1592,6 +1592,7 @@ path = "{}"
                     pkid: (i % 60_000) as u16 + 1,
                     ack: None,
                     counted: false,
+                    guarded: None,
                 })
                 .unwrap();
         }

@@ -120,8 +120,16 @@ async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
     std::fs::copy(&store, &backup).unwrap();
     let _ = std::fs::remove_file(format!("{}-wal", store.display()));
 
+    // The original goes on: it stores 51..=100 while Pulsar is out of
+    // reach, then sends them (its horizon file then says 100).
+    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
+    reach_pulsar(&ferry, stack, &closed, false);
     ferry.start();
     devices.publish_rounds(5, 10).await;
+    ferry.wait_stored(100, SECS(60)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+    reach_pulsar(&ferry, stack, &closed, true);
+    ferry.start();
     ferry.wait_drained(100, SECS(60)).await;
     assert_eq!(ferry.terminate(), Some(0));
 
@@ -131,7 +139,6 @@ async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
     for suffix in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
     }
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
     reach_pulsar(&ferry, stack, &closed, false);
     ferry.start();
     devices.publish_rounds(10, 15).await;
