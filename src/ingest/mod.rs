@@ -33,12 +33,12 @@ pub mod guard;
 pub mod intake;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport};
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
@@ -51,6 +51,10 @@ use intake::Budget;
 /// A connection that stayed up this long was a good one: the next
 /// reconnect starts its backoff over.
 pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// The topic filter of the acknowledgement barrier (see [`AckBarrier`]):
+/// ferry never subscribes to it, so unsubscribing changes nothing.
+pub const BARRIER_FILTER: &str = "$ferry/ack-barrier";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -88,8 +92,17 @@ pub async fn run(
         .set_request_channel_capacity(1024);
     let epoch = Arc::new(AtomicU64::new(0));
     let committed = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Mutex::new(AckBarrier::default()));
+    let answered = Arc::new(Notify::new());
     let (current, client_rx) = watch::channel(None);
-    let acker = tokio::spawn(send_acks(client_rx, acks, epoch.clone(), committed.clone()));
+    let acker = tokio::spawn(send_acks(
+        client_rx,
+        acks,
+        epoch.clone(),
+        committed.clone(),
+        barrier.clone(),
+        answered.clone(),
+    ));
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let mut session = Session {
         layout,
@@ -104,6 +117,8 @@ pub async fn run(
         budget: Budget::new(intake::INTAKE_BYTES),
         reconnect: Reconnect::new(),
         subscriptions: Subscriptions::default(),
+        barrier,
+        answered,
     };
     let result = loop {
         if !accepting.borrow_and_update().open {
@@ -172,6 +187,10 @@ struct Session {
     budget: Budget,
     reconnect: Reconnect,
     subscriptions: Subscriptions,
+    /// Shared with `send_acks`, which sends the barriers.
+    barrier: Arc<Mutex<AckBarrier>>,
+    /// Tells `send_acks` that a barrier was answered.
+    answered: Arc<Notify>,
 }
 
 impl Session {
@@ -223,9 +242,18 @@ impl Session {
                     }
                     self.subscriptions.acked(!refused);
                 }
+                Ok(Event::Incoming(Packet::UnsubAck(_))) => {
+                    // Ferry unsubscribes from nothing but the barrier.
+                    let confirmed = self.barrier.lock().expect("barrier lock").answered();
+                    if let Some((epoch, gen)) = confirmed {
+                        self.store.acks_confirmed(epoch, gen)?;
+                    }
+                    self.answered.notify_one();
+                }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.reconnect.connected(Instant::now());
                     let n = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                    self.barrier.lock().expect("barrier lock").connected(n);
                     // Messages held back from earlier connections will be
                     // redelivered on this one.
                     self.store.new_epoch(n, ack.session_present)?;
@@ -400,27 +428,95 @@ impl Subscriptions {
     }
 }
 
+/// Which acknowledgements the broker has processed. It handles one
+/// connection's packets in order, so the UNSUBACK to an UNSUBSCRIBE sent
+/// after some PUBACKs proves it processed them, and may give their packet
+/// ids to new messages. The store uses that to tell a new message that
+/// happens to be byte-identical to the last one under its packet id from a
+/// redelivery ([`crate::store::Command::AcksConfirmed`]). One barrier is
+/// outstanding at a time: about one per round trip while acks flow.
+#[derive(Debug, Default)]
+struct AckBarrier {
+    epoch: u64,
+    /// The newest commit whose ack went out on this connection and no
+    /// barrier follows yet.
+    unconfirmed: Option<u64>,
+    /// The commit the outstanding barrier confirms.
+    outstanding: Option<u64>,
+}
+
+impl AckBarrier {
+    /// A new connection: barriers of the old one will never be answered.
+    fn connected(&mut self, epoch: u64) {
+        *self = AckBarrier {
+            epoch,
+            ..AckBarrier::default()
+        };
+    }
+
+    /// The ack of a message of commit `gen` went out on connection `epoch`.
+    fn acked(&mut self, epoch: u64, gen: u64) {
+        if epoch == self.epoch && gen > 0 {
+            self.unconfirmed = Some(self.unconfirmed.map_or(gen, |g| g.max(gen)));
+        }
+    }
+
+    /// Whether to send a barrier now (acks went out that none follows, and
+    /// none is outstanding); the barrier then confirms them.
+    fn send_now(&mut self) -> bool {
+        if self.outstanding.is_some() || self.unconfirmed.is_none() {
+            return false;
+        }
+        self.outstanding = self.unconfirmed.take();
+        true
+    }
+
+    /// The barrier was answered: the connection and commit it confirms.
+    fn answered(&mut self) -> Option<(u64, u64)> {
+        self.outstanding.take().map(|gen| (self.epoch, gen))
+    }
+}
+
 /// Sends the PUBACK of every committed message of the current connection
-/// (through the current client; none while ingest is paused).
+/// (through the current client; none while ingest is paused), and after
+/// them the acknowledgement barrier.
 async fn send_acks(
     client: watch::Receiver<Option<AsyncClient>>,
     mut acks: UnboundedReceiver<AckToken>,
     epoch: Arc<AtomicU64>,
     committed: Arc<AtomicU64>,
+    barrier: Arc<Mutex<AckBarrier>>,
+    answered: Arc<Notify>,
 ) {
-    while let Some(a) = acks.recv().await {
-        if a.epoch != epoch.load(Ordering::Acquire) {
-            continue;
-        }
-        committed.store(a.epoch, Ordering::Release);
+    loop {
+        let first = tokio::select! {
+            a = acks.recv() => match a {
+                Some(a) => Some(a),
+                None => return,
+            },
+            _ = answered.notified() => None,
+        };
         let Some(client) = client.borrow().clone() else {
             continue;
         };
-        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
-        p.pkid = a.pkid;
-        // A closed client means its connection is gone; the broker
-        // redelivers the message and it is acked then.
-        let _ = client.ack(&p).await;
+        let mut next = first;
+        while let Some(a) = next.take().or_else(|| acks.try_recv().ok()) {
+            if a.epoch != epoch.load(Ordering::Acquire) {
+                continue;
+            }
+            committed.store(a.epoch, Ordering::Release);
+            let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            p.pkid = a.pkid;
+            // A closed client means its connection is gone; the broker
+            // redelivers the message and it is acked then.
+            if client.ack(&p).await.is_ok() {
+                barrier.lock().expect("barrier lock").acked(a.epoch, a.gen);
+            }
+        }
+        let send = barrier.lock().expect("barrier lock").send_now();
+        if send {
+            let _ = client.unsubscribe(BARRIER_FILTER).await;
+        }
     }
 }
 
@@ -555,6 +651,34 @@ mod tests {
         let len = p.payload.len();
         let m = to_store(mark, p, &budget).await;
         assert_eq!(m.payload.len(), len);
+    }
+
+    #[test]
+    fn a_barrier_confirms_exactly_the_acks_sent_before_it_on_its_connection() {
+        let mut b = AckBarrier::default();
+        b.connected(1);
+        assert!(!b.send_now(), "nothing to confirm");
+        b.acked(1, 4);
+        b.acked(1, 5);
+        assert!(b.send_now());
+        // Acks of commit 6 go out while the barrier is on its way.
+        b.acked(1, 6);
+        assert!(!b.send_now(), "one barrier at a time");
+        assert_eq!(b.answered(), Some((1, 5)));
+        assert!(b.send_now());
+        assert_eq!(b.answered(), Some((1, 6)));
+        assert_eq!(b.answered(), None);
+        // An ack of an earlier connection (it never went out on this one)
+        // and a new connection while a barrier is outstanding.
+        b.acked(1, 7);
+        assert!(b.send_now());
+        b.connected(2);
+        b.acked(1, 8);
+        assert_eq!(b.answered(), None, "the old barrier is never answered");
+        assert!(!b.send_now());
+        b.acked(2, 9);
+        assert!(b.send_now());
+        assert_eq!(b.answered(), Some((2, 9)));
     }
 
     #[test]
