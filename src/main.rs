@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 success; 1 runtime failure (store unusable, fatal error);
 //! 2 invalid configuration or command line; 3 `check --online` found a
-//! broker unreachable or refusing.
+//! broker unreachable or refusing; 4 the store was written by a newer
+//! ferry (left as it is).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,8 @@ enum Command {
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_ONLINE: u8 = 3;
+/// The store's schema is newer than this binary knows (a downgrade).
+const EXIT_STORE_TOO_NEW: u8 = 4;
 
 fn main() -> ExitCode {
     // One crypto provider for every TLS user in the process.
@@ -94,7 +97,10 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "ferry failed");
-                    ExitCode::from(EXIT_FAILURE)
+                    let too_new = e.downcast_ref::<ferry::RunError>().is_some_and(|e| {
+                        matches!(e, ferry::RunError::Store(ferry::store::StoreError::TooNew { .. }))
+                    });
+                    ExitCode::from(if too_new { EXIT_STORE_TOO_NEW } else { EXIT_FAILURE })
                 }
             }
         }

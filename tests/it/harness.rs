@@ -850,6 +850,20 @@ listen = "127.0.0.1:{metrics_port}"
         }
     }
 
+    /// Waits for ferry to exit on its own; its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let c = self.child.as_mut().expect("ferry started");
+            if let Some(s) = c.try_wait().unwrap() {
+                self.child = None;
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "ferry kept running");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => c.try_wait().unwrap().is_none(),

@@ -199,3 +199,29 @@ async fn stores_written_by_every_older_ferry_deliver_their_backlog_exactly_once(
     }
     report("fixtures", &figures.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_written_by_a_newer_ferry_is_refused_with_exit_4_and_left_alone() {
+    let (stack, _shared) = Stack::shared().await;
+    let Scenario { mut ferry, .. } = Scenario::new(stack, "too-new").await;
+    ferry.start();
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+    let store = ferry.store_path();
+    let conn = rusqlite::Connection::open(&store).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let before = std::fs::read(&store).unwrap();
+    ferry.start();
+    let code = ferry.wait_exit(SECS(20)).await;
+    let log = ferry.log_text();
+    report("too-new", &format!("exit {code:?}: {}", tail(&log, 1)));
+    assert_eq!(code, Some(4));
+    assert!(log.contains("schema version 99"), "{log}");
+    assert_eq!(std::fs::read(&store).unwrap(), before, "the store is left as it is");
+    let aside = std::fs::read_dir(&ferry.dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("damaged"))
+        .count();
+    assert_eq!(aside, 0);
+}
