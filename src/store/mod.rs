@@ -1,23 +1,31 @@
 //! The durable store: SQLite in WAL mode, owned by one dedicated thread.
 //!
-//! # Schema (see [`db`])
+//! # Schema (see [`schema`] for its versions, [`db`] for the SQL)
 //!
-//! - `outbox(key, device, received_ms, payload, props)`: every accepted
-//!   update not yet confirmed by Pulsar, once per destination topic, keyed by
-//!   `destination id << 48 | record number`. `props` holds the structured
-//!   fields (MQTT topic, retain flag) encoded with postcard.
-//! - `destinations(id, topic, next_seq, stream, role)`: one row per Pulsar
-//!   topic; `next_seq` only ever grows, so a number is never reused.
-//! - `mqtt_seen(pkid, topic, digest)`: the last stored message per MQTT
-//!   packet id, to recognise a broker redelivery (DUP flag) of a message
-//!   that was committed but whose PUBACK never reached the broker.
+//! - `outbox(key, device, received_ms, payload, props, stored_at)`: every
+//!   accepted update not yet confirmed by Pulsar, once per destination
+//!   topic, keyed by `destination id << 48 | record number`. `props` holds
+//!   the structured fields (MQTT topic, retain flag) encoded with postcard;
+//!   `stored_at` is the store clock's time of the commit.
+//! - `destinations(id, topic, next_seq, stream, role, horizon)`: one row per
+//!   Pulsar topic; `next_seq` only ever grows, so a number is never reused;
+//!   `horizon` is the highest number a session may have sent.
+//! - `mqtt_seen(pkid, digest, conn, gen)`: the last stored message per MQTT
+//!   packet id, with the connection and commit it came with, to recognise a
+//!   broker redelivery (DUP flag) of a message that was committed but whose
+//!   PUBACK never reached the broker; `ack_confirmed(conn, gen)`: the acks
+//!   the broker is known to have processed.
+//! - `topic_last(topic, digest)`: the last payload stored per MQTT topic, so
+//!   that a retained state the broker sends again is stored once.
 //! - `dead_letters(...)`: messages that can never be forwarded.
 //! - `counters(name, value)`: lifetime counts, with what each stream shed
 //!   (`stream:<name>:superseded`, `stream:<name>:dropped:<reason>`).
+//! - `store_state(name, value)`: the store clock, the store's id, commit and
+//!   connection numbers.
 //! - `agent(snapshot)`: the running agent's view of its links, for
 //!   `ferry status`.
 //! - `incidents(at_ms, kind, detail)`: things an operator must hear about
-//!   (a damaged store moved aside).
+//!   (a damaged store moved aside, a full disk, a broker number refused).
 //!
 //! # Lifecycle of a record
 //!
@@ -32,7 +40,9 @@
 //!    ([`Command::Fetch`]) and, after the broker's receipt, asks for the
 //!    deletion ([`Command::Delivered`]).
 //! 4. On every producer (re)connect the broker names the last record it
-//!    holds and [`Command::Resume`] drops everything up to it.
+//!    holds and [`Command::Resume`] drops what it holds of the records a
+//!    session may have sent (up to the horizon), and numbers the others
+//!    above the broker's number if it reaches them.
 //!
 //! # Disk full
 //!
