@@ -98,9 +98,16 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "ferry failed");
                     let too_new = e.downcast_ref::<ferry::RunError>().is_some_and(|e| {
-                        matches!(e, ferry::RunError::Store(ferry::store::StoreError::TooNew { .. }))
+                        matches!(
+                            e,
+                            ferry::RunError::Store(ferry::store::StoreError::TooNew { .. })
+                        )
                     });
-                    ExitCode::from(if too_new { EXIT_STORE_TOO_NEW } else { EXIT_FAILURE })
+                    ExitCode::from(if too_new {
+                        EXIT_STORE_TOO_NEW
+                    } else {
+                        EXIT_FAILURE
+                    })
                 }
             }
         }

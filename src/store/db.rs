@@ -367,9 +367,8 @@ impl Db {
                 .open(path)
                 .is_ok()
         };
-        let header_read_only = |e: &rusqlite::Error| {
-            e.sqlite_error_code() == Some(ErrorCode::ReadOnly) && writable()
-        };
+        let header_read_only =
+            |e: &rusqlite::Error| e.sqlite_error_code() == Some(ErrorCode::ReadOnly) && writable();
         macro_rules! damage_or {
             ($r:expr) => {
                 match $r {
@@ -405,7 +404,8 @@ impl Db {
         damage_or!(conn.pragma_update(None, "temp_store", "MEMORY"));
         // Give the WAL's space back to the file system after checkpoints.
         damage_or!(conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024));
-        conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
         let found = match damage_or!(schema::detect(&conn)) {
             Ok(found) => found,
             Err(reason) => return Ok(Err(reason)),
@@ -446,9 +446,10 @@ impl Db {
         damage_or!(db.map_destinations());
         for i in 0..db.dests.len() {
             let (lo, hi) = db.dests[i].range(0);
-            let (n, bytes): (i64, i64) = damage_or!(db
-                .conn
-                .query_row(SQL_COUNT_RANGE, [lo, hi], |r| Ok((r.get(0)?, r.get(1)?))));
+            let (n, bytes): (i64, i64) =
+                damage_or!(db
+                    .conn
+                    .query_row(SQL_COUNT_RANGE, [lo, hi], |r| Ok((r.get(0)?, r.get(1)?))));
             db.dests[i].records = n as u64;
             db.dests[i].bytes = bytes as u64;
         }
@@ -1497,8 +1498,7 @@ fn seen_before(tx: &Transaction<'_>, acks: &Acks, msg: &Inbound) -> Result<bool,
     Ok(match seen {
         None => false,
         Some((d, conn, gen)) => {
-            d == digest(msg)
-                && !acks.is_confirmed(conn.max(0) as u64, gen.max(0) as u64)
+            d == digest(msg) && !acks.is_confirmed(conn.max(0) as u64, gen.max(0) as u64)
         }
     })
 }
@@ -1530,7 +1530,12 @@ fn set_last_on_topic(tx: &Transaction<'_>, topic: i64, digest: i64) -> Result<()
 
 /// Writes the clock and the acknowledgement state inside `tx`, with
 /// `commit_seq` as the last commit.
-fn save_state(tx: &Transaction<'_>, acks: &Acks, commit_seq: u64, clock: u64) -> Result<(), StoreError> {
+fn save_state(
+    tx: &Transaction<'_>,
+    acks: &Acks,
+    commit_seq: u64,
+    clock: u64,
+) -> Result<(), StoreError> {
     let mut put = tx.prepare_cached(SQL_STATE_PUT)?;
     put.execute(params![STATE_CLOCK, clock as i64])?;
     put.execute(params![STATE_COMMIT, commit_seq as i64])?;

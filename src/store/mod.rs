@@ -234,7 +234,10 @@ pub enum Command {
     /// connection `epoch`: ingest sent a request after them and got its
     /// answer. From then on a DUP message under one of those packet ids is
     /// a new message, even when byte-identical.
-    AcksConfirmed { epoch: u64, gen: u64 },
+    AcksConfirmed {
+        epoch: u64,
+        gen: u64,
+    },
 }
 
 /// What [`Command::Resume`] did.
@@ -1067,7 +1070,11 @@ impl Worker {
         let parked = self.parked.len() as u64;
         self.live.set_store(self.disk_full, parked);
         let json = serde_json::to_string(&self.live.snapshot()).expect("plain struct");
-        match self.db.write_snapshot(&json).and_then(|()| self.db.save_state_now()) {
+        match self
+            .db
+            .write_snapshot(&json)
+            .and_then(|()| self.db.save_state_now())
+        {
             Ok(()) | Err(StoreError::DiskFull) => Ok(()),
             Err(e) => Err(e),
         }

@@ -214,8 +214,14 @@ const TYPE_CHECKS: &[(&str, &str)] = &[
     ),
     ("topic_last", "typeof(digest) != 'integer'"),
     ("ack_confirmed", "typeof(gen) != 'integer'"),
-    ("store_state", "typeof(name) != 'text' OR typeof(value) != 'integer'"),
-    ("counters", "typeof(name) != 'text' OR typeof(value) != 'integer'"),
+    (
+        "store_state",
+        "typeof(name) != 'text' OR typeof(value) != 'integer'",
+    ),
+    (
+        "counters",
+        "typeof(name) != 'text' OR typeof(value) != 'integer'",
+    ),
     (
         "dead_letters",
         "typeof(received_ms) != 'integer' OR typeof(mqtt_topic) != 'text'
@@ -266,7 +272,9 @@ pub fn detect(conn: &Connection) -> Result<Result<Found, String>, rusqlite::Erro
         return Ok(Ok(Found::Version(version)));
     }
     let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")?
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        )?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let has = |t: &str| tables.iter().any(|n| n == t);
@@ -274,11 +282,13 @@ pub fn detect(conn: &Connection) -> Result<Result<Found, String>, rusqlite::Erro
         return Ok(Ok(Found::Empty));
     }
     if has("journal") {
-        let ok = columns(conn, "journal")?
-            .iter()
-            .map(|c| c.0.as_str())
-            .eq(["seq", "device", "received_ms", "payload", "props"])
-            && has("meta");
+        let ok = columns(conn, "journal")?.iter().map(|c| c.0.as_str()).eq([
+            "seq",
+            "device",
+            "received_ms",
+            "payload",
+            "props",
+        ]) && has("meta");
         return Ok(if ok {
             Ok(Found::Version(1))
         } else {
@@ -290,10 +300,13 @@ pub fn detect(conn: &Connection) -> Result<Result<Found, String>, rusqlite::Erro
             .into_iter()
             .map(|c| c.0)
             .collect();
-        let outbox_ok = columns(conn, "outbox")?
-            .iter()
-            .map(|c| c.0.as_str())
-            .eq(["key", "device", "received_ms", "payload", "props"]);
+        let outbox_ok = columns(conn, "outbox")?.iter().map(|c| c.0.as_str()).eq([
+            "key",
+            "device",
+            "received_ms",
+            "payload",
+            "props",
+        ]);
         let seen_ok = columns(conn, "mqtt_seen")?
             .iter()
             .map(|c| c.0.as_str())
@@ -316,7 +329,10 @@ pub fn detect(conn: &Connection) -> Result<Result<Found, String>, rusqlite::Erro
     )))
 }
 
-fn columns(conn: &Connection, table: &str) -> Result<Vec<(String, String, bool, bool)>, rusqlite::Error> {
+fn columns(
+    conn: &Connection,
+    table: &str,
+) -> Result<Vec<(String, String, bool, bool)>, rusqlite::Error> {
     conn.prepare(&format!("PRAGMA table_info({table})"))?
         .query_map([], |r| {
             Ok((
@@ -331,7 +347,11 @@ fn columns(conn: &Connection, table: &str) -> Result<Vec<(String, String, bool, 
 
 /// Creates the schema of a new store, or brings an older one up to
 /// [`VERSION`], one step per version, each in its own transaction.
-pub fn upgrade(conn: &mut Connection, found: Found, first: Option<FirstDest<'_>>) -> Result<(), StoreError> {
+pub fn upgrade(
+    conn: &mut Connection,
+    found: Found,
+    first: Option<FirstDest<'_>>,
+) -> Result<(), StoreError> {
     let mut version = match found {
         Found::Empty => {
             let tx = conn.transaction()?;
@@ -383,7 +403,9 @@ fn v1_to_v2(tx: &Transaction<'_>, first: Option<&FirstDest<'_>>) -> Result<(), r
              kind TEXT NOT NULL, detail TEXT NOT NULL);",
     )?;
     let next: i64 = tx
-        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+            r.get(0)
+        })
         .optional()?
         .unwrap_or(1);
     let max: Option<i64> = tx.query_row("SELECT MAX(seq) FROM journal", [], |r| r.get(0))?;
@@ -436,7 +458,8 @@ fn v3_to_v4(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
         .prepare("SELECT pkid, topic, digest FROM mqtt_seen")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
-    let mut put = tx.prepare("INSERT INTO mqtt_seen_v4 (pkid, digest, conn, gen) VALUES (?1, ?2, 0, 0)")?;
+    let mut put =
+        tx.prepare("INSERT INTO mqtt_seen_v4 (pkid, digest, conn, gen) VALUES (?1, ?2, 0, 0)")?;
     for (pkid, topic, digest) in rows {
         let digest = if topic.is_empty() {
             digest
@@ -475,9 +498,15 @@ pub fn check(conn: &mut Connection) -> Result<Result<Repairs, String>, rusqlite:
         }
     }
     for (table, bad) in TYPE_CHECKS {
-        let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM {table} WHERE {bad}"), [], |r| r.get(0))?;
+        let n: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM {table} WHERE {bad}"),
+            [],
+            |r| r.get(0),
+        )?;
         if n > 0 {
-            return Ok(Err(format!("{n} row(s) of table {table} hold values of the wrong type")));
+            return Ok(Err(format!(
+                "{n} row(s) of table {table} hold values of the wrong type"
+            )));
         }
     }
     let dests: Vec<(i64, String, i64, i64)> = conn
@@ -487,16 +516,22 @@ pub fn check(conn: &mut Connection) -> Result<Result<Repairs, String>, rusqlite:
     let seq_max = super::db::SEQ_MAX as i64;
     for (id, topic, next, horizon) in &dests {
         if *id < 1 || *id as u64 > MAX_DEST_ID {
-            return Ok(Err(format!("destination {topic} has id {id}, outside 1..={MAX_DEST_ID}")));
+            return Ok(Err(format!(
+                "destination {topic} has id {id}, outside 1..={MAX_DEST_ID}"
+            )));
         }
         if *next < 1 || *next > seq_max {
-            return Ok(Err(format!("destination {topic} has next record number {next}, outside 1..={seq_max}")));
+            return Ok(Err(format!(
+                "destination {topic} has next record number {next}, outside 1..={seq_max}"
+            )));
         }
         if *horizon < 0 {
             return Ok(Err(format!("destination {topic} has horizon {horizon}")));
         }
     }
-    let negative: i64 = conn.query_row("SELECT COUNT(*) FROM outbox WHERE key < 0", [], |r| r.get(0))?;
+    let negative: i64 = conn.query_row("SELECT COUNT(*) FROM outbox WHERE key < 0", [], |r| {
+        r.get(0)
+    })?;
     if negative > 0 {
         return Ok(Err(format!("{negative} record(s) have negative keys")));
     }
@@ -513,7 +548,9 @@ pub fn check(conn: &mut Connection) -> Result<Result<Repairs, String>, rusqlite:
         let highest = top.map_or(0, |k| k & seq_max);
         if highest >= *next {
             if highest >= seq_max {
-                return Ok(Err(format!("destination {topic} holds record number {highest}, the last there is")));
+                return Ok(Err(format!(
+                    "destination {topic} holds record number {highest}, the last there is"
+                )));
             }
             tx.execute(
                 "UPDATE destinations SET next_seq = ?2 WHERE id = ?1",
@@ -523,7 +560,10 @@ pub fn check(conn: &mut Connection) -> Result<Result<Repairs, String>, rusqlite:
         }
         let next = (*next).max(highest + 1);
         if *horizon > next - 1 {
-            tx.execute("UPDATE destinations SET horizon = ?2 WHERE id = ?1", [*id, next - 1])?;
+            tx.execute(
+                "UPDATE destinations SET horizon = ?2 WHERE id = ?1",
+                [*id, next - 1],
+            )?;
         }
     }
     tx.commit()?;

@@ -591,7 +591,10 @@ fn stores_of_every_older_version_open_with_their_backlog_and_numbers() {
         // recognises the broker's redelivery.
         let last = String::from_utf8(recs[9].payload.clone()).unwrap();
         let out = db
-            .insert_batch(&[msg(&l, "devices/d4/state", last.as_bytes(), 7, true)], 1000)
+            .insert_batch(
+                &[msg(&l, "devices/d4/state", last.as_bytes(), 7, true)],
+                1000,
+            )
             .unwrap();
         assert_eq!((out.redelivered, out.stored), (1, 0), "version {version}");
         db.insert_batch(&[msg(&l, "devices/a/state", b"new", 1, false)], 100)
@@ -611,7 +614,9 @@ fn a_store_of_a_newer_version_is_refused_and_left_alone() {
             .pragma_update(None, "user_version", super::schema::VERSION + 1)
             .unwrap();
     }
-    let err = Db::open(&path, layout("", ""), Durability::Full).err().unwrap();
+    let err = Db::open(&path, layout("", ""), Durability::Full)
+        .err()
+        .unwrap();
     assert!(
         matches!(err, StoreError::TooNew { found, supported } if found == supported + 1),
         "{err}"
@@ -803,13 +808,29 @@ fn records_never_sent_are_renumbered_never_skipped() {
         let mut db = dir.db(l.clone());
         db.resume(0, -1).unwrap();
         let old: Vec<Inbound> = (0..3)
-            .map(|i| msg(&l, "devices/a/state", format!("old{i}").as_bytes(), i + 1, false))
+            .map(|i| {
+                msg(
+                    &l,
+                    "devices/a/state",
+                    format!("old{i}").as_bytes(),
+                    i + 1,
+                    false,
+                )
+            })
             .collect();
         db.insert_batch(&old, 100).unwrap();
     }
     let mut db = dir.db(l.clone());
     let new: Vec<Inbound> = (0..3)
-        .map(|i| msg(&l, "devices/a/state", format!("NEW{i}").as_bytes(), i + 10, false))
+        .map(|i| {
+            msg(
+                &l,
+                "devices/a/state",
+                format!("NEW{i}").as_bytes(),
+                i + 10,
+                false,
+            )
+        })
         .collect();
     db.insert_batch(&new, 100).unwrap();
     let out = db.resume(0, 5).unwrap();
@@ -830,7 +851,10 @@ fn records_never_sent_are_renumbered_never_skipped() {
     db.insert_batch(&numbered(&l, 10), 100).unwrap();
     let out = db.resume(0, 1_000_000).unwrap();
     assert_eq!(out.skipped, 0);
-    assert_eq!(seqs(&mut db, 0), (1_000_001..=1_000_010).collect::<Vec<_>>());
+    assert_eq!(
+        seqs(&mut db, 0),
+        (1_000_001..=1_000_010).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -882,7 +906,11 @@ fn a_broker_number_that_cannot_be_honoured_is_refused_and_changes_nothing() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(keys, (1..=5).map(|s| (1 << 48) | s).collect::<Vec<_>>(), "nothing moved");
+    assert_eq!(
+        keys,
+        (1..=5).map(|s| (1 << 48) | s).collect::<Vec<_>>(),
+        "nothing moved"
+    );
     assert_eq!(db.last_seqs(), vec![5, 0]);
     let incidents: i64 = db
         .conn()
@@ -922,7 +950,10 @@ fn open_after(damage: &str) -> (Option<super::db::Damaged>, Db) {
 #[test]
 fn damage_that_passes_the_quick_check_is_found_at_open() {
     for (what, sql) in [
-        ("a renamed column", "ALTER TABLE outbox RENAME COLUMN props TO propz;"),
+        (
+            "a renamed column",
+            "ALTER TABLE outbox RENAME COLUMN props TO propz;",
+        ),
         (
             "text where a blob belongs",
             "UPDATE outbox SET payload = 'text' WHERE key = (SELECT MIN(key) FROM outbox);",
@@ -936,7 +967,10 @@ fn damage_that_passes_the_quick_check_is_found_at_open() {
             "UPDATE destinations SET id = 65536 WHERE id = 2;",
         ),
         ("a missing table", "DROP TABLE topic_last;"),
-        ("a negative key", "INSERT INTO outbox VALUES (-5, 'a', 0, x'00', x'00', 0);"),
+        (
+            "a negative key",
+            "INSERT INTO outbox VALUES (-5, 'a', 0, x'00', x'00', 0);",
+        ),
     ] {
         let (damaged, mut db) = open_after(sql);
         let d = damaged.unwrap_or_else(|| panic!("{what}: not found"));
@@ -994,12 +1028,8 @@ fn damage_found_while_running_moves_the_store_aside_at_the_next_start() {
     assert_eq!(db.total().records, 0);
     assert!(!super::schema::marker(&path).exists());
     // A type error at run time is damage.
-    let e: StoreError = rusqlite::Error::InvalidColumnType(
-        3,
-        "payload".into(),
-        rusqlite::types::Type::Text,
-    )
-    .into();
+    let e: StoreError =
+        rusqlite::Error::InvalidColumnType(3, "payload".into(), rusqlite::types::Type::Text).into();
     assert!(matches!(e, StoreError::Damaged(_)));
 }
 
@@ -1018,7 +1048,10 @@ fn a_retained_state_sent_again_at_a_subscription_is_stored_once() {
         .unwrap();
     // Ferry resubscribed: the broker sends it again, retained.
     let out = db.insert_batch(&[retained(b"on", 2)], 100).unwrap();
-    assert_eq!((out.stored, out.retained_unchanged, out.acks.len()), (0, 1, 1));
+    assert_eq!(
+        (out.stored, out.retained_unchanged, out.acks.len()),
+        (0, 1, 1)
+    );
     // It changed while ferry was away: stored, once.
     let out = db.insert_batch(&[retained(b"off", 3)], 100).unwrap();
     assert_eq!(out.stored, 1);
@@ -1040,7 +1073,7 @@ fn a_byte_identical_message_under_a_reused_packet_id_is_stored_once_its_ack_was_
     let mut db = dir.db(l.clone());
     db.new_connection(1, true);
     let m = msg(&l, "devices/a/state", b"same", 5, false);
-    let out = db.insert_batch(&[m.clone()], 100).unwrap();
+    let out = db.insert_batch(std::slice::from_ref(&m), 100).unwrap();
     let gen = out.acks[0].gen;
     assert!(gen > 0);
     let mut dup = m.clone();

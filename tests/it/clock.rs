@@ -93,7 +93,10 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
             .sum::<i64>()
     };
     assert_eq!(dropped(&after_jump), 0, "{after_jump:?}");
-    assert!((0.0..120.0).contains(&oldest), "oldest record shown {oldest} s old");
+    assert!(
+        (0.0..120.0).contains(&oldest),
+        "oldest record shown {oldest} s old"
+    );
     assert_eq!(dropped(&counters), 0, "{counters:?}");
     assert_eq!(t, exact(100));
     devices.disconnect().await;

@@ -365,9 +365,7 @@ async fn a_broker_number_ferry_cannot_honour_keeps_the_records_and_ferry_running
         ferry.edit_config(&nowhere, &broker.url());
         ferry.start();
         broker.wait_producer(SECS(30)).await;
-        ferry
-            .wait_log("more than ferry numbers", SECS(30))
-            .await;
+        ferry.wait_log("more than ferry numbers", SECS(30)).await;
         tokio::time::sleep(SECS(3)).await;
         let running = ferry.is_running();
         let pending = ferry.try_pending();
@@ -383,9 +381,16 @@ async fn a_broker_number_ferry_cannot_honour_keeps_the_records_and_ferry_running
             broker.producers.load(Ordering::SeqCst)
         ));
         devices.disconnect().await;
-        assert!(running, "ferry keeps running; log:\n{}", tail(&ferry.log_text(), 20));
+        assert!(
+            running,
+            "ferry keeps running; log:\n{}",
+            tail(&ferry.log_text(), 20)
+        );
         assert_eq!(pending, Some(20), "nothing deleted or moved");
-        assert!(keys.iter().all(|k| *k == 1), "every record still in its destination: {keys:?}");
+        assert!(
+            keys.iter().all(|k| *k == 1),
+            "every record still in its destination: {keys:?}"
+        );
         assert!(table.contains("sequence-refused"), "{table}");
         assert!(table.contains("more than ferry numbers"), "{table}");
         assert_eq!(ferry.terminate(), Some(0));

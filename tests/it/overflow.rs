@@ -585,13 +585,20 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
     publish_big(stack, &format!("{prefix}/dev-big/alarm"), 60 << 20).await;
     for i in 0..20 {
         devices
-            .publish_raw(&devices.topic("dev-0000"), format!("{{\"n\":{}}}", 1000 + i).into_bytes())
+            .publish_raw(
+                &devices.topic("dev-0000"),
+                format!("{{\"n\":{}}}", 1000 + i).into_bytes(),
+            )
             .await;
     }
     let stored = ferry.counters().get("stored").copied().unwrap_or(0);
     let deadline = std::time::Instant::now() + SECS(60);
     while ferry.counters().get("stored").copied().unwrap_or(0) < stored + 20 {
-        assert!(std::time::Instant::now() < deadline, "the 20 small messages were not stored: {:?}", ferry.counters());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 20 small messages were not stored: {:?}",
+            ferry.counters()
+        );
         tokio::time::sleep(SECS(1)).await;
     }
     let after = ferry.pending();

@@ -92,7 +92,9 @@ async fn a_damaged_store_is_moved_aside_and_nothing_stored_after_it_is_lost() {
     let aside: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("ferry.db.damaged-") && !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .filter(|n| {
+            n.starts_with("ferry.db.damaged-") && !n.ends_with("-wal") && !n.ends_with("-shm")
+        })
         .collect();
     report("damaged", &format!("moved aside: {aside:?}\n{table}"));
     assert_eq!(aside.len(), 1, "{aside:?}");
@@ -151,7 +153,10 @@ async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
     let t = tally(&msgs, &devices.ids, 15);
     report(
         "restored",
-        &format!("restored copy, 50 stored offline: {:?}; topic {t:?}", ferry.counters()),
+        &format!(
+            "restored copy, 50 stored offline: {:?}; topic {t:?}",
+            ferry.counters()
+        ),
     );
     assert_eq!(t, exact(150));
     devices.disconnect().await;
@@ -169,10 +174,11 @@ async fn stores_written_by_every_older_ferry_deliver_their_backlog_exactly_once(
             prefix,
             mut ferry,
         } = Scenario::new(stack, &test).await;
-        let sql = std::fs::read_to_string(repo().join(format!("tests/fixtures/store-v{version}.sql")))
-            .unwrap()
-            .replace("@STATUS@", &topic)
-            .replace("devices/", &format!("{prefix}/"));
+        let sql =
+            std::fs::read_to_string(repo().join(format!("tests/fixtures/store-v{version}.sql")))
+                .unwrap()
+                .replace("@STATUS@", &topic)
+                .replace("devices/", &format!("{prefix}/"));
         let conn = rusqlite::Connection::open(ferry.store_path()).unwrap();
         conn.execute_batch(&sql).unwrap();
         drop(conn);
@@ -184,7 +190,10 @@ async fn stores_written_by_every_older_ferry_deliver_their_backlog_exactly_once(
             .iter()
             .filter(|m| String::from_utf8_lossy(&m.payload).contains(&format!("\"v{version}\"")))
             .count();
-        figures.push(format!("v{version}: {} messages, sequence ids {seqs:?}", msgs.len()));
+        figures.push(format!(
+            "v{version}: {} messages, sequence ids {seqs:?}",
+            msgs.len()
+        ));
         assert_eq!(seqs, (41..=50).collect::<Vec<_>>(), "version {version}");
         assert_eq!(fixture, 10);
         // And it goes on numbering from there.
@@ -218,10 +227,20 @@ async fn a_store_written_by_a_newer_ferry_is_refused_with_exit_4_and_left_alone(
     report("too-new", &format!("exit {code:?}: {}", tail(&log, 1)));
     assert_eq!(code, Some(4));
     assert!(log.contains("schema version 99"), "{log}");
-    assert_eq!(std::fs::read(&store).unwrap(), before, "the store is left as it is");
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        before,
+        "the store is left as it is"
+    );
     let aside = std::fs::read_dir(&ferry.dir)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("damaged"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("damaged")
+        })
         .count();
     assert_eq!(aside, 0);
 }

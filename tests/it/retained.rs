@@ -20,7 +20,12 @@ async fn publish_retained(stack: &Stack, prefix: &str, devices: &[String], n: u6
     for d in devices {
         let payload = format!("{{\"device\":\"{d}\",\"n\":{n}}}");
         client
-            .publish(format!("{prefix}/{d}/state"), QoS::AtLeastOnce, true, payload)
+            .publish(
+                format!("{prefix}/{d}/state"),
+                QoS::AtLeastOnce,
+                true,
+                payload,
+            )
             .await
             .unwrap();
     }
@@ -46,7 +51,12 @@ async fn clear_retained(stack: &Stack, prefix: &str, devices: &[String]) {
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
     for d in devices {
         client
-            .publish(format!("{prefix}/{d}/state"), QoS::AtLeastOnce, true, Vec::new())
+            .publish(
+                format!("{prefix}/{d}/state"),
+                QoS::AtLeastOnce,
+                true,
+                Vec::new(),
+            )
             .await
             .unwrap();
     }
@@ -92,11 +102,15 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
     for round in 0..2 {
         stack.ctl("mqtt-stop");
         stack.ctl("mqtt-start");
-        ferry.wait_log_count("mqtt connected", 2 + 2 * round, SECS(60)).await;
+        ferry
+            .wait_log_count("mqtt connected", 2 + 2 * round, SECS(60))
+            .await;
         tokio::time::sleep(SECS(2)).await;
         ferry.kill9();
         ferry.start();
-        ferry.wait_log_count("mqtt connected", 3 + 2 * round, SECS(60)).await;
+        ferry
+            .wait_log_count("mqtt connected", 3 + 2 * round, SECS(60))
+            .await;
         tokio::time::sleep(SECS(2)).await;
     }
     ferry.wait_drained(20, SECS(60)).await;
