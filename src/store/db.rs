@@ -1241,8 +1241,15 @@ impl Db {
             .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
     }
 
-    pub fn write_snapshot(&self, json: &str) -> Result<(), StoreError> {
-        self.conn.execute(SQL_AGENT_PUT, [json])?;
+    /// Writes the agent's snapshot for `ferry status`, with the store's
+    /// clock and acknowledgement state, in one transaction.
+    pub fn write_snapshot(&mut self, json: &str) -> Result<(), StoreError> {
+        let clock = self.clock.now_ms();
+        let tx = self.conn.transaction()?;
+        tx.execute(SQL_AGENT_PUT, [json])?;
+        save_state(&tx, &self.acks, self.acks.commit_seq, clock)?;
+        tx.commit()?;
+        self.acks.unsaved.clear();
         Ok(())
     }
 

@@ -1070,11 +1070,7 @@ impl Worker {
         let parked = self.parked.len() as u64;
         self.live.set_store(self.disk_full, parked);
         let json = serde_json::to_string(&self.live.snapshot()).expect("plain struct");
-        match self
-            .db
-            .write_snapshot(&json)
-            .and_then(|()| self.db.save_state_now())
-        {
+        match self.db.write_snapshot(&json) {
             Ok(()) | Err(StoreError::DiskFull) => Ok(()),
             Err(e) => Err(e),
         }
