@@ -8,7 +8,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 
 use crate::config::{Config, TokenSource};
-use crate::store::layout::Layout;
+use crate::layout::Layout;
 use crate::uplink::{self, auth, UplinkSettings};
 
 /// Secret files that others can read, and token files ferry cannot use (a

@@ -7,6 +7,7 @@
 //! the key path it concerns (`mqtt.subscriptions[1].device_id_level: ...`).
 //! Nothing here touches the network or the store.
 
+pub use crate::layout::{Limits, Overflow, StreamKind, Subscription};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -118,53 +119,6 @@ impl StreamConfig {
     pub fn topics(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.topic.as_str()).chain(self.history_topic.as_deref())
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamKind {
-    /// Device state: the newest update per device is what matters.
-    State,
-    /// Events: every one matters, in order; never coalesced.
-    Events,
-}
-
-/// What a stream does when it is over one of its limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overflow {
-    /// Keep only the newest pending record per device for the status topic.
-    Coalesce,
-    /// Drop the oldest records first (never a device's newest state).
-    DropOldest,
-    /// Stop acknowledging MQTT: the local broker holds the backlog.
-    Reject,
-}
-
-impl Overflow {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Overflow::Coalesce => "coalesce",
-            Overflow::DropOldest => "drop-oldest",
-            Overflow::Reject => "reject",
-        }
-    }
-}
-
-/// A stream's limits; `None` is no limit of that kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Limits {
-    pub max_records: Option<u64>,
-    /// Payload bytes waiting in the store.
-    pub max_bytes: Option<u64>,
-    pub max_age: Option<Duration>,
-}
-
-/// One MQTT topic filter and the rule that extracts the device id from the
-/// topic of a message that matched it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
-    pub filter: String,
-    /// Zero-based topic level that holds the device id.
-    pub device_id_level: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,7 @@
 pub mod check;
 pub mod config;
 pub mod ingest;
+pub mod layout;
 pub mod metrics;
 pub mod notify;
 pub mod shutdown;
@@ -64,7 +65,7 @@ pub async fn run(
     }
     let live = status::Live::default();
     let metrics = metrics::Metrics::new();
-    let layout = store::layout::Layout::new(&config.streams);
+    let layout = layout::Layout::new(&config.streams);
     for s in &layout.streams {
         let mut policies = vec![s.overflow.as_str(), "disk-full", "store-max-bytes"];
         if s.limits.max_age.is_some() {
@@ -220,9 +221,9 @@ async fn debug_hang(name: &'static str) {
 
 fn apply_reload(old: &Config, new: &Config, store: &store::StoreHandle) {
     let restart = old.needs_restart(new);
-    let layout = store::layout::Layout::new(&new.streams);
+    let layout = layout::Layout::new(&new.streams);
     if (new.store != old.store || new.streams != old.streams)
-        && layout.dests == store::layout::Layout::new(&old.streams).dests
+        && layout.dests == layout::Layout::new(&old.streams).dests
     {
         let _ = store.set_limits(new.store.clone(), layout);
     }

@@ -609,7 +609,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             path.display()
         ))
         .unwrap();
-        let layout = crate::store::layout::Layout::new(&cfg.streams);
+        let layout = crate::layout::Layout::new(&cfg.streams);
         let (mut db, _) =
             crate::store::db::Db::open(&path, layout.clone(), cfg.store.durability).unwrap();
         let topic = "devices/d1/state";

@@ -42,7 +42,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
-use crate::store::layout::Layout;
+use crate::layout::Layout;
 use crate::store::{AckToken, Guarded, Inbound, Intake, StoreError, StoreHandle};
 use crate::uplink::Backoff;
 use guard::{Guard, Mark};

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, MAIN_DB};
 
-use super::layout::{self, DestIx, DropReason, Layout, Role, StreamSpec, Usage};
 use super::schema;
 use super::{AckToken, Guarded, Inbound, Record, RecordProps, ResumeOutcome, StoreError};
 use crate::config::{Durability, Overflow};
+use crate::layout::{self, DestIx, DropReason, Layout, Role, StreamSpec, Usage};
 
 const SEQ_BITS: u32 = 48;
 /// The largest record number a destination can hand out.

@@ -58,7 +58,6 @@
 //! The store never touches the network.
 
 pub mod db;
-pub mod layout;
 pub mod schema;
 
 use std::collections::VecDeque;
@@ -71,8 +70,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Durability, Overflow, StoreConfig};
+use crate::layout::{DestIx, DropReason, Layout};
 use db::{Db, Delivery, Shed};
-use layout::{DestIx, DropReason, Layout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

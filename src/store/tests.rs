@@ -1,7 +1,7 @@
 use super::db::{Db, SEQ_MAX};
-use super::layout::{DropReason, Layout};
 use super::*;
 use crate::config::{parse, Durability};
+use crate::layout::{DropReason, Layout};
 
 /// A config with one state stream (`devices/+/state`) and one events
 /// stream (`devices/+/alarm`); `status` and `alarms` get the extra lines.

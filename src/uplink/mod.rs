@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{parse_service_url, Config, TlsConfig, TokenSource};
-use crate::store::layout::{DestIx, Layout};
+use crate::layout::{DestIx, Layout};
 use crate::store::{Record, StoreError, StoreHandle};
 use conn::{command, server_error, Conn, Endpoint};
 use frame::{Frame, FrameError};

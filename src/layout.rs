@@ -13,10 +13,57 @@
 
 use std::time::Duration;
 
-use crate::config::{Limits, Overflow, StreamConfig, StreamKind, Subscription};
+use crate::config::StreamConfig;
 
 /// A destination's index in configuration order.
 pub type DestIx = usize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Device state: the newest update per device is what matters.
+    State,
+    /// Events: every one matters, in order; never coalesced.
+    Events,
+}
+
+/// What a stream does when it is over one of its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Keep only the newest pending record per device for the status topic.
+    Coalesce,
+    /// Drop the oldest records first (never a device's newest state).
+    DropOldest,
+    /// Stop acknowledging MQTT: the local broker holds the backlog.
+    Reject,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::Coalesce => "coalesce",
+            Overflow::DropOldest => "drop-oldest",
+            Overflow::Reject => "reject",
+        }
+    }
+}
+
+/// A stream's limits; `None` is no limit of that kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub max_records: Option<u64>,
+    /// Payload bytes waiting in the store.
+    pub max_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+/// One MQTT topic filter and the rule that extracts the device id from the
+/// topic of a message that matched it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: String,
+    /// Zero-based topic level that holds the device id.
+    pub device_id_level: usize,
+}
 
 /// What a destination topic receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
