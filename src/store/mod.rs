@@ -58,6 +58,7 @@
 //! The store never touches the network.
 
 pub mod db;
+pub mod report;
 pub mod schema;
 
 use std::collections::VecDeque;
