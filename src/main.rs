@@ -81,17 +81,10 @@ fn main() -> ExitCode {
         Command::Init { gateway_id, output } => init(&gateway_id, output.as_deref()),
         Command::Status { config, json } => status(&config, json),
         Command::Run { config } => {
-            let cfg = match ferry::config::load(&config) {
+            let cfg = match load_with_store(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(code) => return code,
             };
-            if let Err(e) = store_files_usable(&cfg.store.path) {
-                eprintln!("{}: store.path: {e}", config.display());
-                return ExitCode::from(EXIT_CONFIG);
-            }
             let log = init_logging(&cfg.log_level);
             match run(cfg, config, log) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -115,17 +108,10 @@ fn main() -> ExitCode {
 }
 
 fn status(path: &std::path::Path, json: bool) -> ExitCode {
-    let cfg = match ferry::config::load(path) {
+    let cfg = match load_with_store(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = store_files_usable(&cfg.store.path) {
-        eprintln!("{}: store.path: {e}", path.display());
-        return ExitCode::from(EXIT_CONFIG);
-    }
     match ferry::status::read(&cfg.store.path) {
         Ok(report) if json => {
             println!("{}", ferry::status::render_json(&report));
@@ -216,13 +202,29 @@ fn init(gateway_id: &str, output: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
+/// Loads the configuration, or prints every problem and gives exit code 2.
+fn load(path: &std::path::Path) -> Result<ferry::config::Config, ExitCode> {
+    ferry::config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// [`load`], and a store path that is a regular file (or none yet): exit
+/// code 2 otherwise, before anything opens it.
+fn load_with_store(path: &std::path::Path) -> Result<ferry::config::Config, ExitCode> {
+    let cfg = load(path)?;
+    if let Err(e) = store_files_usable(&cfg.store.path) {
+        eprintln!("{}: store.path: {e}", path.display());
+        return Err(ExitCode::from(EXIT_CONFIG));
+    }
+    Ok(cfg)
+}
+
 fn check(path: &std::path::Path, online: bool) -> ExitCode {
-    let cfg = match ferry::config::load(path) {
+    let cfg = match load(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     println!("{}: ok (gateway {})", path.display(), cfg.gateway_id);
     for s in &cfg.streams {

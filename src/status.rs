@@ -135,9 +135,7 @@ fn set_link(link: &mut Link, connected: bool, peer: &str, error: Option<String>)
     }
 }
 
-pub use crate::store::report::{
-    read, DeadLetter, Incident, Report, StreamReport, TopicBacklog,
-};
+pub use crate::store::report::{read, DeadLetter, Incident, Report, StreamReport, TopicBacklog};
 
 /// The report as a table for people. Every string in it may have come from
 /// outside (MQTT topics, broker errors, the store file), so every line goes

@@ -475,12 +475,8 @@ impl Reserve {
         } else {
             dir
         };
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a valid NUL-terminated path and `st` a writable
-        // statvfs struct.
-        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-        (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+        let st = rustix::fs::statvfs(dir).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
     }
 }
 

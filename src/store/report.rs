@@ -235,4 +235,3 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         incidents,
     })
 }
-
