@@ -298,12 +298,19 @@ async fn store_values_the_quick_check_accepts_are_repaired_or_moved_aside_never_
             // The fresh store forwards what came after; the moved-aside file
             // keeps the first 10 for the operator.
             let mut seen = std::collections::BTreeSet::new();
-            let dups = msgs.iter().filter(|m| !seen.insert((m.key.clone(), m.n()))).count();
+            let dups = msgs
+                .iter()
+                .filter(|m| !seen.insert((m.key.clone(), m.n())))
+                .count();
             let fresh = msgs.iter().filter(|m| m.n() >= 2).count();
             (msgs.len(), dups, fresh)
         } else {
             let t = tally(&msgs, &devices.ids, 4);
-            (t.received, t.duplicated + t.out_of_order, t.received - t.lost)
+            (
+                t.received,
+                t.duplicated + t.out_of_order,
+                t.received - t.lost,
+            )
         };
         figures.push(format!("{what}: running {running}, moved aside {aside}, topic (messages, duplicates or out of order, updates) {t:?}"));
         devices.disconnect().await;
