@@ -210,12 +210,16 @@ async fn a_broker_that_stops_reading_neither_feeds_the_watchdog_nor_delays_sigte
     let (stack, _shared) = Stack::shared().await;
     let broker = FakeBroker::start(Hostile::StopsReading).await;
     // The write bound is long here so that the stall lasts while the
-    // watchdog is observed; drain_timeout bounds the stop.
+    // watchdog is observed; drain_timeout bounds the stop. The byte window
+    // is larger than the 12 MB sent, so ferry writes them all and must
+    // stall: with the default 4 MiB window the kernel's socket buffers
+    // (autotuned up to 4 MiB) may take everything, and the session then
+    // waits for receipts, which is bounded and rightly beats.
     let (mut ferry, prefix) = ferry_against(
         stack,
         "stops-reading",
         &broker,
-        "operation_timeout_ms = 30000\ndrain_timeout_ms = 1000",
+        "operation_timeout_ms = 30000\ndrain_timeout_ms = 1000\nmax_in_flight_bytes = 67108864",
     );
     let notes = Notifications::new(&ferry.dir);
     let path = notes.path.to_string_lossy().to_string();
