@@ -59,7 +59,8 @@
 
 pub mod db;
 pub mod report;
-pub mod schema;
+
+pub use db::schema;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};

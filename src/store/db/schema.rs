@@ -513,7 +513,7 @@ pub fn check(conn: &mut Connection) -> Result<Result<Repairs, String>, rusqlite:
         .prepare("SELECT id, topic, next_seq, horizon FROM destinations ORDER BY id")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<Result<_, _>>()?;
-    let seq_max = super::db::SEQ_MAX as i64;
+    let seq_max = super::SEQ_MAX as i64;
     for (id, topic, next, horizon) in &dests {
         if *id < 1 || *id as u64 > MAX_DEST_ID {
             return Ok(Err(format!(

@@ -1,0 +1,178 @@
+//! Resuming a destination on the broker's `last_sequence_id`: the horizon
+//! rule (skip only what a session may have sent, renumber what it never
+//! saw) and the horizons file that protects restored copies of a store.
+
+use std::collections::HashMap;
+
+use rusqlite::params;
+
+use super::*;
+
+impl Db {
+    /// A producer (re)connected to `d` and the broker holds every record up
+    /// to `last_sequence_id` (-1: none).
+    ///
+    /// Only records at or below the horizon can be among them: those the
+    /// broker holds are dropped unsent (skipped). Records above the horizon
+    /// were never handed to a session; if the broker names numbers at or
+    /// above them (the store was replaced, rolled back by a power cut in
+    /// `interval` mode or a restored copy, or another producer uses the
+    /// name), they are numbered above the broker's, in order, rather than be
+    /// deduplicated away. A number that cannot be honoured below
+    /// [`SEQ_LIMIT`] is refused and changes nothing. Once resumed, every
+    /// pending record may be sent: the horizon moves over all of them, in a
+    /// transaction that reaches the disk first.
+    pub fn resume(
+        &mut self,
+        d: DestIx,
+        last_sequence_id: i64,
+    ) -> Result<ResumeOutcome, StoreError> {
+        self.dests[d].fetched = 0;
+        // Work on a copy: memory changes only once the commit succeeded.
+        let mut dest = self.dests[d].clone();
+        let (_, hi) = dest.range(0);
+        let mut outcome = ResumeOutcome::default();
+        let mut skip_to = 0;
+        if last_sequence_id >= 0 {
+            let last = last_sequence_id as u64;
+            let (above_lo, _) = dest.range(dest.horizon);
+            let lowest_unsent: Option<i64> = self.conn.query_row(
+                "SELECT MIN(key) FROM outbox WHERE key > ?1 AND key <= ?2",
+                [above_lo, hi],
+                |r| r.get(0),
+            )?;
+            let delta = match lowest_unsent.map(|k| seq_of(k as u64)) {
+                Some(low) if low <= last => last + 1 - low,
+                _ => 0,
+            };
+            let next = (dest.next_seq + delta).max(last.saturating_add(1));
+            if last >= SEQ_LIMIT || next > SEQ_MAX {
+                return Err(self.refuse(d, last_sequence_id));
+            }
+            skip_to = last.min(dest.horizon);
+            outcome.renumbered_by = delta;
+            dest.next_seq = next;
+        }
+        let old_horizon = dest.horizon;
+        dest.horizon = dest.next_seq - 1;
+        let mut skipped = (0, 0);
+        let delta = outcome.renumbered_by;
+        self.durable(|tx| {
+            if skip_to > 0 {
+                skipped = delete_upto(tx, &dest, skip_to)?;
+                Counts {
+                    skipped: skipped.0 as i64,
+                    ..Counts::default()
+                }
+                .write(tx)?;
+            }
+            if delta > 0 {
+                // Everything above the old horizon moves up, in order; two
+                // steps, so that no key collides on the way (no key is
+                // negative: checked at open).
+                let (above, hi) = dest.range(old_horizon);
+                tx.execute(
+                    "UPDATE outbox SET key = -(key + ?3) WHERE key > ?1 AND key <= ?2",
+                    params![above, hi, delta as i64],
+                )?;
+                tx.execute("UPDATE outbox SET key = -key WHERE key < 0", [])?;
+            }
+            tx.execute(
+                "UPDATE destinations SET next_seq = ?2, horizon = ?3 WHERE id = ?1",
+                params![dest.id as i64, dest.next_seq as i64, dest.horizon as i64],
+            )?;
+            Ok(())
+        })?;
+        dest.remove(skipped.0, skipped.1);
+        dest.live = true;
+        outcome.skipped = skipped.0;
+        self.dests[d] = dest;
+        self.remember_horizons();
+        Ok(outcome)
+    }
+
+    /// A copy of every destination's horizon beside the store (written at
+    /// open and after each resume, before anything is sent), for
+    /// [`Db::recall_horizons`].
+    pub(super) fn remember_horizons(&self) {
+        let mut text = format!("{:x}\n", self.store_id);
+        for (d, spec) in self.dests.iter().zip(&self.layout.dests) {
+            text.push_str(&format!("{} {}\n", d.horizon, spec.topic));
+        }
+        let tmp = self.horizons_file.with_extension("horizons.tmp");
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.horizons_file)
+        })();
+        if let Err(e) = written {
+            tracing::warn!(error = %e, file = %self.horizons_file.display(),
+                "cannot write the copy of the store's horizons (it only matters if an older copy of the store is ever restored)");
+        }
+    }
+
+    /// A store restored from an older copy (the database file put back) has
+    /// the horizons of when the copy was taken, while the store it was
+    /// copied from may have sent more since. The horizons file beside it
+    /// says what that store had handed to a session; for the same store
+    /// (same id) a higher horizon is taken over, up to the records the
+    /// copy holds, so that those are skipped if the broker holds them
+    /// rather than sent twice; what the copy numbers after it was put back
+    /// is never covered (the file is rewritten at every open). A new store
+    /// (another id) ignores the file; a power cut never makes it apply (it
+    /// is written only after the store's own horizon reached the disk).
+    pub(super) fn recall_horizons(&mut self) -> Result<(), rusqlite::Error> {
+        let Ok(text) = std::fs::read_to_string(&self.horizons_file) else {
+            return Ok(());
+        };
+        let mut lines = text.lines();
+        if lines.next().and_then(|l| u64::from_str_radix(l, 16).ok()) != Some(self.store_id) {
+            return Ok(());
+        }
+        let remembered: HashMap<&str, u64> = lines
+            .filter_map(|l| {
+                let (h, topic) = l.split_once(' ')?;
+                Some((topic, h.parse().ok()?))
+            })
+            .collect();
+        let tx = self.conn.transaction()?;
+        let mut raised = Vec::new();
+        for (d, spec) in self.dests.iter_mut().zip(&self.layout.dests) {
+            let Some(h) = remembered.get(spec.topic.as_str()) else {
+                continue;
+            };
+            let h = (*h).min(d.next_seq - 1);
+            if h > d.horizon {
+                tx.execute(
+                    "UPDATE destinations SET horizon = ?2 WHERE id = ?1",
+                    [d.id as i64, h as i64],
+                )?;
+                raised.push((spec.topic.clone(), d.horizon, h));
+                d.horizon = h;
+            }
+        }
+        tx.commit()?;
+        for (topic, from, to) in raised {
+            tracing::warn!(%topic, from, to,
+                "the store is an older copy of itself (restored?): records up to {to} may have been sent since the copy was made; the ones the broker holds are skipped");
+        }
+        Ok(())
+    }
+
+    /// The error for a broker number that cannot be honoured; an incident
+    /// the first time for this destination.
+    pub(super) fn refuse(&mut self, d: DestIx, last_sequence_id: i64) -> StoreError {
+        let topic = self.layout.dests[d].topic.clone();
+        let err = StoreError::SequenceRefused {
+            topic,
+            last_sequence_id,
+            pending: self.dests[d].records,
+        };
+        if self.refused.insert(d) {
+            let _ = self.incident("sequence-refused", &err.to_string());
+        }
+        err
+    }
+}
