@@ -329,8 +329,7 @@ fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    // Writes the agent rows a running ferry never would.
-    use rusqlite::Connection;
+    use crate::store::db::Db;
 
     #[test]
     fn links_remember_when_they_changed_and_why() {
@@ -358,10 +357,10 @@ mod tests {
         assert_eq!(human(Duration::from_secs(36_000)), "10.0 h");
     }
 
-    /// A store with one pending record and `agent` as its agent row, in a
-    /// fresh directory. Written through the store's own API, whatever its
-    /// schema.
-    fn store_with(agent: &str) -> std::path::PathBuf {
+    /// A store with one pending record and `agent` as its agent row (which
+    /// a running ferry would never write), in a fresh directory, written
+    /// through the store's own API; the store stays open for more rows.
+    fn store_with(agent: &str) -> (std::path::PathBuf, Db) {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -405,14 +404,8 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             guarded: None,
         };
         db.insert_batch(&[msg], 1024).unwrap();
-        drop(db);
-        let c = Connection::open(&path).unwrap();
-        c.execute(
-            "INSERT OR REPLACE INTO agent (id, snapshot) VALUES (1, ?1)",
-            [agent],
-        )
-        .unwrap();
-        path
+        db.write_snapshot(agent).unwrap();
+        (path, db)
     }
 
     fn snapshot_json(numbers: &[(&str, &str)]) -> String {
@@ -471,8 +464,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             "parked",
             "since_ms",
         ];
-        let path = store_with(&snapshot_json(&[]));
-        let c = Connection::open(&path).unwrap();
+        let (path, mut db) = store_with(&snapshot_json(&[]));
         for key in keys {
             for v in extremes {
                 // With the audit's case around it: updated in the future
@@ -485,15 +477,14 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                         ("drain_rate", "5e-324"),
                     ]),
                 };
-                c.execute("UPDATE agent SET snapshot = ?1", [&json])
-                    .unwrap();
+                db.write_snapshot(&json).unwrap();
                 let r = read(&path).unwrap();
                 assert_eq!(r.pending_records, 1);
                 let _ = render(&r);
                 let _ = render_json(&r);
             }
         }
-        drop(c);
+        drop(db);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
