@@ -6,6 +6,17 @@
 //! builds the runtime [`Config`] or returns *all* problems at once, each with
 //! the key path it concerns (`mqtt.subscriptions[1].device_id_level: ...`).
 //! Nothing here touches the network or the store.
+//!
+//! - this file: the validated [`Config`] and its sections, [`load`] and
+//!   [`parse`], the errors, and the defaults and bounds others need;
+//! - `raw`: TOML text into [`RawConfig`] (syntax, types, unknown keys);
+//! - `validate`: [`RawConfig`] into [`Config`], one function per section;
+//! - `streams`: `[[streams]]`, or the one-stream shorthand, into
+//!   [`StreamConfig`]s.
+//!
+//! The stream types the rest of ferry routes by ([`StreamKind`],
+//! [`Overflow`], [`Limits`], [`Subscription`]) live in [`crate::layout`] and
+//! are re-exported here.
 
 mod raw;
 mod streams;
