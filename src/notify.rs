@@ -7,6 +7,14 @@
 //! `WATCHDOG=1` only if every beat is recent, so a hung loop (a blocked
 //! thread, a deadlock) stops the feeding and systemd restarts ferry.
 //! Without `NOTIFY_SOCKET` everything here is a no-op.
+//!
+//! The protocol itself is written here, not taken from a crate: it is one
+//! datagram of `KEY=value` lines to `$NOTIFY_SOCKET`, a few lines over std
+//! without `unsafe`. `sd-notify` (0.5) connects to `$NOTIFY_SOCKET` as a
+//! file path, so it cannot reach an abstract socket name (`@...`, which
+//! sd_notify(3) defines), and it needs Rust 1.82 where ferry's minimum is
+//! 1.80; `libsystemd` (0.7) reaches abstract names but brings nix, nom,
+//! serde, sha2, hmac and uuid along for these few lines.
 
 use std::future::Future;
 use std::os::unix::net::UnixDatagram;
@@ -41,15 +49,23 @@ pub fn notify(state: &str) {
 /// The watchdog interval systemd asks for (`WATCHDOG_USEC`, for this
 /// process), if any.
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Some(pid) = std::env::var("WATCHDOG_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-    {
-        if pid != std::process::id() {
+    watchdog_interval_of(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+/// [`watchdog_interval`] from the values of `WATCHDOG_USEC` and
+/// `WATCHDOG_PID`, for process `me`: none when the variables are meant for
+/// another process (a parent that left them set), or the interval is 0.
+fn watchdog_interval_of(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+        if pid != me {
             return None;
         }
     }
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let usec: u64 = usec?.parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
@@ -193,17 +209,43 @@ mod tests {
 
     #[test]
     fn notifications_reach_the_socket() {
+        use std::os::linux::net::SocketAddrExt;
         let dir = std::env::temp_dir().join(format!("ferry-notify-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
+        // An abstract name: `@` in NOTIFY_SOCKET, no file.
+        let name = format!("ferry-notify-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+        let abstract_sock = UnixDatagram::bind_addr(&addr).unwrap();
         // SAFETY of the test: no other test in this binary reads NOTIFY_SOCKET.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         notify("READY=1");
+        unsafe { std::env::set_var("NOTIFY_SOCKET", format!("@{name}")) };
+        notify("STOPPING=1");
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         let mut buf = [0u8; 64];
         let n = sock.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
+        let n = abstract_sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_watchdog_interval_is_for_this_process_only() {
+        let of = watchdog_interval_of;
+        assert_eq!(
+            of(Some("1500000"), None, 7),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            of(Some("1500000"), Some("7"), 7),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(of(Some("1500000"), Some("8"), 7), None, "a parent's");
+        assert_eq!(of(Some("0"), None, 7), None);
+        assert_eq!(of(Some("soon"), None, 7), None);
+        assert_eq!(of(None, Some("7"), 7), None);
     }
 }

@@ -1,0 +1,341 @@
+//! Gateway configuration: one TOML file per gateway.
+//!
+//! Loading happens in two steps. The file is parsed into [`RawConfig`], a
+//! serde mirror of the TOML with every field optional and unknown keys
+//! refused; then [`RawConfig::validate`] checks every constraint and either
+//! builds the runtime [`Config`] or returns *all* problems at once, each with
+//! the key path it concerns (`mqtt.subscriptions[1].device_id_level: ...`).
+//! Nothing here touches the network or the store.
+//!
+//! - this file: the validated [`Config`] and its sections, [`load`] and
+//!   [`parse`], the errors, and the defaults and bounds others need;
+//! - `raw`: TOML text into [`RawConfig`] (syntax, types, unknown keys);
+//! - `validate`: [`RawConfig`] into [`Config`], one function per section;
+//! - `streams`: `[[streams]]`, or the one-stream shorthand, into
+//!   [`StreamConfig`]s.
+//!
+//! The stream types the rest of ferry routes by ([`StreamKind`],
+//! [`Overflow`], [`Limits`], [`Subscription`]) live in [`crate::layout`] and
+//! are re-exported here.
+
+mod raw;
+mod streams;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use crate::layout::{Limits, Overflow, StreamKind, Subscription};
+pub use raw::{
+    RawAuth, RawConfig, RawMetrics, RawMqtt, RawPulsar, RawStore, RawStream, RawSubscription,
+    RawTls, RawUplink,
+};
+pub use validate::parse_service_url;
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path, such as `mqtt.subscriptions[0].filter`; empty for the
+    /// file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration ferry runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub gateway_id: String,
+    /// A `tracing` filter such as `info` or `ferry=debug,info`; `RUST_LOG`
+    /// overrides it at start. Changes apply on reload.
+    pub log_level: String,
+    pub mqtt: MqttConfig,
+    pub pulsar: PulsarConfig,
+    /// What goes where: MQTT filters to Pulsar topics, with limits and an
+    /// overflow policy each. At least one.
+    pub streams: Vec<StreamConfig>,
+    pub store: StoreConfig,
+    pub uplink: UplinkConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Where Prometheus scrapes ferry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `None` when disabled.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Fixed and non-empty: the broker keeps ferry's persistent session, and
+    /// with it every unacknowledged message, under this id.
+    pub client_id: String,
+    pub keep_alive: Duration,
+}
+
+/// One stream: the MQTT messages matching its subscriptions and where they
+/// go in Pulsar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Names the stream in metrics, logs and `ferry status`.
+    pub name: String,
+    pub kind: StreamKind,
+    pub subscriptions: Vec<Subscription>,
+    /// `state`: the compacted status topic keyed by device id; `events`: an
+    /// ordinary topic.
+    pub topic: String,
+    /// `state` only: a topic that receives every update in order.
+    pub history_topic: Option<String>,
+    pub overflow: Overflow,
+    pub limits: Limits,
+}
+
+impl StreamConfig {
+    /// Every destination topic of this stream, the main topic first.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.topic.as_str()).chain(self.history_topic.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulsarConfig {
+    pub host: String,
+    pub port: u16,
+    pub service_url: String,
+    /// Present exactly when the service URL is `pulsar+ssl://`.
+    pub tls: Option<TlsConfig>,
+    pub auth: Option<TokenSource>,
+}
+
+/// Trust anchors and the optional client certificate of a TLS uplink.
+/// Hostname verification is always on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub ca_file: Option<PathBuf>,
+    pub use_system_roots: bool,
+    /// Client certificate chain and key (PEM, PKCS#8 or PKCS#1/SEC1) for mTLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Where the JWT comes from. Never the token itself: it is read when
+/// connecting and again on every AUTH_CHALLENGE, so a rotated token takes
+/// effect without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A file; `token_credential` resolves to one in `$CREDENTIALS_DIRECTORY`.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// Larger payloads go to the dead-letter table instead of the store.
+    pub max_payload_bytes: usize,
+    /// Group commit: the longest a received message waits for companions.
+    pub commit_max_wait: Duration,
+    /// Group commit: the most messages in one transaction.
+    pub commit_max_batch: usize,
+    /// The store file's budget: over it (or when the disk is full) every
+    /// stream sheds as cheaply as it can while keeping each device's newest
+    /// state. `None`: only the disk's size.
+    pub max_bytes: Option<u64>,
+    pub durability: Durability,
+}
+
+/// When a commit reaches the disk, which decides what a power cut can lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every group commit is fsynced before its MQTT acks go out: a power
+    /// cut loses nothing that was acknowledged.
+    Full,
+    /// Commits reach the operating system before the acks (a crash of ferry
+    /// loses nothing) and the disk every `sync_interval`: a power cut can
+    /// lose what was acknowledged in the last interval.
+    Interval(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkConfig {
+    /// Sends awaiting their receipt, at most.
+    pub max_in_flight: usize,
+    /// Payload bytes sent and awaiting their receipt, at most (one record
+    /// always goes, however large); also what the uplink fetches ahead.
+    pub max_in_flight_bytes: usize,
+    pub connect_timeout: Duration,
+    pub operation_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// On shutdown, how long to wait for receipts of what is in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// The settings that differ from `new` and take effect only after a
+    /// restart (everything but `log_level`, the store's batching, payload
+    /// and size limits, and the streams' limits and overflow policies).
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.gateway_id != new.gateway_id {
+            out.push("gateway_id");
+        }
+        if self.mqtt != new.mqtt {
+            out.push("mqtt");
+        }
+        if self.pulsar != new.pulsar {
+            out.push("pulsar");
+        }
+        let routes = |c: &Config| -> Vec<(String, Vec<Subscription>, Vec<String>)> {
+            c.streams
+                .iter()
+                .map(|s| {
+                    let topics = s.topics().map(str::to_string).collect();
+                    (s.name.clone(), s.subscriptions.clone(), topics)
+                })
+                .collect()
+        };
+        if routes(self) != routes(new) {
+            out.push("streams (names, subscriptions, topics)");
+        }
+        if self.store.path != new.store.path {
+            out.push("store.path");
+        }
+        if self.store.durability != new.store.durability {
+            out.push("store.durability");
+        }
+        if self.uplink != new.uplink {
+            out.push("uplink");
+        }
+        if self.metrics != new.metrics {
+            out.push("metrics");
+        }
+        out
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let fail = |errors| ConfigErrors {
+        file: path.to_path_buf(),
+        errors,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read file: {e}"),
+        }])
+    })?;
+    parse(&text).map_err(fail)
+}
+
+/// Parses and validates configuration text.
+pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+    RawConfig::from_text(text)?.validate()
+}
+
+/// The largest message Pulsar accepts by default (`maxMessageSize`).
+pub const PULSAR_MAX_MESSAGE_BYTES: usize = 5 * 1024 * 1024;
+
+/// The largest `store.max_payload_bytes`: a record and its metadata fit in
+/// one Pulsar message.
+pub const MAX_PAYLOAD_BYTES: usize = PULSAR_MAX_MESSAGE_BYTES - 64 * 1024;
+
+/// The uplink's default bound on payload bytes in flight per topic.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: i64 = 4 * 1024 * 1024;
+
+/// The store file's default budget.
+pub const DEFAULT_STORE_MAX_BYTES: i64 = 512 * 1024 * 1024;
+
+/// Upper bounds of the open-ended limits, far above any gateway's need and
+/// far below where arithmetic on them (milliseconds, sums, tenths) could
+/// overflow: ten years, 1 PiB, 2^40 records.
+pub const MAX_AGE_SECS: i64 = 10 * 365 * 24 * 3600;
+pub const MAX_SIZE_BYTES: i64 = 1 << 50;
+pub const MAX_RECORDS: i64 = 1 << 40;
+
+/// Files the tests of every part of the configuration start from.
+#[cfg(test)]
+mod fixtures {
+    /// The one-stream shorthand, everything else by default.
+    pub(super) const GOOD: &str = r#"
+gateway_id = "gw-1"
+[mqtt]
+port = 1883
+[[mqtt.subscriptions]]
+filter = "devices/+/state"
+device_id_level = 1
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+topic = "persistent://public/default/device-status"
+[store]
+path = "/tmp/ferry.db"
+"#;
+
+    /// One `[[streams]]` entry, ending inside it: keys appended are the
+    /// stream's.
+    pub(super) const BASE: &str = r#"
+gateway_id = "gw-1"
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+[store]
+path = "/tmp/ferry.db"
+[[streams]]
+name = "status"
+topic = "persistent://t/n/status"
+subscriptions = [{ filter = "devices/+/state", device_id_level = 1 }]
+"#;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::GOOD;
+    use super::*;
+
+    #[test]
+    fn a_good_file_gives_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.mqtt.client_id, "ferry-gw-1");
+        assert_eq!(c.pulsar.port, 6650);
+        assert_eq!(c.store.max_payload_bytes, 256 * 1024);
+        assert_eq!(c.streams[0].subscriptions[0].device_id_level, 1);
+        assert_eq!(c.streams[0].name, "status");
+        assert_eq!(c.streams[0].overflow, Overflow::Coalesce);
+    }
+}
