@@ -47,6 +47,11 @@ pub enum AuthError {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a token (as read from its source).
+    pub fn new(token: impl Into<String>) -> Secret {
+        Secret(token.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
