@@ -5,6 +5,13 @@
 //! step doubles after each wait, up to the ceiling, and starts over at
 //! [`Backoff::reset`]. The jitter comes from a [`Jitter`] source, random in
 //! production and fixed in tests, so tests assert exact waits.
+//!
+//! Not a crate (`backoff`, `backon`, `exponential-backoff`): those bring
+//! retry loops, clocks and async adapters ferry does not use, while both
+//! callers need only "the next wait" and "start over", with their own rules
+//! for when to start over (ingest after a connection proved good, the
+//! uplink after a producer was ready). Forty lines with exact tests cost
+//! less than a dependency on the gateway image and its audit.
 
 use std::time::Duration;
 
