@@ -159,3 +159,107 @@ pub async fn create_producer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TokenSource;
+    use crate::uplink::frame::{self, command};
+    use crate::uplink::testing::{settings, Scratch};
+    use bytes::BytesMut;
+    use pulsar::proto::{self, base_command::Type, BaseCommand};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A broker that, before it says CONNECTED, pings, rotates the token
+    /// file to `rotated` and challenges; it reports every command it got.
+    async fn challenging_broker(
+        token_file: std::path::PathBuf,
+        rotated: &'static str,
+    ) -> (u16, tokio::sync::mpsc::UnboundedReceiver<BaseCommand>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            loop {
+                while let Some(f) = frame::decode(&mut buf).unwrap() {
+                    let mut out = BytesMut::new();
+                    let c = f.command.clone();
+                    let _ = seen.send(f.command);
+                    if c.connect.is_some() {
+                        std::fs::write(&token_file, rotated).unwrap();
+                        let ping = command(Type::Ping, |r| r.ping = Some(proto::CommandPing {}));
+                        let challenge = command(Type::AuthChallenge, |r| {
+                            r.auth_challenge = Some(proto::CommandAuthChallenge::default())
+                        });
+                        frame::encode_command(&ping, &mut out);
+                        frame::encode_command(&challenge, &mut out);
+                    } else if c.auth_response.is_some() {
+                        let connected = command(Type::Connected, |r| {
+                            r.connected = Some(proto::CommandConnected {
+                                server_version: "fake".into(),
+                                ..Default::default()
+                            })
+                        });
+                        frame::encode_command(&connected, &mut out);
+                    }
+                    if sock.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+                if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+        });
+        (port, rx)
+    }
+
+    #[tokio::test]
+    async fn a_challenge_while_connecting_is_answered_with_the_token_read_again() {
+        let dir = Scratch::new("challenge");
+        let token_file = dir.0.join("token");
+        std::fs::write(&token_file, "first-token\n").unwrap();
+        let (port, mut seen) = challenging_broker(token_file.clone(), "rotated-token").await;
+        let mut s = settings(port);
+        s.auth = Some(TokenSource::File(token_file));
+        let mut proto = Protocol::new(true, &s.topic);
+        let conn = open(s.service.clone(), None, &s, &mut proto).await.unwrap();
+        assert!(proto.is_connected());
+        assert_eq!(proto.challenges(), 1);
+        drop(conn);
+        let mut got = Vec::new();
+        while let Some(c) = seen.recv().await {
+            got.push(c);
+        }
+        let types: Vec<i32> = got.iter().map(|c| c.r#type).collect();
+        assert_eq!(
+            types,
+            [Type::Connect, Type::Pong, Type::AuthResponse].map(|t| t as i32)
+        );
+        let connect = got[0].connect.as_ref().unwrap();
+        assert_eq!(connect.auth_data.as_deref(), Some(&b"first-token"[..]));
+        let answer = got[2].auth_response.as_ref().unwrap().response.as_ref();
+        assert_eq!(
+            answer.and_then(|a| a.auth_data.as_deref()),
+            Some(&b"rotated-token"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_never_says_connected_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move { listener.accept().await });
+        let mut s = settings(port);
+        s.uplink.operation_timeout = Duration::from_millis(200);
+        let mut proto = Protocol::new(false, &s.topic);
+        let err = open(s.service.clone(), None, &s, &mut proto)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "timed out waiting for connected");
+        drop(held);
+    }
+}
