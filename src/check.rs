@@ -83,11 +83,12 @@ async fn probe_mqtt(cfg: &Config) -> Result<String, String> {
 }
 
 async fn probe_pulsar(s: &UplinkSettings) -> Result<String, String> {
-    let mut conn = uplink::connect_to_topic(s)
+    let mut proto = uplink::Protocol::new(s.auth.is_some(), &s.topic);
+    let mut conn = uplink::connect_to_topic(s, &mut proto)
         .await
         .map_err(|e| e.to_string())?;
     let name = format!("{}-check", s.producer_name);
-    uplink::create_producer(&mut conn, s, &name)
+    uplink::create_producer(&mut conn, &mut proto, s, &name)
         .await
         .map_err(|e| e.to_string())?;
     let mut how = vec![if s.service.tls {
@@ -96,7 +97,7 @@ async fn probe_pulsar(s: &UplinkSettings) -> Result<String, String> {
         "plain TCP".to_string()
     }];
     if let Some(src) = &s.auth {
-        let token = auth::read_async(src, s.operation_timeout)
+        let token = auth::read_async(src, s.uplink.operation_timeout)
             .await
             .map_err(|e| e.to_string())?;
         how.push(format!(

@@ -41,10 +41,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::MqttConfig;
 use crate::layout::Layout;
 use crate::store::{AckToken, Guarded, Inbound, Intake, StoreError, StoreHandle};
-use crate::uplink::Backoff;
 use guard::{Guard, Mark};
 use intake::Budget;
 

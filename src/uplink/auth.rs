@@ -42,11 +42,23 @@ pub enum AuthError {
     Interrupted(String, String),
 }
 
-/// A token. `Debug` and `Display` never show it.
+/// A token. `Debug` never shows it and there is no `Display`.
+///
+/// Not the `secrecy` crate: what ferry needs of a secret type is exactly
+/// this redacting `Debug` and an explicit [`Secret::expose`], plus the
+/// token's unverified claims for messages (`role`, `expires_at`), which
+/// `secrecy` does not offer. Its zeroize-on-drop would buy little here:
+/// the token stays in its file (it is read again at every CONNECT and
+/// AUTH_CHALLENGE) and passes through prost's buffers on every send.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a token (as read from its source).
+    pub fn new(token: impl Into<String>) -> Secret {
+        Secret(token.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -1,28 +1,30 @@
-//! One connection to a Pulsar broker: TCP, optional TLS, CONNECT/CONNECTED
-//! with the token, and the requests that wait for an answer. Frames are
-//! written into `wbuf` by whoever handles them and flushed by the owner's
-//! loop, so reading stays cancel-safe; writing is cancel-safe too
-//! ([`Conn::write_some`]), so that a loop can stop waiting for a broker that
-//! no longer reads. Every write and every wait for an answer is bounded by
-//! `uplink.operation_timeout`.
+//! One connection to a Pulsar broker, transport only: frames over TCP or
+//! TLS. It knows [`Options`] (TLS settings, timeouts, buffer sizes) and an
+//! [`Endpoint`], nothing of commands, tokens or topics: what a frame means
+//! is [`super::protocol`]'s business.
+//!
+//! Frames are appended to `wbuf` and flushed by the owner's loop, so reading
+//! stays cancel-safe; writing is cancel-safe too ([`Conn::write_some`]), so
+//! that a loop can stop waiting for a broker that no longer reads. Every
+//! write is bounded by [`Options::write_timeout`], connecting and the TLS
+//! handshake by [`Options::connect_timeout`].
 
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use pulsar::proto::{self, base_command::Type, BaseCommand, ServerError};
+use pulsar::proto::BaseCommand;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::auth::{self, Secret};
-use super::frame::{self, Frame};
+use super::frame::{self, Frame, FrameError};
 use super::tls;
-use super::{UplinkError, UplinkSettings};
+use crate::config::TlsConfig;
 
-/// Pulsar protocol version ferry speaks.
-const PROTOCOL_VERSION: i32 = 19;
+/// Kept at its old path for callers that build commands next to a `Conn`.
+pub use super::frame::command;
 
 /// Buffer capacity a connection starts with.
-const BUF_INITIAL: usize = 64 * 1024;
+pub const BUF_INITIAL: usize = 64 * 1024;
 /// A write buffer that grew past this (large records) is given back once
 /// it has been written out, so that one burst does not hold its memory.
 pub const WBUF_KEEP: usize = 1024 * 1024;
@@ -44,6 +46,75 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// How connections are made and bounded.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Trust anchors and client certificate. Present exactly when every
+    /// connection must be TLS: an endpoint of the other kind is refused.
+    pub tls: Option<TlsConfig>,
+    /// TCP connect, and the TLS handshake, each at most this long.
+    pub connect_timeout: Duration,
+    /// How long the broker may take nothing of what waits to be written.
+    pub write_timeout: Duration,
+    /// Capacity the read and write buffers start with.
+    pub buffer_initial: usize,
+    /// A write buffer grown past this is given back once written.
+    pub buffer_keep: usize,
+}
+
+impl Options {
+    /// The default buffer sizes with these TLS settings and timeouts.
+    pub fn new(
+        tls: Option<TlsConfig>,
+        connect_timeout: Duration,
+        write_timeout: Duration,
+    ) -> Options {
+        Options {
+            tls,
+            connect_timeout,
+            write_timeout,
+            buffer_initial: BUF_INITIAL,
+            buffer_keep: WBUF_KEEP,
+        }
+    }
+}
+
+/// What can go wrong on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connection to {addr} failed: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr} failed: {failure}")]
+    Tls {
+        addr: String,
+        failure: tls::TlsFailure,
+    },
+    #[error(transparent)]
+    TlsSetup(#[from] tls::TlsSetupError),
+    #[error("refusing {addr}: the endpoint {} TLS but the connection options {}", if *.endpoint_tls { "is" } else { "is not" }, if *.endpoint_tls { "have no TLS settings" } else { "require TLS" })]
+    TlsMismatch { addr: String, endpoint_tls: bool },
+    #[error("broker closed the connection")]
+    Closed,
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("timed out writing to {addr}: the broker took nothing for {waited_ms} ms ({pending} bytes waiting)")]
+    WriteStalled {
+        addr: String,
+        pending: usize,
+        waited_ms: u64,
+    },
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
 pub struct Conn {
     pub endpoint: Endpoint,
     stream: Box<dyn Io>,
@@ -57,183 +128,64 @@ pub struct Conn {
     unflushed: bool,
     /// Since when the broker has taken nothing of what waits to be written.
     write_waiting_since: Option<Instant>,
-    /// How long the broker may take nothing (`uplink.operation_timeout`).
     write_timeout: Duration,
-    request_id: u64,
-    /// The role of the token this connection authenticated with (from its
-    /// unverified `sub` claim), for messages.
-    pub role: Option<String>,
-    /// AUTH_CHALLENGEs answered on this connection.
-    pub challenges: u64,
-}
-
-/// Builds a `BaseCommand` of one type.
-pub fn command(t: Type, fill: impl FnOnce(&mut BaseCommand)) -> BaseCommand {
-    let mut c = BaseCommand {
-        r#type: t as i32,
-        ..Default::default()
-    };
-    fill(&mut c);
-    c
-}
-
-pub fn server_error(code: i32) -> String {
-    ServerError::try_from(code)
-        .map(|e| format!("{e:?}"))
-        .unwrap_or_else(|_| format!("error {code}"))
+    buffer_initial: usize,
+    buffer_keep: usize,
 }
 
 impl Conn {
-    /// Connects, completes TLS if asked, and authenticates with CONNECT.
-    /// `proxy_to` asks a Pulsar proxy at `endpoint` to forward to that broker.
-    pub async fn open(
-        endpoint: Endpoint,
-        proxy_to: Option<&str>,
-        s: &UplinkSettings,
-    ) -> Result<Conn, UplinkError> {
+    /// Connects, and completes TLS when the endpoint is TLS. A TLS endpoint
+    /// without TLS settings, or a plaintext one with them, is refused
+    /// before anything is sent.
+    pub async fn connect(endpoint: Endpoint, opts: &Options) -> Result<Conn, ConnError> {
         let addr = endpoint.to_string();
-        // TLS is configured exactly when the service URL is pulsar+ssl://;
-        // a connection never goes without it then (nor tries it without
-        // trust anchors). `lookup_step` refuses such answers first.
-        match (s.tls.is_some(), endpoint.tls) {
-            (true, false) => {
-                return Err(UplinkError::TlsDowngrade {
-                    topic: s.topic.clone(),
-                    url: format!("pulsar://{addr}"),
-                })
-            }
-            (false, true) => {
-                return Err(UplinkError::TlsNotConfigured {
-                    topic: s.topic.clone(),
-                    url: format!("pulsar+ssl://{addr}"),
-                })
-            }
-            _ => {}
+        if opts.tls.is_some() != endpoint.tls {
+            return Err(ConnError::TlsMismatch {
+                addr,
+                endpoint_tls: endpoint.tls,
+            });
         }
         let tcp = tokio::time::timeout(
-            s.connect_timeout,
+            opts.connect_timeout,
             TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
         )
         .await
-        .map_err(|_| UplinkError::Timeout("tcp connect"))?
-        .map_err(|source| UplinkError::Connect {
+        .map_err(|_| ConnError::Timeout("tcp connect"))?
+        .map_err(|source| ConnError::Connect {
             addr: addr.clone(),
             source,
         })?;
         let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Io> = match &s.tls {
+        let stream: Box<dyn Io> = match &opts.tls {
             Some(cfg) => {
                 let connector = tls::connector(cfg)?;
                 let name = tls::server_name(&endpoint.host)?;
                 let handshake = connector.connect(name, tcp);
-                let tls = tokio::time::timeout(s.connect_timeout, handshake)
+                let tls = tokio::time::timeout(opts.connect_timeout, handshake)
                     .await
-                    .map_err(|_| UplinkError::Timeout("tls handshake"))?
+                    .map_err(|_| ConnError::Timeout("tls handshake"))?
                     .map_err(|e| io_error(&addr, e))?;
                 Box::new(tls)
             }
             None => Box::new(tcp),
         };
-        let mut conn = Conn {
+        Ok(Conn {
             endpoint,
             stream,
-            rbuf: BytesMut::with_capacity(BUF_INITIAL),
-            wbuf: BytesMut::with_capacity(BUF_INITIAL),
+            rbuf: BytesMut::with_capacity(opts.buffer_initial),
+            wbuf: BytesMut::with_capacity(opts.buffer_initial),
             written: 0,
             unflushed: false,
             write_waiting_since: None,
-            write_timeout: s.operation_timeout,
-            request_id: 0,
-            role: None,
-            challenges: 0,
-        };
-        let token = match &s.auth {
-            Some(src) => Some(auth::read_async(src, s.operation_timeout).await?),
-            None => None,
-        };
-        conn.role = token.as_ref().and_then(Secret::role);
-        let connect = command(Type::Connect, |c| {
-            c.connect = Some(proto::CommandConnect {
-                client_version: client_version(),
-                protocol_version: Some(PROTOCOL_VERSION),
-                proxy_to_broker_url: proxy_to.map(str::to_string),
-                auth_method_name: token.as_ref().map(|_| auth::METHOD_TOKEN.to_string()),
-                auth_data: token.as_ref().map(|t| t.expose().as_bytes().to_vec()),
-                feature_flags: Some(proto::FeatureFlags {
-                    supports_auth_refresh: Some(true),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-        });
-        conn.push(&connect);
-        conn.flush().await?;
-        let wait = async {
-            loop {
-                let f = conn.read_frame().await?;
-                if f.command.connected.is_some() {
-                    return Ok(());
-                }
-                if f.command.auth_challenge.is_some() {
-                    conn.answer_challenge(s).await?;
-                    conn.flush().await?;
-                    continue;
-                }
-                if let Some(e) = f.command.error {
-                    let mut message = e.message;
-                    if let Some(exp) = token.as_ref().and_then(Secret::expires_at) {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0);
-                        if exp <= now {
-                            message.push_str(&format!(" (the token expired {} s ago)", now - exp));
-                        }
-                    }
-                    return Err(refusal("connect", e.error, message, s, conn.role.clone()));
-                }
-            }
-        };
-        tokio::time::timeout(s.operation_timeout, wait)
-            .await
-            .map_err(|_| UplinkError::Timeout("connected"))??;
-        Ok(conn)
+            write_timeout: opts.write_timeout,
+            buffer_initial: opts.buffer_initial,
+            buffer_keep: opts.buffer_keep,
+        })
     }
 
-    pub fn next_request_id(&mut self) -> u64 {
-        self.request_id += 1;
-        self.request_id
-    }
-
+    /// Appends a command-only frame to what waits to be written.
     pub fn push(&mut self, cmd: &BaseCommand) {
         frame::encode_command(cmd, &mut self.wbuf);
-    }
-
-    /// Answers an AUTH_CHALLENGE with the token read again from its source.
-    pub async fn answer_challenge(&mut self, s: &UplinkSettings) -> Result<(), UplinkError> {
-        let Some(src) = &s.auth else {
-            return Err(UplinkError::AuthRejected {
-                message: "broker asks for credentials but pulsar.auth is not configured".into(),
-                role: None,
-            });
-        };
-        let token = auth::read_async(src, s.operation_timeout).await?;
-        self.role = token.role().or(self.role.take());
-        let response = command(Type::AuthResponse, |c| {
-            c.auth_response = Some(proto::CommandAuthResponse {
-                client_version: Some(client_version()),
-                response: Some(proto::AuthData {
-                    auth_method_name: Some(auth::METHOD_TOKEN.into()),
-                    auth_data: Some(token.expose().as_bytes().to_vec()),
-                }),
-                protocol_version: Some(PROTOCOL_VERSION),
-            })
-        });
-        self.push(&response);
-        self.challenges += 1;
-        tracing::info!(challenges = self.challenges, source = %auth::describe(src),
-            "auth challenge answered with the token read again from its source");
-        Ok(())
     }
 
     /// Whether frames wait to be written (or flushed).
@@ -242,14 +194,14 @@ impl Conn {
     }
 
     /// Writes what the broker takes now: returns once some bytes went out,
-    /// or fails with [`UplinkError::WriteStalled`] when the broker has taken
-    /// nothing for `operation_timeout` (a slow link makes progress; a broker
+    /// or fails with [`ConnError::WriteStalled`] when the broker has taken
+    /// nothing for `write_timeout` (a slow link makes progress; a broker
     /// that stopped reading does not). Cancel-safe: what was written stays
     /// written, and the clock keeps running across calls.
-    pub async fn write_some(&mut self) -> Result<(), UplinkError> {
+    pub async fn write_some(&mut self) -> Result<(), ConnError> {
         let since = *self.write_waiting_since.get_or_insert_with(Instant::now);
         let deadline = tokio::time::Instant::from(since + self.write_timeout);
-        let stalled = |c: &Conn| UplinkError::WriteStalled {
+        let stalled = |c: &Conn| ConnError::WriteStalled {
             addr: c.endpoint.to_string(),
             pending: c.wbuf.len() - c.written,
             waited_ms: c.write_timeout.as_millis() as u64,
@@ -272,8 +224,8 @@ impl Conn {
                 self.wbuf.clear();
                 self.written = 0;
                 self.unflushed = true;
-                if self.wbuf.capacity() > WBUF_KEEP {
-                    self.wbuf = BytesMut::with_capacity(BUF_INITIAL);
+                if self.wbuf.capacity() > self.buffer_keep {
+                    self.wbuf = BytesMut::with_capacity(self.buffer_initial);
                 }
             }
             return Ok(());
@@ -290,7 +242,7 @@ impl Conn {
     }
 
     /// Writes everything pending (see [`Conn::write_some`] for the bound).
-    pub async fn flush(&mut self) -> Result<(), UplinkError> {
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
         while self.pending_write() {
             self.write_some().await?;
         }
@@ -298,12 +250,12 @@ impl Conn {
     }
 
     /// A frame already in the read buffer, if any.
-    pub fn try_frame(&mut self) -> Result<Option<Frame>, UplinkError> {
+    pub fn try_frame(&mut self) -> Result<Option<Frame>, ConnError> {
         Ok(frame::decode(&mut self.rbuf)?)
     }
 
     /// Reads the next frame. Cancel-safe: partial input stays in `rbuf`.
-    pub async fn read_frame(&mut self) -> Result<Frame, UplinkError> {
+    pub async fn read_frame(&mut self) -> Result<Frame, ConnError> {
         loop {
             if let Some(f) = frame::decode(&mut self.rbuf)? {
                 return Ok(f);
@@ -314,123 +266,129 @@ impl Conn {
                 .await
                 .map_err(|e| io_error(&self.endpoint.to_string(), e))?;
             if n == 0 {
-                return Err(UplinkError::Closed);
+                return Err(ConnError::Closed);
             }
         }
     }
-
-    /// Sends a request and waits for the answer with the same request id,
-    /// answering pings and auth challenges meanwhile.
-    pub async fn request(
-        &mut self,
-        cmd: &BaseCommand,
-        request_id: u64,
-        during: &'static str,
-        s: &UplinkSettings,
-    ) -> Result<Frame, UplinkError> {
-        self.push(cmd);
-        self.flush().await?;
-        self.wait_for(request_id, during, s).await
-    }
-
-    pub async fn wait_for(
-        &mut self,
-        request_id: u64,
-        during: &'static str,
-        s: &UplinkSettings,
-    ) -> Result<Frame, UplinkError> {
-        let wait = async {
-            loop {
-                let f = self.read_frame().await?;
-                let c = &f.command;
-                if c.ping.is_some() {
-                    self.push(&command(Type::Pong, |c| {
-                        c.pong = Some(proto::CommandPong {})
-                    }));
-                    self.flush().await?;
-                    continue;
-                }
-                if c.auth_challenge.is_some() {
-                    self.answer_challenge(s).await?;
-                    self.flush().await?;
-                    continue;
-                }
-                if let Some(e) = &c.error {
-                    if e.request_id == request_id {
-                        return Err(refusal(
-                            during,
-                            e.error,
-                            e.message.clone(),
-                            s,
-                            self.role.clone(),
-                        ));
-                    }
-                }
-                let answers = c.lookup_topic_response.as_ref().map(|r| r.request_id)
-                    == Some(request_id)
-                    || c.producer_success.as_ref().map(|r| r.request_id) == Some(request_id)
-                    || c.success.as_ref().map(|r| r.request_id) == Some(request_id);
-                if answers {
-                    return Ok(f);
-                }
-            }
-        };
-        tokio::time::timeout(s.operation_timeout, wait)
-            .await
-            .map_err(|_| UplinkError::Timeout(during))?
-    }
-}
-
-fn client_version() -> String {
-    format!("ferry/{}", env!("CARGO_PKG_VERSION"))
 }
 
 /// An I/O error, with TLS failures told apart.
-fn io_error(addr: &str, e: std::io::Error) -> UplinkError {
+fn io_error(addr: &str, e: std::io::Error) -> ConnError {
     match tls::classify(&e) {
-        Some(failure) => UplinkError::Tls {
+        Some(failure) => ConnError::Tls {
             addr: addr.to_string(),
             failure,
         },
-        None => UplinkError::Io {
+        None => ConnError::Io {
             addr: addr.to_string(),
             source: e,
         },
     }
 }
 
-/// Whether a server error code is one [`refusal`] gives its own meaning.
-pub fn is_refusal(code: i32) -> bool {
-    matches!(
-        ServerError::try_from(code),
-        Ok(ServerError::AuthenticationError
-            | ServerError::AuthorizationError
-            | ServerError::TopicTerminatedError)
-    )
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulsar::proto::{self, base_command::Type};
 
-/// A broker's refusal, classified by its error code.
-pub fn refusal(
-    during: &'static str,
-    code: i32,
-    message: String,
-    s: &UplinkSettings,
-    role: Option<String>,
-) -> UplinkError {
-    match ServerError::try_from(code) {
-        Ok(ServerError::AuthenticationError) => UplinkError::AuthRejected { message, role },
-        Ok(ServerError::AuthorizationError) => UplinkError::NotAuthorized {
-            topic: s.topic.clone(),
-            role,
-            message,
-        },
-        Ok(ServerError::TopicTerminatedError) => UplinkError::TopicTerminated {
-            topic: s.topic.clone(),
-        },
-        _ => UplinkError::Broker {
-            during,
-            error: server_error(code),
-            message,
-        },
+    /// A peer that reads and discards everything; its port.
+    async fn sink() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while sock.read(&mut buf).await.unwrap_or(0) > 0 {}
+                });
+            }
+        });
+        port
+    }
+
+    fn plain(port: u16) -> Endpoint {
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+        }
+    }
+
+    fn opts() -> Options {
+        Options::new(None, Duration::from_secs(2), Duration::from_secs(2))
+    }
+
+    #[tokio::test]
+    async fn a_write_buffer_that_grew_is_given_back_once_written() {
+        let mut conn = Conn::connect(plain(sink().await), &opts()).await.unwrap();
+        let big = vec![0u8; 8 * 1024 * 1024];
+        conn.wbuf.extend_from_slice(&big);
+        conn.flush().await.unwrap();
+        assert!(
+            conn.wbuf.capacity() <= WBUF_KEEP,
+            "capacity {} after writing 8 MiB",
+            conn.wbuf.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_of_the_other_kind_is_refused_before_connecting() {
+        // Nothing listens on port 9: a connection attempt would fail otherwise.
+        let mut tls = opts();
+        tls.tls = Some(TlsConfig {
+            ca_file: None,
+            use_system_roots: true,
+            client_cert: None,
+        });
+        let err = Conn::connect(plain(9), &tls).await.err().unwrap();
+        assert!(
+            matches!(
+                err,
+                ConnError::TlsMismatch {
+                    endpoint_tls: false,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut e = plain(9);
+        e.tls = true;
+        let err = Conn::connect(e, &opts()).await.err().unwrap();
+        assert!(
+            matches!(
+                err,
+                ConnError::TlsMismatch {
+                    endpoint_tls: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_pushed_are_read_back_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let echo = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let (mut r, mut w) = sock.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let mut conn = Conn::connect(plain(port), &opts()).await.unwrap();
+        let ping = command(Type::Ping, |c| c.ping = Some(proto::CommandPing {}));
+        conn.push(&ping);
+        conn.push(&ping);
+        assert!(conn.pending_write());
+        conn.flush().await.unwrap();
+        assert!(!conn.pending_write());
+        assert_eq!(conn.read_frame().await.unwrap().command, ping);
+        let next = match conn.try_frame().unwrap() {
+            Some(f) => f,
+            None => conn.read_frame().await.unwrap(),
+        };
+        assert_eq!(next.command, ping);
+        drop(conn);
+        echo.await.unwrap();
     }
 }

@@ -9,7 +9,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
-use pulsar::proto::{BaseCommand, MessageMetadata};
+use pulsar::proto::{base_command::Type, BaseCommand, MessageMetadata};
 
 /// Magic number that opens the payload part of a frame.
 pub const MAGIC_CRC32C: u16 = 0x0e01;
@@ -35,6 +35,16 @@ pub enum FrameError {
 pub struct Frame {
     pub command: BaseCommand,
     pub payload: Option<(MessageMetadata, Bytes)>,
+}
+
+/// Builds a `BaseCommand` of one type; `fill` sets its one message.
+pub fn command(t: Type, fill: impl FnOnce(&mut BaseCommand)) -> BaseCommand {
+    let mut c = BaseCommand {
+        r#type: t as i32,
+        ..Default::default()
+    };
+    fill(&mut c);
+    c
 }
 
 /// Appends a command-only frame to `dst`.
@@ -126,7 +136,7 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pulsar::proto::{base_command::Type, CommandPing, CommandSend, KeyValue};
+    use pulsar::proto::{CommandPing, CommandSend, KeyValue};
     use tokio_util::codec::Decoder;
 
     fn send_frame() -> (BaseCommand, MessageMetadata, Vec<u8>) {
