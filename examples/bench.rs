@@ -54,7 +54,7 @@
 //! `dashboards/ferry.png` from it). `BENCH_ONLY=a,b,...` runs some phases.
 
 #[allow(dead_code)]
-#[path = "../tests/it/harness.rs"]
+#[path = "../tests/it/harness/mod.rs"]
 mod harness;
 
 use std::collections::{BTreeMap, VecDeque};
