@@ -71,12 +71,6 @@ impl Stack {
         format!("pulsar://127.0.0.1:{}", self.pulsar_port)
     }
 
-    /// The admin REST URL of `path` (below `/admin/v2/`).
-    #[allow(dead_code)]
-    pub fn admin(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/admin/v2/{path}", self.web_port)
-    }
-
     /// The admin REST API of this broker.
     pub fn admin_api(&self) -> Admin {
         Admin::new(self.web_port, None)
