@@ -156,7 +156,7 @@ pub async fn ferry_drain(ctx: &mut Ctx) -> Result<Value, String> {
     );
     ferry.cut_off_pulsar();
     ferry.start();
-    let pid = ferry_pid(&ferry).await?;
+    let pid = ferry_pid(&ferry)?;
     ferry
         .wait_log("mqtt subscribed", Duration::from_secs(60))
         .await;
@@ -188,7 +188,7 @@ pub async fn ferry_drain(ctx: &mut Ctx) -> Result<Value, String> {
     ferry.restore_pulsar();
     let restarted = Instant::now();
     ferry.start();
-    let pid = ferry_pid(&ferry).await?;
+    let pid = ferry_pid(&ferry)?;
     let before_drain = proc_sample(pid)?;
     let up = |m: &BTreeMap<String, f64>| total(m, UPLINK_UP) >= 1.0;
     let (_, ready) = ctx

@@ -31,27 +31,12 @@ pub fn kill_ferries_on_panic() {
     }));
 }
 
-/// The pid of a harness `Ferry`: the only process whose command line names
-/// its (unique) config file.
-pub async fn ferry_pid(ferry: &Ferry) -> Result<u32, String> {
-    let config = ferry.config.display().to_string();
-    for _ in 0..100 {
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", "--", &config])
-            .output()
-            .map_err(|e| format!("pgrep: {e}"))?;
-        let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .filter(|p| *p != std::process::id())
-            .collect();
-        if pids.len() == 1 {
-            FERRY_PIDS.lock().unwrap().push(pids[0]);
-            return Ok(pids[0]);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(format!("no single ferry process runs {config}"))
+/// The pid of a started harness `Ferry`, kept for
+/// [`kill_ferries_on_panic`].
+pub fn ferry_pid(ferry: &Ferry) -> Result<u32, String> {
+    let pid = ferry.pid().ok_or("ferry is not running")?;
+    FERRY_PIDS.lock().unwrap().push(pid);
+    Ok(pid)
 }
 
 /// What `/proc` says about a process.
@@ -141,25 +126,6 @@ pub fn others_cpu() -> BTreeMap<&'static str, f64> {
     out
 }
 
-/// One scrape of ferry's `/metrics`, or `None` while it does not answer.
-pub async fn scrape(port: u16) -> Option<BTreeMap<String, f64>> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    Some(
-        text.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect(),
-    )
-}
-
 /// The sum of every series of metric `name`, whatever its labels.
 pub fn total(m: &BTreeMap<String, f64>, name: &str) -> f64 {
     m.iter()
@@ -184,7 +150,7 @@ impl Sampler {
     }
 
     pub async fn poll(&mut self, ferry: &Ferry, phase: &str) -> BTreeMap<String, f64> {
-        let Some(m) = scrape(ferry.metrics_port).await else {
+        let Some(m) = ferry.try_scrape().await else {
             return BTreeMap::new();
         };
         if self
@@ -255,7 +221,7 @@ pub async fn start_ferry(
         "",
     );
     ferry.start();
-    let pid = ferry_pid(&ferry).await?;
+    let pid = ferry_pid(&ferry)?;
     ferry
         .wait_log("mqtt subscribed", Duration::from_secs(60))
         .await;

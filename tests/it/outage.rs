@@ -15,9 +15,7 @@ async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "outage").await;
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_ready().await;
 
     let mut devices = Devices::connect(stack, &prefix, 50).await;
     devices.publish_rounds(0, 20).await;
@@ -53,9 +51,7 @@ async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "unreachable").await;
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_ready().await;
 
     stack.ctl("mqtt-stop");
     stack.ctl("pulsar-stop");

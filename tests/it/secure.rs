@@ -21,9 +21,7 @@ async fn ten_thousand_updates_over_tls_with_a_token_arrive_exactly_once() {
     } = secure
         .granted_ferry(stack, &ns, "device-status", "tls", false)
         .await;
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_ready().await;
 
     let mut devices = Devices::connect(stack, &prefix, 100).await;
     devices.publish_rounds(0, 100).await;
@@ -54,9 +52,7 @@ async fn short_lived_tokens_rotated_on_disk_never_drop_the_connection() {
     // Tokens live 12 s; a new one lands on disk every 4 s.
     let token = ferry.token_path();
     write_secret(&token, &secure.token(&role, Some(12)));
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_ready().await;
 
     let mut devices = Devices::connect(stack, &prefix, 20).await;
     let started = Instant::now();
@@ -328,9 +324,7 @@ async fn a_broker_requiring_client_certificates_accepts_ferry_with_one_and_refus
     } = mtls
         .granted_ferry(stack, &ns, "with", "mtls-with", true)
         .await;
-    with.start();
-    with.wait_log("producer ready", SECS(30)).await;
-    with.wait_log("mqtt subscribed", SECS(30)).await;
+    with.start_ready().await;
     let (code, out) = with.check_online();
     assert_eq!(code, Some(0), "{out}");
     let mut devices = Devices::connect(stack, &prefix, 10).await;

@@ -203,6 +203,16 @@ listen = "127.0.0.1:{metrics_port}"
             .await;
     }
 
+    /// Starts ferry and waits until its producer is ready and it subscribed
+    /// to the MQTT broker.
+    pub async fn start_ready(&mut self) {
+        self.start();
+        self.wait_log("producer ready", Duration::from_secs(30))
+            .await;
+        self.wait_log("mqtt subscribed", Duration::from_secs(30))
+            .await;
+    }
+
     /// Starts ferry with extra environment variables.
     pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "ferry already running");
@@ -377,19 +387,26 @@ listen = "127.0.0.1:{metrics_port}"
 
     /// Scrapes `/metrics`: each sample line as (name with labels, value).
     pub async fn scrape(&self) -> BTreeMap<String, f64> {
+        self.try_scrape().await.expect("metrics endpoint answers")
+    }
+
+    /// [`Ferry::scrape`], or `None` while the endpoint does not answer.
+    pub async fn try_scrape(&self) -> Option<BTreeMap<String, f64>> {
         let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
             .await
-            .expect("metrics endpoint answers")
+            .ok()?
             .text()
             .await
-            .unwrap();
-        text.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect()
+            .ok()?;
+        Some(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.is_empty())
+                .filter_map(|l| {
+                    let (k, v) = l.rsplit_once(' ')?;
+                    Some((k.to_string(), v.parse().ok()?))
+                })
+                .collect(),
+        )
     }
 
     // -- its store -----------------------------------------------------------
