@@ -9,8 +9,10 @@
 //! - [`stack`]: where the brokers listen, starting and stopping them, the
 //!   secured profiles and their tokens;
 //! - [`admin`]: Pulsar's admin REST API (namespaces, grants, compaction);
-//! - [`process`]: a ferry process: its config, start, kill, log, status,
-//!   metrics, and what its store holds;
+//! - [`process`]: a ferry process: its config, start, kill, signals, log,
+//!   `ferry status` and `ferry check`, metrics;
+//! - [`store`]: what its store holds (counters, backlog, dead letters),
+//!   waiting for it to fill or drain;
 //! - [`devices`]: MQTT publishers (simulated devices, large, QoS 0 or
 //!   retained messages);
 //! - [`consumer`]: a real Pulsar consumer reading a topic back, and the
@@ -31,6 +33,7 @@ mod process;
 mod proto;
 mod scenario;
 mod stack;
+mod store;
 
 // Not every program that includes the harness uses all of it.
 #[allow(unused_imports)]
@@ -49,6 +52,8 @@ pub use proto::*;
 pub use scenario::*;
 #[allow(unused_imports)]
 pub use stack::*;
+#[allow(unused_imports)]
+pub use store::*;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
