@@ -3,7 +3,7 @@
 //! the compacted Pulsar topic. Run it with `./demo` (see README).
 
 #[allow(dead_code)]
-#[path = "../tests/it/harness.rs"]
+#[path = "../tests/it/harness/mod.rs"]
 mod harness;
 
 use std::time::{Duration, Instant};

@@ -120,11 +120,8 @@ async fn an_oversized_payload_is_dead_lettered_and_the_updates_behind_it_flow() 
         prefix,
         mut ferry,
     } = Scenario::new(stack, "poison").await;
-    ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
-    ferry.start();
-    ferry
-        .wait_log("mqtt subscribed", Duration::from_secs(30))
-        .await;
+    ferry.add_settings("store", "max_payload_bytes = 1024");
+    ferry.start_subscribed().await;
 
     let mut devices = Devices::connect(stack, &prefix, 10).await;
     devices.publish_rounds(0, 5).await;
@@ -137,14 +134,12 @@ async fn an_oversized_payload_is_dead_lettered_and_the_updates_behind_it_flow() 
     report("poison", &format!("counters: {c:?}"));
     assert_eq!(c.get("dead_lettered").copied(), Some(1));
     assert_eq!(c.get("received").copied(), Some(101));
-    let db = rusqlite::Connection::open(ferry.store_path()).unwrap();
-    let (topic_dl, size, reason): (String, i64, String) = db
-        .query_row(
-            "SELECT mqtt_topic, size, reason FROM dead_letters",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
+    let DeadLetter {
+        mqtt_topic: topic_dl,
+        size,
+        reason,
+        ..
+    } = ferry.dead_letters().remove(0);
     assert_eq!((topic_dl.as_str(), size), (poison_topic.as_str(), 5000));
     assert!(reason.contains("max_payload_bytes"), "{reason}");
 

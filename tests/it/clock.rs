@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::stream::closed_port;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -25,24 +24,24 @@ fn libfaketime() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wall_clock_jumps_of_years_neither_drop_nor_misreport_records() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "clock").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("clock");
-    let mut ferry = Ferry::with_streams(
-        stack,
-        "clock",
-        &unique("gw"),
-        &format!(
+    let Streams {
+        ns,
+        prefix,
+        mut ferry,
+    } = Streams::new(stack, "clock", |ns, prefix| {
+        format!(
             r#"[[streams]]
 name = "status"
-topic = "{topic}"
+topic = "{}"
 max_age_secs = 600
 subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
-"#
-        ),
-    );
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    ferry.edit_config(&stack.service_url(), &closed);
+"#,
+            ns.topic("device-status")
+        )
+    })
+    .await;
+    let topic = ns.topic("device-status");
+    ferry.cut_off_pulsar();
     // Booted five years in the past, as a Pi without its clock might.
     let offset = ferry.dir.join("faketime");
     std::fs::write(&offset, "-5y\n").unwrap();
@@ -63,8 +62,7 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
     std::fs::write(&offset, "+0\n").unwrap();
     tokio::time::sleep(SECS(4)).await;
     let after_jump = ferry.counters();
-    let status = ferry.status(true);
-    let report_json: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let report_json = ferry.status_json();
     let oldest = report_json["oldest_age_seconds"].as_f64().unwrap_or(-1.0);
     assert_eq!(ferry.terminate(), Some(0));
 
@@ -74,7 +72,7 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
     ferry.start_with_env(&env);
     tokio::time::sleep(SECS(4)).await;
     assert_eq!(ferry.terminate(), Some(0));
-    ferry.edit_config(&closed, &stack.service_url());
+    ferry.restore_pulsar();
     ferry.start();
     ferry.wait_drained(100, SECS(60)).await;
     let counters = ferry.counters();

@@ -3,13 +3,11 @@
 //! What is tested is ferry's process: that it stops on SIGTERM in time and
 //! what it tells systemd, not what arrives in Pulsar.
 
-use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use ferry::uplink::conn::command;
 use ferry::uplink::frame;
 use pulsar::proto::{
     self, base_command::Type, command_lookup_topic_response::LookupType, CommandLookupTopicResponse,
@@ -152,44 +150,11 @@ async fn serve(
     }
 }
 
-/// A NOTIFY_SOCKET that records every message with its arrival time.
-struct Notifications {
-    path: std::path::PathBuf,
-    seen: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-impl Notifications {
-    fn new(dir: &std::path::Path) -> Notifications {
-        let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let out = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).to_string();
-                out.lock().unwrap().push((Instant::now(), text));
-            }
-        });
-        Notifications { path, seen }
-    }
-
-    /// Messages that contain `needle`, arrived in `[from, to)`.
-    fn count(&self, needle: &str, from: Instant, to: Instant) -> usize {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, m)| *t >= from && *t < to && m.contains(needle))
-            .count()
-    }
-}
-
 /// A ferry whose Pulsar is `broker`, with `uplink` lines added to its
 /// `[uplink]` section.
 fn ferry_against(stack: &Stack, test: &str, broker: &FakeBroker, uplink: &str) -> (Ferry, String) {
     let prefix = unique(test);
-    let ferry = Ferry::new(
+    let mut ferry = Ferry::new(
         stack,
         test,
         &unique("gw"),
@@ -197,11 +162,8 @@ fn ferry_against(stack: &Stack, test: &str, broker: &FakeBroker, uplink: &str) -
         "persistent://hostile/ns/device-status",
         "",
     );
-    ferry.edit_config(&stack.service_url(), &broker.url());
-    ferry.edit_config(
-        "backoff_max_ms = 2000",
-        &format!("backoff_max_ms = 2000\n{uplink}"),
-    );
+    ferry.point_pulsar_at(&broker.url());
+    ferry.add_settings("uplink", uplink);
     (ferry, prefix)
 }
 
@@ -221,8 +183,8 @@ async fn a_broker_that_stops_reading_neither_feeds_the_watchdog_nor_delays_sigte
         &broker,
         "operation_timeout_ms = 30000\ndrain_timeout_ms = 1000\nmax_in_flight_bytes = 67108864",
     );
-    let notes = Notifications::new(&ferry.dir);
-    let path = notes.path.to_string_lossy().to_string();
+    let notes = NotifySocket::new(&ferry.dir);
+    let path = notes.env_value();
     // Fed every 0.5 s; a loop silent for 3 s counts as hung.
     let started = Instant::now();
     ferry.start_with_env(&[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "1500000")]);
@@ -297,10 +259,8 @@ async fn receipts_withheld_keep_the_bytes_in_flight_to_the_window() {
     );
     // First the backlog, with Pulsar unreachable: the audit's case is
     // 1,000 updates of 256 KiB (FERRY_IT_RECORDS for fewer).
-    let nowhere = format!("pulsar://127.0.0.1:{}", free_port());
-    ferry.edit_config(&broker.url(), &nowhere);
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.cut_off_pulsar();
+    ferry.start_subscribed().await;
     let records: i64 = std::env::var("FERRY_IT_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -321,7 +281,7 @@ async fn receipts_withheld_keep_the_bytes_in_flight_to_the_window() {
     assert_eq!(ferry.terminate(), Some(0));
 
     // Then a ferry that only sends, to a broker that never confirms.
-    ferry.edit_config(&nowhere, &broker.url());
+    ferry.restore_pulsar();
     ferry.start();
     broker.wait_producer(SECS(30)).await;
     tokio::time::sleep(SECS(5)).await;
@@ -357,16 +317,14 @@ async fn a_broker_number_ferry_cannot_honour_keeps_the_records_and_ferry_running
         let broker = FakeBroker::start(Hostile::LastSequenceId(last)).await;
         let (mut ferry, prefix) = ferry_against(stack, "hostile-seq", &broker, "");
         // Records first, with the broker out of reach.
-        let nowhere = format!("pulsar://127.0.0.1:{}", free_port());
-        ferry.edit_config(&broker.url(), &nowhere);
-        ferry.start();
-        ferry.wait_log("mqtt subscribed", SECS(30)).await;
+        ferry.cut_off_pulsar();
+        ferry.start_subscribed().await;
         let mut devices = Devices::connect(stack, &prefix, 5).await;
         devices.publish_rounds(0, 4).await;
         ferry.wait_stored(20, SECS(30)).await;
         assert_eq!(ferry.terminate(), Some(0));
 
-        ferry.edit_config(&nowhere, &broker.url());
+        ferry.restore_pulsar();
         ferry.start();
         broker.wait_producer(SECS(30)).await;
         ferry.wait_log("more than ferry numbers", SECS(30)).await;
@@ -374,7 +332,7 @@ async fn a_broker_number_ferry_cannot_honour_keeps_the_records_and_ferry_running
         let running = ferry.is_running();
         let pending = ferry.try_pending();
         let keys: Vec<i64> = {
-            let c = rusqlite::Connection::open(ferry.store_path()).unwrap();
+            let c = ferry.open_store();
             let mut stmt = c.prepare("SELECT key >> 48 FROM outbox").unwrap();
             let rows = stmt.query_map([], |r| r.get(0)).unwrap();
             rows.collect::<Result<_, _>>().unwrap()

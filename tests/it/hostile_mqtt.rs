@@ -9,93 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use crate::harness::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Publishes what the harness's devices cannot: payloads up to 300 MiB, and
-/// QoS 0.
-struct Publisher {
-    client: AsyncClient,
-    sent: watch::Receiver<usize>,
-    acked: watch::Receiver<usize>,
-}
-
-impl Publisher {
-    async fn connect(stack: &Stack) -> Publisher {
-        let mut opts = MqttOptions::new(unique("publisher"), "127.0.0.1", stack.mqtt_port);
-        opts.set_keep_alive(SECS(60))
-            .set_inflight(100)
-            .set_max_packet_size(300 << 20, 300 << 20);
-        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-        let (sent_tx, sent) = watch::channel(0usize);
-        let (acked_tx, acked) = watch::channel(0usize);
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Publish(_))) => sent_tx.send_modify(|n| *n += 1),
-                    Ok(Event::Incoming(Packet::PubAck(_))) => acked_tx.send_modify(|n| *n += 1),
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-                    Ok(_) => {}
-                    Err(e) => panic!("publisher lost the MQTT broker: {e}"),
-                }
-            }
-        });
-        Publisher {
-            client,
-            sent,
-            acked,
-        }
-    }
-
-    async fn publish(&self, topic: &str, qos: QoS, payload: Vec<u8>) {
-        self.client
-            .publish(topic, qos, false, payload)
-            .await
-            .expect("publish");
-    }
-
-    async fn wait(rx: &mut watch::Receiver<usize>, n: usize, what: &str) {
-        tokio::time::timeout(SECS(300), rx.wait_for(|v| *v >= n))
-            .await
-            .unwrap_or_else(|_| panic!("{what} {n} in time"))
-            .expect("publisher alive");
-    }
-
-    async fn wait_sent(&mut self, n: usize) {
-        Publisher::wait(&mut self.sent, n, "sent").await;
-    }
-
-    async fn wait_acked(&mut self, n: usize) {
-        Publisher::wait(&mut self.acked, n, "broker acknowledged").await;
-    }
-
-    async fn disconnect(self) {
-        let _ = self.client.disconnect().await;
-    }
-}
-
 /// A payload that is not all one byte, so a cut in the wrong place shows.
 fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
-}
-
-/// The dead letters of a store: topic, reason, size, bytes kept.
-fn dead_letters(ferry: &Ferry) -> Vec<(String, String, i64, Vec<u8>)> {
-    let db = rusqlite::Connection::open(ferry.store_path()).unwrap();
-    db.busy_timeout(SECS(5)).unwrap();
-    let mut stmt = db
-        .prepare("SELECT mqtt_topic, reason, size, payload FROM dead_letters ORDER BY id")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap();
-    rows.collect::<Result<_, _>>().unwrap()
 }
 
 async fn wait_dead_lettered(ferry: &Ferry, n: i64, limit: Duration) {
@@ -120,8 +45,7 @@ async fn a_sixty_mib_payload_is_dead_lettered_with_its_real_size_and_the_rest_fl
         prefix,
         mut ferry,
     } = Scenario::new(stack, "sixtymib").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 10).await;
     let mut big = Publisher::connect(stack).await;
 
@@ -140,9 +64,14 @@ async fn a_sixty_mib_payload_is_dead_lettered_with_its_real_size_and_the_rest_fl
     report("sixtymib", &format!("counters: {c:?}"));
     assert_eq!(c.get("received").copied(), Some(101));
     assert_eq!(c.get("stored").copied(), Some(100));
-    let dl = dead_letters(&ferry);
+    let dl = ferry.dead_letters();
     assert_eq!(dl.len(), 1);
-    let (t, reason, recorded, kept) = &dl[0];
+    let DeadLetter {
+        mqtt_topic: t,
+        reason,
+        size: recorded,
+        payload: kept,
+    } = &dl[0];
     assert_eq!(t, &big_topic);
     assert!(
         reason.starts_with(&format!(
@@ -446,12 +375,9 @@ async fn ferry_on(stack: &Stack, fake: &FakeBroker, test: &str) -> (String, Stri
     let Scenario {
         topic,
         prefix,
-        ferry,
+        mut ferry,
     } = Scenario::new(stack, test).await;
-    ferry.edit_config(
-        &format!("port = {}\n", stack.mqtt_port),
-        &format!("port = {}\n", fake.port),
-    );
+    ferry.point_mqtt_at(fake.port);
     (topic, prefix, ferry)
 }
 
@@ -480,9 +406,14 @@ async fn a_topic_that_is_not_utf8_is_dead_lettered_and_acknowledged_and_the_rest
     report("badtopic", &format!("counters: {c:?}"));
     assert_eq!(c.get("dead_lettered").copied(), Some(1));
     assert_eq!(c.get("stored").copied(), Some(48));
-    let dl = dead_letters(&ferry);
+    let dl = ferry.dead_letters();
     assert_eq!(dl.len(), 1);
-    let (t, reason, size, kept) = &dl[0];
+    let DeadLetter {
+        mqtt_topic: t,
+        reason,
+        size,
+        payload: kept,
+    } = &dl[0];
     report(
         "badtopic",
         &format!("dead letter: {t} ({size} bytes): {reason}"),
@@ -614,8 +545,7 @@ async fn peak_rss_under_hostile_mqtt_input() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "rss-big").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     let mut big = Publisher::connect(stack).await;
     for i in 0..3 {
         let topic = format!("{prefix}/dev-{i:04}/state");
@@ -643,10 +573,8 @@ async fn peak_rss_under_hostile_mqtt_input() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "rss-flood").await;
-    let closed = format!("pulsar://127.0.0.1:{}", free_port());
-    ferry.edit_config(&stack.service_url(), &closed);
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.cut_off_pulsar();
+    ferry.start_subscribed().await;
     let sampler = sample_rss(ferry.pid().unwrap());
     let mut flood = Publisher::connect(stack).await;
     let n = 300_000;
@@ -690,8 +618,7 @@ async fn cpu_per_update_of_an_ordinary_stream() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "cpu").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     let pid = ferry.pid().unwrap();
     let mut devices = Devices::connect(stack, &prefix, 100).await;
     let before = cpu_time(pid);

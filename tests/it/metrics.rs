@@ -14,10 +14,8 @@ async fn metrics_scraped_during_a_stream_count_exactly_what_happened() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "metrics").await;
-    ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.add_settings("store", "max_payload_bytes = 1024");
+    ferry.start_ready().await;
     let label = format!("{{topic=\"{topic}\"}}");
 
     let mut devices = Devices::connect(stack, &prefix, 20).await;

@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use rand::Rng;
-
 use crate::harness::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -17,9 +15,7 @@ async fn pulsar_down_during_five_thousand_updates_loses_nothing() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "outage").await;
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_ready().await;
 
     let mut devices = Devices::connect(stack, &prefix, 50).await;
     devices.publish_rounds(0, 20).await;
@@ -55,9 +51,7 @@ async fn with_both_brokers_unreachable_ferry_keeps_running_and_catches_up() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "unreachable").await;
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_ready().await;
 
     stack.ctl("mqtt-stop");
     stack.ctl("pulsar-stop");
@@ -100,51 +94,23 @@ async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothi
         prefix,
         mut ferry,
     } = Scenario::new(stack, "kill9").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
 
     // 100 devices x 200 updates as a steady stream of rounds of 100, at
     // least 0.1 s apart (20 s or more), with the MQTT broker restarted
     // halfway; the 20 kills come at most 0.8 s apart (16 s at most), so
     // every one lands inside the stream while ferry is busy with it.
-    let publisher = {
-        let stack = stack.clone();
-        let prefix = prefix.clone();
-        tokio::spawn(async move {
-            let mut devices = Devices::connect(&stack, &prefix, 100).await;
-            for round in 0..100 {
-                devices.publish_rounds(round, round + 1).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let ids = devices.ids.clone();
-            devices.disconnect().await;
-            stack.ctl("mqtt-stop");
-            stack.ctl("mqtt-start");
-            let mut devices = Devices::connect(&stack, &prefix, 100).await;
-            for round in 100..200 {
-                devices.publish_rounds(round, round + 1).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            devices.disconnect().await;
-            ids
-        })
-    };
-
-    let mut kills = 0;
-    while kills < 20 {
-        let wait = rand::thread_rng().gen_range(100..600);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        ferry.kill9();
-        kills += 1;
-        let down = rand::thread_rng().gen_range(0..200);
-        tokio::time::sleep(Duration::from_millis(down)).await;
-        ferry.start();
+    let ids = KillNine {
+        devices: 100,
+        rounds: 200,
+        pause: Duration::from_millis(100),
+        restart_mqtt_after: Some(100),
+        kills: 20,
+        up_ms: 100..=599,
+        down_ms: 0..=199,
     }
-    assert!(
-        !publisher.is_finished(),
-        "all 20 kills landed while devices were still publishing"
-    );
-    let ids = publisher.await.expect("publisher");
+    .run(stack, &prefix, &mut ferry)
+    .await;
     ferry.wait_drained(20_000, SECS(300)).await;
 
     let c = ferry.counters();

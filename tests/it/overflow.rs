@@ -10,7 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::stream::closed_port;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -25,10 +24,6 @@ fn by_device(msgs: &[Received]) -> BTreeMap<String, Vec<u64>> {
 
 fn strictly_increasing(v: &[u64]) -> bool {
     v.windows(2).all(|w| w[0] < w[1])
-}
-
-fn status_json(ferry: &Ferry) -> serde_json::Value {
-    serde_json::from_str(&ferry.status(true)).unwrap()
 }
 
 /// A stream's counter from `ferry status --json`.
@@ -48,28 +43,6 @@ fn shed_count(json: &serde_json::Value, stream: &str, what: &str) -> i64 {
         .iter()
         .find(|d| d[0] == what)
         .map_or(0, |d| d[1].as_i64().unwrap())
-}
-
-/// A namespace, its `device-status` and `device-history` topics, an MQTT
-/// prefix, and a ferry with one state stream writing to both (not started).
-async fn with_history(stack: &Stack, test: &str) -> (Namespace, String, String, String, Ferry) {
-    let ns = Namespace::create(stack, test).await;
-    let (status, history) = (ns.topic("device-status"), ns.topic("device-history"));
-    let prefix = unique(test);
-    let ferry = Ferry::with_streams(
-        stack,
-        test,
-        &unique("gw"),
-        &format!(
-            r#"[[streams]]
-name = "status"
-topic = "{status}"
-history_topic = "{history}"
-subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
-"#
-        ),
-    );
-    (ns, status, history, prefix, ferry)
 }
 
 /// What `coalesce` with a history topic must leave of `updates` updates
@@ -123,18 +96,17 @@ async fn a_thousand_devices_overflow_while_pulsar_is_down_and_every_latest_state
     const ALARM_LIMIT: u64 = 3_000;
 
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "overflow").await;
-    let (status, history, alarms) = (
-        ns.topic("device-status"),
-        ns.topic("device-history"),
-        ns.topic("alarms"),
-    );
-    let prefix = unique("overflow");
-    let mut ferry = Ferry::with_streams(
-        stack,
-        "overflow",
-        &unique("gw"),
-        &format!(
+    let Streams {
+        ns,
+        prefix,
+        mut ferry,
+    } = Streams::new(stack, "overflow", |ns, prefix| {
+        let (status, history, alarms) = (
+            ns.topic("device-status"),
+            ns.topic("device-history"),
+            ns.topic("alarms"),
+        );
+        format!(
             r#"[[streams]]
 name = "status"
 kind = "state"
@@ -152,12 +124,16 @@ overflow = "drop-oldest"
 max_records = {ALARM_LIMIT}
 subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
 "#
-        ),
+        )
+    })
+    .await;
+    let (status, history, alarms) = (
+        ns.topic("device-status"),
+        ns.topic("device-history"),
+        ns.topic("alarms"),
     );
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    ferry.edit_config(&stack.service_url(), &closed);
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.cut_off_pulsar();
+    ferry.start_subscribed().await;
 
     // Pulsar unreachable: 200,000 state updates and 10,000 alarms.
     let mut states = Devices::connect(stack, &prefix, DEVICES).await;
@@ -173,7 +149,7 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
 
     let (s_left, h_left, superseded, h_dropped) = model_coalesce(STATES, DEVICES as u64, LIMIT);
     let (a_left, a_dropped) = model_drop_oldest(ALARMS, ALARM_LIMIT);
-    let json = status_json(&ferry);
+    let json = ferry.status_json();
     let table = ferry.status(false);
     let metrics = ferry.scrape().await;
     report(
@@ -203,7 +179,7 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
 
     // Pulsar back.
     assert_eq!(ferry.terminate(), Some(0));
-    ferry.edit_config(&closed, &stack.service_url());
+    ferry.restore_pulsar();
     ferry.start();
     ferry
         .wait_drained((STATES + ALARMS) as i64, SECS(300))
@@ -298,27 +274,26 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
 async fn reject_leaves_the_backlog_with_the_mqtt_broker_and_loses_nothing() {
     const LIMIT: usize = 500;
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "reject").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("reject");
-    let mut ferry = Ferry::with_streams(
-        stack,
-        "reject",
-        &unique("gw"),
-        &format!(
+    let Streams {
+        ns,
+        prefix,
+        mut ferry,
+    } = Streams::new(stack, "reject", |ns, prefix| {
+        format!(
             r#"[[streams]]
 name = "status"
-topic = "{topic}"
+topic = "{}"
 overflow = "reject"
 max_records = {LIMIT}
 subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
-"#
-        ),
-    );
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    ferry.edit_config(&stack.service_url(), &closed);
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+"#,
+            ns.topic("device-status")
+        )
+    })
+    .await;
+    let topic = ns.topic("device-status");
+    ferry.cut_off_pulsar();
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 30).await;
     devices.publish_rounds(0, 100).await;
     ferry.wait_stored(LIMIT as i64, SECS(60)).await;
@@ -328,7 +303,7 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
     tokio::time::sleep(SECS(6)).await;
     let held = ferry.pending();
     let metrics = ferry.scrape().await;
-    let json = status_json(&ferry);
+    let json = ferry.status_json();
     report(
         "reject",
         &format!(
@@ -345,7 +320,7 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
 
     // Pulsar back: the broker's backlog comes through, all of it, once.
     assert_eq!(ferry.terminate(), Some(0));
-    ferry.edit_config(&closed, &stack.service_url());
+    ferry.restore_pulsar();
     ferry.start();
     ferry.wait_drained(3000, SECS(120)).await;
     ferry.wait_log("under its limit again", SECS(30)).await;
@@ -391,32 +366,28 @@ async fn a_full_disk_keeps_every_latest_state_and_ferry_recovers_when_space_retu
     const DEVICES: usize = 200;
     const ROUNDS: u64 = 250;
     let (stack, _shared) = Stack::shared().await;
-    let (ns, status, history, prefix, mut ferry) = with_history(stack, "diskfull").await;
+    let WithHistory {
+        ns,
+        status,
+        history,
+        prefix,
+        mut ferry,
+    } = WithHistory::new(stack, "diskfull").await;
     let disk = SmallDisk::mount(ferry.dir.join("disk"), "48m");
     // Something else on the same file system, to be deleted later.
     let filler = disk.dir.join("other-data");
     std::fs::write(&filler, vec![1u8; 20 << 20]).unwrap();
     let store = disk.dir.join("ferry.db");
     ferry.move_store(&store);
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    ferry.edit_config(&stack.service_url(), &closed);
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.cut_off_pulsar();
+    ferry.start_subscribed().await;
 
     let mut devices = Devices::connect(stack, &prefix, DEVICES).await;
     devices.pad = 400;
     devices.publish_rounds(0, ROUNDS).await;
     ferry.wait_log("DISK FULL", SECS(120)).await;
     // Wait until ferry has taken in everything it can.
-    let mut last = 0;
-    for _ in 0..60 {
-        tokio::time::sleep(SECS(2)).await;
-        let now = ferry.counters().get("stored").copied().unwrap_or(0);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    ferry.wait_stored_settles().await;
     assert!(ferry.is_running(), "ferry keeps running on a full disk");
     let metrics = ferry.scrape().await;
     let full = ferry.counters();
@@ -437,7 +408,7 @@ async fn a_full_disk_keeps_every_latest_state_and_ferry_recovers_when_space_retu
     std::fs::remove_file(&filler).unwrap();
     ferry.wait_log("disk space is back", SECS(30)).await;
     assert_eq!(ferry.terminate(), Some(0));
-    ferry.edit_config(&closed, &stack.service_url());
+    ferry.restore_pulsar();
     ferry.start();
     let total = DEVICES as u64 * ROUNDS;
     ferry.wait_drained(total as i64, SECS(300)).await;
@@ -487,37 +458,28 @@ async fn a_full_disk_keeps_every_latest_state_and_ferry_recovers_when_space_retu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_durability_with_a_history_topic_survives_kill_nine() {
     let (stack, _shared) = Stack::shared().await;
-    let (_ns, status, history, prefix, mut ferry) = with_history(stack, "interval").await;
-    ferry.edit_config(
-        "[store]\n",
-        "[store]\ndurability = \"interval\"\nsync_interval_ms = 500\n",
-    );
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let WithHistory {
+        status,
+        history,
+        prefix,
+        mut ferry,
+        ..
+    } = WithHistory::new(stack, "interval").await;
+    ferry.add_settings("store", "durability = \"interval\"\nsync_interval_ms = 500");
+    ferry.start_subscribed().await;
 
     // 50 devices x 100 updates, a round every 0.1 s; 10 SIGKILLs meanwhile.
-    let publisher = {
-        let stack = stack.clone();
-        let prefix = prefix.clone();
-        tokio::spawn(async move {
-            let mut devices = Devices::connect(&stack, &prefix, 50).await;
-            for round in 0..100 {
-                devices.publish_rounds(round, round + 1).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let ids = devices.ids.clone();
-            devices.disconnect().await;
-            ids
-        })
-    };
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        ferry.kill9();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        ferry.start();
+    let ids = KillNine {
+        devices: 50,
+        rounds: 100,
+        pause: Duration::from_millis(100),
+        restart_mqtt_after: None,
+        kills: 10,
+        up_ms: 600..=600,
+        down_ms: 100..=100,
     }
-    assert!(!publisher.is_finished(), "the kills landed mid-stream");
-    let ids = publisher.await.expect("publisher");
+    .run(stack, &prefix, &mut ferry)
+    .await;
     ferry.wait_drained(5000, SECS(120)).await;
     let got_status = read_topic(stack, &status, false, 5000, SECS(20)).await;
     let got_history = read_topic(stack, &history, false, 5000, SECS(20)).await;
@@ -540,49 +502,45 @@ async fn interval_durability_with_a_history_topic_survives_kill_nine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_oversized_message_on_a_full_disk_sheds_only_what_its_dead_letter_needs() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "bigfull").await;
-    let topic = ns.topic("alarms");
-    let prefix = unique("bigfull");
-    let mut ferry = Ferry::with_streams(
-        stack,
-        "bigfull",
-        &unique("gw"),
-        &format!(
+    let Streams {
+        prefix, mut ferry, ..
+    } = Streams::new(stack, "bigfull", |ns, prefix| {
+        format!(
             r#"[[streams]]
 name = "alarms"
 kind = "events"
-topic = "{topic}"
+topic = "{}"
 subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
-"#
-        ),
-    );
+"#,
+            ns.topic("alarms")
+        )
+    })
+    .await;
     let disk = SmallDisk::mount(ferry.dir.join("disk"), "48m");
     std::fs::write(disk.dir.join("other-data"), vec![1u8; 20 << 20]).unwrap();
     ferry.move_store(&disk.dir.join("ferry.db"));
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    ferry.edit_config(&stack.service_url(), &closed);
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.cut_off_pulsar();
+    ferry.start_subscribed().await;
 
     // Events until the disk is full.
     let mut devices = Devices::connect_kind(stack, &prefix, 100, "alarm").await;
     devices.pad = 4000;
     devices.publish_rounds(0, 80).await;
     ferry.wait_log("DISK FULL", SECS(120)).await;
-    let mut settled = 0;
-    for _ in 0..60 {
-        tokio::time::sleep(SECS(2)).await;
-        let now = ferry.counters().get("stored").copied().unwrap_or(0);
-        if now == settled {
-            break;
-        }
-        settled = now;
-    }
+    ferry.wait_stored_settles().await;
     let before = ferry.pending();
     let reconnects_before = ferry.scrape().await["ferry_mqtt_reconnects_total"];
 
     // One 60 MiB message, then 20 small ones.
-    publish_big(stack, &format!("{prefix}/dev-big/alarm"), 60 << 20).await;
+    let mut big = Publisher::connect(stack).await;
+    big.publish(
+        &format!("{prefix}/dev-big/alarm"),
+        rumqttc::QoS::AtLeastOnce,
+        vec![b'x'; 60 << 20],
+    )
+    .await;
+    big.wait_acked(1).await;
+    big.disconnect().await;
     for i in 0..20 {
         devices
             .publish_raw(
@@ -604,15 +562,11 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
     let after = ferry.pending();
     let counters = ferry.counters();
     let reconnects = ferry.scrape().await["ferry_mqtt_reconnects_total"] - reconnects_before;
-    let dead: (i64, String) = {
-        let c = rusqlite::Connection::open(ferry.store_path()).unwrap();
-        c.query_row(
-            "SELECT size, reason FROM dead_letters ORDER BY id DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
-    };
+    let dead = ferry
+        .dead_letters()
+        .pop()
+        .map(|d| (d.size, d.reason))
+        .expect("a dead letter");
     report(
         "bigfull",
         &format!(
@@ -627,25 +581,4 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
     assert_eq!(reconnects, 0.0, "no mqtt reconnect");
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
-}
-
-/// Publishes one message of `size` bytes at QoS 1 and waits for its ack.
-async fn publish_big(stack: &Stack, topic: &str, size: usize) {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let mut opts = MqttOptions::new(unique("big"), "127.0.0.1", stack.mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(60))
-        .set_max_packet_size(size + 1024, size + 1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, 10);
-    client
-        .publish(topic, QoS::AtLeastOnce, false, vec![b'x'; size])
-        .await
-        .unwrap();
-    loop {
-        match tokio::time::timeout(SECS(60), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            other => panic!("big publisher: {other:?}"),
-        }
-    }
-    let _ = client.disconnect().await;
 }

@@ -6,32 +6,25 @@
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::stream::closed_port;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-/// Points ferry at a closed port (`false`) or at the stack's broker.
-fn reach_pulsar(ferry: &Ferry, stack: &Stack, closed: &str, reachable: bool) {
-    if reachable {
-        ferry.edit_config(closed, &stack.service_url());
-    } else {
-        ferry.edit_config(&stack.service_url(), closed);
-    }
-}
 
 /// Delivers rounds `0..10` of 10 devices, stops ferry, lets `replace` do
 /// its worst to the store, stores rounds `10..60` while Pulsar is out of
 /// reach, then lets ferry reach Pulsar: the topic must hold all 600, each
-/// exactly once, in order.
-async fn replaced_store_loses_nothing(test: &str, replace: impl FnOnce(&Ferry)) -> String {
+/// exactly once, in order. Returns what `ferry status` says then, and the
+/// stores ferry moved aside.
+async fn replaced_store_loses_nothing(
+    test: &str,
+    replace: impl FnOnce(&Ferry),
+) -> (String, Vec<String>) {
     let (stack, _shared) = Stack::shared().await;
     let Scenario {
         topic,
         prefix,
         mut ferry,
     } = Scenario::new(stack, test).await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 10).await;
     devices.publish_rounds(0, 10).await;
     ferry.wait_drained(100, SECS(60)).await;
@@ -39,14 +32,13 @@ async fn replaced_store_loses_nothing(test: &str, replace: impl FnOnce(&Ferry)) 
 
     replace(&ferry);
 
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    reach_pulsar(&ferry, stack, &closed, false);
+    ferry.cut_off_pulsar();
     ferry.start();
     devices.publish_rounds(10, 60).await;
     ferry.wait_stored(500, SECS(60)).await;
     let stored = ferry.counters();
     assert_eq!(ferry.terminate(), Some(0));
-    reach_pulsar(&ferry, stack, &closed, true);
+    ferry.restore_pulsar();
     ferry.start();
     ferry.wait_drained(500, SECS(60)).await;
     let msgs = read_topic(stack, &topic, false, 600, SECS(20)).await;
@@ -62,7 +54,7 @@ async fn replaced_store_loses_nothing(test: &str, replace: impl FnOnce(&Ferry)) 
     assert_eq!(after.get("skipped_on_resume").copied().unwrap_or(0), 0);
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
-    ferry.status(false)
+    (ferry.status(false), ferry.moved_aside())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,24 +70,14 @@ async fn a_store_deleted_while_ferry_was_stopped_loses_nothing_it_stores_before_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_store_is_moved_aside_and_nothing_stored_after_it_is_lost() {
-    let dir = std::sync::Mutex::new(None);
-    let table = replaced_store_loses_nothing("damaged", |ferry| {
+    let (table, aside) = replaced_store_loses_nothing("damaged", |ferry| {
         // Garbage over the file's header.
         let path = ferry.store_path();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[..64].copy_from_slice(&[0x5a; 64]);
         std::fs::write(&path, bytes).unwrap();
-        *dir.lock().unwrap() = Some(ferry.dir.clone());
     })
     .await;
-    let dir = dir.lock().unwrap().clone().unwrap();
-    let aside: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| {
-            n.starts_with("ferry.db.damaged-") && !n.ends_with("-wal") && !n.ends_with("-shm")
-        })
-        .collect();
     report("damaged", &format!("moved aside: {aside:?}\n{table}"));
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert!(table.contains("INCIDENT"), "{table}");
@@ -110,8 +92,7 @@ async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "restored").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 10).await;
     devices.publish_rounds(0, 5).await;
     ferry.wait_drained(50, SECS(60)).await;
@@ -124,13 +105,12 @@ async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
 
     // The original goes on: it stores 51..=100 while Pulsar is out of
     // reach, then sends them (its horizon file then says 100).
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    reach_pulsar(&ferry, stack, &closed, false);
+    ferry.cut_off_pulsar();
     ferry.start();
     devices.publish_rounds(5, 10).await;
     ferry.wait_stored(100, SECS(60)).await;
     assert_eq!(ferry.terminate(), Some(0));
-    reach_pulsar(&ferry, stack, &closed, true);
+    ferry.restore_pulsar();
     ferry.start();
     ferry.wait_drained(100, SECS(60)).await;
     assert_eq!(ferry.terminate(), Some(0));
@@ -141,12 +121,12 @@ async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
     for suffix in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
     }
-    reach_pulsar(&ferry, stack, &closed, false);
+    ferry.cut_off_pulsar();
     ferry.start();
     devices.publish_rounds(10, 15).await;
     ferry.wait_stored(100, SECS(60)).await;
     assert_eq!(ferry.terminate(), Some(0));
-    reach_pulsar(&ferry, stack, &closed, true);
+    ferry.restore_pulsar();
     ferry.start();
     ferry.wait_drained(100, SECS(60)).await;
     let msgs = read_topic(stack, &topic, false, 150, SECS(20)).await;
@@ -179,9 +159,7 @@ async fn stores_written_by_every_older_ferry_deliver_their_backlog_exactly_once(
                 .unwrap()
                 .replace("@STATUS@", &topic)
                 .replace("devices/", &format!("{prefix}/"));
-        let conn = rusqlite::Connection::open(ferry.store_path()).unwrap();
-        conn.execute_batch(&sql).unwrap();
-        drop(conn);
+        ferry.execute_on_store(&sql);
         ferry.start();
         ferry.wait_drained(0, SECS(60)).await;
         let msgs = read_topic(stack, &topic, false, 10, SECS(20)).await;
@@ -213,13 +191,10 @@ async fn stores_written_by_every_older_ferry_deliver_their_backlog_exactly_once(
 async fn a_store_written_by_a_newer_ferry_is_refused_with_exit_4_and_left_alone() {
     let (stack, _shared) = Stack::shared().await;
     let Scenario { mut ferry, .. } = Scenario::new(stack, "too-new").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     assert_eq!(ferry.terminate(), Some(0));
     let store = ferry.store_path();
-    let conn = rusqlite::Connection::open(&store).unwrap();
-    conn.pragma_update(None, "user_version", 99).unwrap();
-    drop(conn);
+    ferry.execute_on_store("PRAGMA user_version = 99");
     let before = std::fs::read(&store).unwrap();
     ferry.start();
     let code = ferry.wait_exit(SECS(20)).await;
@@ -232,15 +207,10 @@ async fn a_store_written_by_a_newer_ferry_is_refused_with_exit_4_and_left_alone(
         before,
         "the store is left as it is"
     );
-    let aside = std::fs::read_dir(&ferry.dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains("damaged")
-        })
+    let aside = ferry
+        .files()
+        .iter()
+        .filter(|n| n.contains("damaged"))
         .count();
     assert_eq!(aside, 0);
 }
@@ -267,41 +237,26 @@ async fn store_values_the_quick_check_accepts_are_repaired_or_moved_aside_never_
             prefix,
             mut ferry,
         } = Scenario::new(stack, "bad-values").await;
-        let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-        reach_pulsar(&ferry, stack, &closed, false);
-        ferry.start();
-        ferry.wait_log("mqtt subscribed", SECS(30)).await;
+        ferry.cut_off_pulsar();
+        ferry.start_subscribed().await;
         let mut devices = Devices::connect(stack, &prefix, 5).await;
         devices.publish_rounds(0, 2).await;
         ferry.wait_stored(10, SECS(30)).await;
         assert_eq!(ferry.terminate(), Some(0));
-        let c = rusqlite::Connection::open(ferry.store_path()).unwrap();
-        c.execute_batch(sql).unwrap();
-        drop(c);
+        ferry.execute_on_store(sql);
 
-        reach_pulsar(&ferry, stack, &closed, true);
+        ferry.restore_pulsar();
         ferry.start();
         devices.publish_rounds(2, 4).await;
         let expect = if moved { 10 } else { 20 };
         ferry.wait_drained(expect, SECS(60)).await;
         let running = ferry.is_running();
-        let aside = std::fs::read_dir(&ferry.dir)
-            .unwrap()
-            .filter(|e| {
-                let n = e.as_ref().unwrap().file_name();
-                let n = n.to_string_lossy();
-                n.contains("damaged-") && !n.ends_with("-wal") && !n.ends_with("-shm")
-            })
-            .count();
+        let aside = ferry.moved_aside().len();
         let msgs = read_topic(stack, &topic, false, expect as usize, SECS(15)).await;
         let t = if moved {
             // The fresh store forwards what came after; the moved-aside file
             // keeps the first 10 for the operator.
-            let mut seen = std::collections::BTreeSet::new();
-            let dups = msgs
-                .iter()
-                .filter(|m| !seen.insert((m.key.clone(), m.n())))
-                .count();
+            let dups = duplicates(&msgs);
             let fresh = msgs.iter().filter(|m| m.n() >= 2).count();
             (msgs.len(), dups, fresh)
         } else {

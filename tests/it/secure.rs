@@ -8,76 +8,6 @@ use crate::harness::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// A ferry for `role` writing to `topic` on a secured broker.
-fn secure_ferry(
-    stack: &Stack,
-    secure: &Secure,
-    test: &str,
-    role: &str,
-    prefix: &str,
-    topic: &str,
-    cert: bool,
-) -> Ferry {
-    let dir = test_dir(&format!("{test}-secrets"));
-    let token = dir.join("pulsar.token");
-    write_secret(&token, &secure.token(role, None));
-    let ca = dir.join("ca.pem");
-    std::fs::copy(secure.pki.join("ca.pem"), &ca).unwrap();
-    let tables = secure.ferry_tables(&ca, &token, cert);
-    let ferry = Ferry::new(
-        stack,
-        test,
-        &unique("gw"),
-        &format!("{prefix}/+/state"),
-        topic,
-        &tables,
-    );
-    ferry.edit_config(&stack.service_url(), &secure.service_url());
-    ferry
-}
-
-/// A ferry for a new role that may produce on one new topic of `ns`, and
-/// nothing else.
-struct Granted {
-    topic: String,
-    role: String,
-    prefix: String,
-    ferry: Ferry,
-}
-
-async fn granted_ferry(
-    stack: &Stack,
-    secure: &Secure,
-    ns: &str,
-    local: &str,
-    test: &str,
-    cert: bool,
-) -> Granted {
-    let topic = format!("persistent://{ns}/{local}");
-    let role = unique(&format!("gw-{test}"));
-    secure.grant_produce(&topic, &role).await;
-    let prefix = unique(test);
-    let ferry = secure_ferry(stack, secure, test, &role, &prefix, &topic, cert);
-    Granted {
-        topic,
-        role,
-        prefix,
-        ferry,
-    }
-}
-
-fn token_path(ferry: &Ferry) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(&ferry.config).unwrap();
-    let line = text.lines().find(|l| l.starts_with("token_file")).unwrap();
-    line.split('"').nth(1).unwrap().into()
-}
-
-fn ca_path(ferry: &Ferry) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(&ferry.config).unwrap();
-    let line = text.lines().find(|l| l.starts_with("ca_file")).unwrap();
-    line.split('"').nth(1).unwrap().into()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_updates_over_tls_with_a_token_arrive_exactly_once() {
     let (stack, _shared) = Stack::shared().await;
@@ -88,10 +18,10 @@ async fn ten_thousand_updates_over_tls_with_a_token_arrive_exactly_once() {
         role,
         prefix,
         mut ferry,
-    } = granted_ferry(stack, secure, &ns, "device-status", "tls", false).await;
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    } = secure
+        .granted_ferry(stack, &ns, "device-status", "tls", false)
+        .await;
+    ferry.start_ready().await;
 
     let mut devices = Devices::connect(stack, &prefix, 100).await;
     devices.publish_rounds(0, 100).await;
@@ -116,13 +46,13 @@ async fn short_lived_tokens_rotated_on_disk_never_drop_the_connection() {
         role,
         prefix,
         mut ferry,
-    } = granted_ferry(stack, secure, &ns, "device-status", "rotate", false).await;
+    } = secure
+        .granted_ferry(stack, &ns, "device-status", "rotate", false)
+        .await;
     // Tokens live 12 s; a new one lands on disk every 4 s.
-    let token = token_path(&ferry);
+    let token = ferry.token_path();
     write_secret(&token, &secure.token(&role, Some(12)));
-    ferry.start();
-    ferry.wait_log("producer ready", SECS(30)).await;
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_ready().await;
 
     let mut devices = Devices::connect(stack, &prefix, 20).await;
     let started = Instant::now();
@@ -167,34 +97,20 @@ async fn gateway_a_cannot_write_gateway_b_topic_and_its_own_data_keeps_flowing()
     let (stack, _shared) = Stack::shared().await;
     let secure = tokio::task::block_in_place(Secure::get);
     let ns = secure.namespace("authz").await;
-    let topic_a = format!("persistent://{ns}/status-a");
-    let topic_b = format!("persistent://{ns}/status-b");
-    let role_a = unique("gw-a");
-    let role_b = unique("gw-b");
-    secure.grant_produce(&topic_a, &role_a).await;
-    secure.grant_produce(&topic_b, &role_b).await;
-
     // A's own ferry, and a second one with A's token aimed at B's topic.
-    let prefix_a = unique("authz-a");
+    let Granted {
+        topic: topic_a,
+        role: role_a,
+        prefix: prefix_a,
+        ferry: mut good,
+    } = secure
+        .granted_ferry(stack, &ns, "status-a", "authz-good", false)
+        .await;
+    let topic_b = format!("persistent://{ns}/status-b");
+    let role_b = unique("gw-b");
+    secure.grant_produce(&topic_b, &role_b).await;
     let prefix_b = unique("authz-b");
-    let mut good = secure_ferry(
-        stack,
-        secure,
-        "authz-good",
-        &role_a,
-        &prefix_a,
-        &topic_a,
-        false,
-    );
-    let mut bad = secure_ferry(
-        stack,
-        secure,
-        "authz-bad",
-        &role_a,
-        &prefix_b,
-        &topic_b,
-        false,
-    );
+    let mut bad = secure.ferry_as(stack, "authz-bad", &role_a, &prefix_b, &topic_b, false);
     good.start();
     bad.start();
     good.wait_log("producer ready", SECS(30)).await;
@@ -256,8 +172,7 @@ async fn broken_then_fixed(
     expect: &str,
     fix: impl FnOnce(&mut Ferry),
 ) -> String {
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     ferry.wait_log(expect, SECS(30)).await;
     let line = ferry
         .log_text()
@@ -294,8 +209,10 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
         role: _,
         prefix,
         mut ferry,
-    } = granted_ferry(stack, secure, &ns, "wrong-ca", "wrong-ca", false).await;
-    let ca = ca_path(&ferry);
+    } = secure
+        .granted_ferry(stack, &ns, "wrong-ca", "wrong-ca", false)
+        .await;
+    let ca = ferry.ca_path();
     std::fs::copy(secure.pki.join("other-ca.pem"), &ca).unwrap();
     let real_ca = secure.pki.join("ca.pem");
     let line = broken_then_fixed(
@@ -318,9 +235,11 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
         role: _,
         prefix,
         mut ferry,
-    } = granted_ferry(stack, secure, &ns, "hostname", "hostname", false).await;
+    } = secure
+        .granted_ferry(stack, &ns, "hostname", "hostname", false)
+        .await;
     let by_ip = format!("pulsar+ssl://127.0.0.1:{}", secure.tls_port);
-    ferry.edit_config(&secure.service_url(), &by_ip);
+    ferry.point_pulsar_at(&by_ip);
     let fixed_url = secure.service_url();
     let line = broken_then_fixed(
         stack,
@@ -331,7 +250,7 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
         "hostname mismatch",
         |f| {
             f.terminate();
-            f.edit_config(&by_ip, &fixed_url);
+            f.point_pulsar_at(&fixed_url);
             f.start();
         },
     )
@@ -344,8 +263,10 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
         role,
         prefix,
         mut ferry,
-    } = granted_ferry(stack, secure, &ns, "expired", "expired", false).await;
-    let token = token_path(&ferry);
+    } = secure
+        .granted_ferry(stack, &ns, "expired", "expired", false)
+        .await;
+    let token = ferry.token_path();
     write_secret(&token, &secure.token(&role, Some(-60)));
     let fresh = secure.token(&role, None);
     let line = broken_then_fixed(
@@ -379,7 +300,9 @@ async fn a_broker_requiring_client_certificates_accepts_ferry_with_one_and_refus
         role: _,
         prefix: _,
         ferry: mut without,
-    } = granted_ferry(stack, mtls, &ns, "without", "mtls-without", false).await;
+    } = mtls
+        .granted_ferry(stack, &ns, "without", "mtls-without", false)
+        .await;
     without.start();
     without.wait_log("uplink blocked", SECS(30)).await;
     let line = without
@@ -398,10 +321,10 @@ async fn a_broker_requiring_client_certificates_accepts_ferry_with_one_and_refus
         role: _,
         prefix,
         ferry: mut with,
-    } = granted_ferry(stack, mtls, &ns, "with", "mtls-with", true).await;
-    with.start();
-    with.wait_log("producer ready", SECS(30)).await;
-    with.wait_log("mqtt subscribed", SECS(30)).await;
+    } = mtls
+        .granted_ferry(stack, &ns, "with", "mtls-with", true)
+        .await;
+    with.start_ready().await;
     let (code, out) = with.check_online();
     assert_eq!(code, Some(0), "{out}");
     let mut devices = Devices::connect(stack, &prefix, 10).await;

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::stream::closed_port;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -15,11 +14,9 @@ async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "status").await;
-    let closed = format!("pulsar://127.0.0.1:{}", closed_port());
-    ferry.edit_config(&stack.service_url(), &closed);
-    ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.cut_off_pulsar();
+    ferry.add_settings("store", "max_payload_bytes = 1024");
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 5).await;
     devices.publish_rounds(0, 20).await;
     let big = devices.topic("dev-0001");
@@ -43,7 +40,7 @@ async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
     assert!(table.contains("dead letters     1"), "{table}");
     assert!(table.contains("exceeds store.max_payload_bytes"), "{table}");
 
-    let json: serde_json::Value = serde_json::from_str(&ferry.status(true)).unwrap();
+    let json = ferry.status_json();
     assert_eq!(json["pending_records"], 100);
     assert_eq!(json["running"], true);
     assert_eq!(json["agent"]["pulsar"]["connected"], false);
@@ -51,11 +48,11 @@ async fn status_shows_links_backlog_and_dead_letters_of_the_running_agent() {
 
     // Pulsar back: the backlog drains and status says so.
     ferry.terminate();
-    ferry.edit_config(&closed, &stack.service_url());
+    ferry.restore_pulsar();
     ferry.start();
     ferry.wait_drained(100, SECS(60)).await;
     tokio::time::sleep(SECS(6)).await;
-    let json: serde_json::Value = serde_json::from_str(&ferry.status(true)).unwrap();
+    let json = ferry.status_json();
     report(
         "status",
         &format!("after the drain: {}", ferry.status(false)),

@@ -10,20 +10,13 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_devices_ten_thousand_updates_arrive_exactly_once_in_order() {
     let (stack, _shared) = Stack::shared().await;
-    let ns = Namespace::create(stack, "stream").await;
-    let topic = ns.topic("device-status");
-    let prefix = unique("stream");
-    let gateway = unique("gw");
-    let mut ferry = Ferry::new(
-        stack,
-        "stream",
-        &gateway,
-        &format!("{prefix}/+/state"),
-        &topic,
-        "",
-    );
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "stream").await;
+    let gateway = ferry.gateway().to_string();
+    ferry.start_subscribed().await;
 
     let mut devices = Devices::connect(stack, &prefix, 100).await;
     devices.publish_rounds(0, 100).await;
@@ -39,7 +32,7 @@ async fn hundred_devices_ten_thousand_updates_arrive_exactly_once_in_order() {
         assert_eq!(m.properties["mqtt.topic"], devices.topic(&m.key));
     }
 
-    ns.compact("device-status").await;
+    stack.admin_api().compact(&topic).await;
     let latest = read_topic(stack, &topic, true, 100, SECS(30)).await;
     report(
         "stream",
@@ -71,11 +64,8 @@ async fn restarted_ferry_skips_what_the_broker_already_holds() {
         mut ferry,
     } = Scenario::new(stack, "resume").await;
     // First with Pulsar out of reach, so that records pile up in the store.
-    let closed = closed_port();
-    let good_url = stack.service_url();
-    ferry.edit_config(&good_url, &format!("pulsar://127.0.0.1:{closed}"));
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.cut_off_pulsar();
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 10).await;
     devices.publish_rounds(0, 100).await;
     ferry.wait_stored(1000, SECS(60)).await;
@@ -85,7 +75,7 @@ async fn restarted_ferry_skips_what_the_broker_already_holds() {
     std::fs::copy(ferry.store_path(), &snapshot).unwrap();
 
     // Now with Pulsar: all 1,000 go out.
-    ferry.edit_config(&format!("pulsar://127.0.0.1:{closed}"), &good_url);
+    ferry.restore_pulsar();
     ferry.start();
     ferry.wait_drained(1000, SECS(60)).await;
     assert_eq!(ferry.terminate(), Some(0));
@@ -113,10 +103,4 @@ async fn restarted_ferry_skips_what_the_broker_already_holds() {
     assert_eq!(t, exact(1500));
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
-}
-
-/// A local port nothing listens on.
-pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }

@@ -2,70 +2,18 @@
 //! watchdog that stops being fed when a loop hangs, a draining SIGTERM, and
 //! reload.
 
-use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// A NOTIFY_SOCKET that records every message with its arrival time.
-struct NotifySocket {
-    path: std::path::PathBuf,
-    seen: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-impl NotifySocket {
-    fn new(dir: &std::path::Path) -> NotifySocket {
-        let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let out = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).to_string();
-                out.lock().unwrap().push((Instant::now(), text));
-            }
-        });
-        NotifySocket { path, seen }
-    }
-
-    /// Messages that contain `needle`, arrived in `[from, to)`.
-    fn count(&self, needle: &str, from: Instant, to: Instant) -> usize {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, m)| *t >= from && *t < to && m.contains(needle))
-            .count()
-    }
-
-    async fn wait_for(&self, needle: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.count(
-            needle,
-            Instant::now() - SECS(3600),
-            Instant::now() + SECS(1),
-        ) == 0
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle} on the notify socket: {:?}",
-                self.seen.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_watchdog_and_stopping_reach_systemd() {
     let (stack, _shared) = Stack::shared().await;
     let Scenario { mut ferry, .. } = Scenario::new(stack, "notify").await;
     let sock = NotifySocket::new(&ferry.dir);
-    let path = sock.path.to_string_lossy().to_string();
+    let path = sock.env_value();
     let started = Instant::now();
     ferry.start_with_env(&[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "1500000")]);
     sock.wait_for("READY=1", SECS(20)).await;
@@ -86,7 +34,7 @@ async fn a_ferry_whose_store_loop_hangs_stops_feeding_the_watchdog() {
     let (stack, _shared) = Stack::shared().await;
     let Scenario { mut ferry, .. } = Scenario::new(stack, "hang").await;
     let sock = NotifySocket::new(&ferry.dir);
-    let path = sock.path.to_string_lossy().to_string();
+    let path = sock.env_value();
     let started = Instant::now();
     // The store thread blocks 2 s after start; a loop is declared hung after
     // 3 s of silence.
@@ -122,8 +70,7 @@ async fn sigterm_mid_stream_drains_and_loses_nothing() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "sigterm").await;
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 50).await;
     let mut stops = 0;
     for chunk in 0..10u64 {
@@ -160,9 +107,8 @@ async fn reload_applies_limits_at_once_and_names_what_needs_a_restart() {
         prefix,
         mut ferry,
     } = Scenario::new(stack, "reload").await;
-    ferry.edit_config("[store]\npath", "[store]\nmax_payload_bytes = 1024\npath");
-    ferry.start();
-    ferry.wait_log("mqtt subscribed", SECS(30)).await;
+    ferry.add_settings("store", "max_payload_bytes = 1024");
+    ferry.start_subscribed().await;
     let mut devices = Devices::connect(stack, &prefix, 1).await;
     let big = devices.topic("dev-0000");
     devices.publish_raw(&big, vec![b'x'; 2000]).await;

@@ -1,0 +1,287 @@
+//! The results table: each ferry figure beside what bounds it, as Markdown
+//! (`results.md`) and as plain text (the terminal).
+
+use serde_json::Value;
+
+use crate::Settings;
+
+/// One line of the table: a ferry figure beside what bounds it.
+pub struct Row {
+    figure: String,
+    ferry: String,
+    bound: String,
+    ratio: String,
+    target: String,
+    met: String,
+}
+
+pub fn fmt_rate(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn met(ok: bool) -> String {
+    if ok { "met" } else { "not met" }.to_string()
+}
+
+pub fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut v = v;
+    for p in path {
+        v = v.get(*p)?;
+    }
+    v.as_f64()
+}
+
+pub fn rows(r: &Value, s: &Settings) -> Vec<Row> {
+    // A phase that failed or was skipped: its JSON says which.
+    let failed = || "n/a".to_string();
+    let a_crate = num(r, &["ceilings", "a_pulsar_crate", "rate"]);
+    let a_bare = num(r, &["ceilings", "a_pulsar_bare", "rate"]);
+    // Ceiling A is what the broker was shown to take: the faster client.
+    let a = match (a_crate, a_bare) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+    let b = num(r, &["ceilings", "b_mqtt", "rate"]);
+    let c = num(r, &["ceilings", "c_sqlite", "rate"]);
+    let named = [("A", a), ("B", b), ("C", c)];
+    let lowest = named
+        .iter()
+        .filter_map(|(n, v)| v.map(|v| (*n, v)))
+        .min_by(|x, y| x.1.total_cmp(&y.1));
+    let mut out = Vec::new();
+    let sqlite = format!("SQLite, {} per commit (WAL, synchronous=FULL)", s.batch);
+    let crate_name = format!(
+        "Pulsar publish, pulsar crate's producer (unbatched, window {})",
+        s.window
+    );
+    let bare_name = format!(
+        "Pulsar publish, bare protocol producer (unbatched, window {})",
+        s.window
+    );
+    let cycle = num(r, &["extra", "c_sqlite_insert_and_delete", "rate"]);
+    let sqlite_cycle = format!(
+        "SQLite insert, then delete, {} per commit (info: ferry's store does both)",
+        s.batch
+    );
+    for (label, name, v) in [
+        ("A1", crate_name.as_str(), a_crate),
+        ("A2", bare_name.as_str(), a_bare),
+        ("B", "MQTT QoS 1 through Mosquitto to one subscriber", b),
+        ("C", sqlite.as_str(), c),
+        ("C'", sqlite_cycle.as_str(), cycle),
+    ] {
+        out.push(Row {
+            figure: format!("ceiling {label}: {name}, updates/s"),
+            ferry: "".into(),
+            bound: v.map(fmt_rate).unwrap_or_else(failed),
+            ratio: "".into(),
+            target: "".into(),
+            met: "".into(),
+        });
+    }
+    let e2e = num(r, &["ferry", "end_to_end", "rate"]);
+    out.push(Row {
+        figure: "ferry end to end (durable), updates/s".into(),
+        ferry: e2e.map(fmt_rate).unwrap_or_else(failed),
+        bound: lowest
+            .map(|(n, v)| format!("{} (lowest: {n})", fmt_rate(v)))
+            .unwrap_or_else(failed),
+        ratio: match (e2e, lowest) {
+            (Some(f), Some((_, l))) => format!("{:.0}%", 100.0 * f / l),
+            _ => "".into(),
+        },
+        target: "≥ 80% of lowest ceiling".into(),
+        met: match (e2e, lowest) {
+            (Some(f), Some((_, l))) => met(f >= 0.8 * l),
+            _ => "".into(),
+        },
+    });
+    let pipeline = num(r, &["extra", "p_pipeline_without_store", "rate"]);
+    out.push(Row {
+        figure: "ferry end to end vs P: the same pipeline without a store, this machine (info)"
+            .into(),
+        ferry: e2e.map(fmt_rate).unwrap_or_else(failed),
+        bound: pipeline
+            .map(|v| format!("{} (P)", fmt_rate(v)))
+            .unwrap_or_else(failed),
+        ratio: match (e2e, pipeline) {
+            (Some(f), Some(p)) => format!("{:.0}%", 100.0 * f / p),
+            _ => "".into(),
+        },
+        target: "".into(),
+        met: "".into(),
+    });
+    let drain = num(r, &["ferry", "drain", "rate"]);
+    let shed = num(r, &["ferry", "drain", "shed"]).unwrap_or(0.0);
+    let shed_note = if shed > 0.0 {
+        format!(" ({} shed by the store's limits)", fmt_rate(shed))
+    } else {
+        String::new()
+    };
+    out.push(Row {
+        figure: format!(
+            "drain of {} after an outage, updates/s{shed_note}",
+            fmt_rate(s.backlog as f64)
+        ),
+        ferry: drain.map(fmt_rate).unwrap_or_else(failed),
+        bound: a
+            .map(|v| format!("{} (A, the faster)", fmt_rate(v)))
+            .unwrap_or_else(failed),
+        ratio: match (drain, a) {
+            (Some(f), Some(a)) => format!("{:.0}%", 100.0 * f / a),
+            _ => "".into(),
+        },
+        target: "≥ 90% of A".into(),
+        met: match (drain, a) {
+            (Some(f), Some(a)) => met(f >= 0.9 * a),
+            _ => "".into(),
+        },
+    });
+    for (q, key) in [("p50", "p50_ms"), ("p99", "p99_ms")] {
+        let f = num(r, &["ferry", "latency", key]);
+        let l = num(r, &["ceilings", "l_no_store", key]);
+        out.push(Row {
+            figure: format!("latency {q} at {}/s, MQTT publish to consumer, ms", s.rate),
+            ferry: f.map(|v| format!("{v:.1}")).unwrap_or_else(failed),
+            bound: l
+                .map(|v| format!("{v:.1} (L: no store)"))
+                .unwrap_or_else(failed),
+            ratio: match (f, l) {
+                (Some(f), Some(l)) if l > 0.0 => format!("{:.1}×", f / l),
+                _ => "".into(),
+            },
+            target: "".into(),
+            met: "".into(),
+        });
+    }
+    let rss = num(r, &["ferry", "resources", "peak_rss_kb"]);
+    out.push(Row {
+        figure: "ferry peak RSS (VmHWM), MiB".into(),
+        ferry: rss
+            .map(|v| format!("{:.1}", v / 1024.0))
+            .unwrap_or_else(failed),
+        bound: "".into(),
+        ratio: "".into(),
+        target: "≤ 16 MiB".into(),
+        met: rss.map(|v| met(v / 1024.0 <= 16.0)).unwrap_or_default(),
+    });
+    let cpu = num(r, &["ferry", "resources", "cpu_us_per_update"]);
+    out.push(Row {
+        figure: "ferry CPU, s per 100,000 updates (µs per update)".into(),
+        ferry: cpu
+            .map(|v| format!("{:.2} ({v:.1} µs)", v / 10.0))
+            .unwrap_or_else(failed),
+        bound: "".into(),
+        ratio: "".into(),
+        target: "≤ 10 µs per update".into(),
+        met: cpu.map(|v| met(v <= 10.0)).unwrap_or_default(),
+    });
+    let w = num(r, &["ferry", "resources", "write_bytes_per_update"]);
+    out.push(Row {
+        figure: "ferry bytes written to disk per update".into(),
+        ferry: w.map(|v| format!("{v:.0}")).unwrap_or_else(failed),
+        bound: format!("{} (payload)", s.payload),
+        ratio: w
+            .map(|v| format!("{:.1}×", v / s.payload as f64))
+            .unwrap_or_default(),
+        target: "≤ 3× payload".into(),
+        met: w
+            .map(|v| met(v <= 3.0 * s.payload as f64))
+            .unwrap_or_default(),
+    });
+    out
+}
+
+pub fn markdown(rows: &[Row]) -> String {
+    let mut t = String::from("| figure | ferry | ceiling / bound | ratio | reach for | |\n");
+    t.push_str("|---|--:|--:|--:|---|---|\n");
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.figure, r.ferry, r.bound, r.ratio, r.target, r.met
+        ));
+    }
+    t
+}
+
+pub fn plain_table(rows: &[Row]) -> String {
+    let head = [
+        "figure",
+        "ferry",
+        "ceiling / bound",
+        "ratio",
+        "reach for",
+        "",
+    ];
+    let cells: Vec<[&str; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.figure.as_str(),
+                r.ferry.as_str(),
+                r.bound.as_str(),
+                r.ratio.as_str(),
+                r.target.as_str(),
+                r.met.as_str(),
+            ]
+        })
+        .collect();
+    let mut width = head.map(|h| h.chars().count());
+    for c in &cells {
+        for (i, v) in c.iter().enumerate() {
+            width[i] = width[i].max(v.chars().count());
+        }
+    }
+    let line = |c: [&str; 6]| {
+        let mut s = String::new();
+        for (i, v) in c.iter().enumerate() {
+            let pad = width[i] - v.chars().count();
+            if i == 0 || i >= 4 {
+                s.push_str(v);
+                s.push_str(&" ".repeat(pad));
+            } else {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(v);
+            }
+            s.push_str("  ");
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(head);
+    for c in cells {
+        out.push_str(&line(c));
+    }
+    out
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores, {cpu}")
+}
+
+pub fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,174 @@
+//! Reading a topic back with a real Pulsar consumer (the `pulsar` crate),
+//! and the tally of what arrived against what the devices published.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use pulsar::consumer::InitialPosition;
+use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
+
+use super::{unique, Secure, Stack};
+
+/// One message read back from Pulsar.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub sequence_id: u64,
+    /// When ferry sent it (ms since the epoch).
+    pub publish_time: u64,
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Received {
+    /// The simulated device's own update counter, from the payload.
+    pub fn n(&self) -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&self.payload).expect("json payload");
+        v["n"].as_u64().expect("n in payload")
+    }
+}
+
+/// Reads a topic from the start until `expected` messages arrived, then keeps
+/// listening for `grace` to catch anything extra (a duplicate). Gives up when
+/// nothing arrives for `idle`.
+pub async fn read_topic(
+    stack: &Stack,
+    topic: &str,
+    compacted: bool,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
+    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(stack.service_url(), TokioExecutor)
+        .build()
+        .await
+        .expect("pulsar client");
+    read_with(pulsar, topic, compacted, expected, idle).await
+}
+
+/// [`read_topic`] on a secured broker, as its super-user.
+pub async fn read_secure_topic(
+    secure: &Secure,
+    topic: &str,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
+    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(secure.service_url(), TokioExecutor)
+        .with_auth(pulsar::Authentication {
+            name: "token".into(),
+            data: secure.admin_token().into_bytes(),
+        })
+        .with_certificate_chain_file(secure.pki.join("ca.pem"))
+        .expect("read ca.pem")
+        .with_tls_hostname_verification_enabled(true)
+        .build()
+        .await
+        .expect("pulsar client");
+    read_with(pulsar, topic, false, expected, idle).await
+}
+
+async fn read_with(
+    pulsar: Pulsar<TokioExecutor>,
+    topic: &str,
+    compacted: bool,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
+    let mut consumer = pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription(unique("reader"))
+        .with_subscription_type(SubType::Exclusive)
+        .with_options(ConsumerOptions {
+            initial_position: InitialPosition::Earliest,
+            read_compacted: Some(compacted),
+            durable: Some(false),
+            ..Default::default()
+        })
+        .build::<Vec<u8>>()
+        .await
+        .expect("pulsar consumer");
+    let grace = Duration::from_secs(3);
+    let mut out = Vec::new();
+    loop {
+        let wait = if out.len() >= expected { grace } else { idle };
+        match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(msg))) => {
+                let _ = consumer.ack(&msg).await;
+                let meta = msg.metadata();
+                out.push(Received {
+                    key: meta.partition_key.clone().unwrap_or_default(),
+                    sequence_id: meta.sequence_id,
+                    publish_time: meta.publish_time,
+                    properties: meta
+                        .properties
+                        .iter()
+                        .map(|kv| (kv.key.clone(), kv.value.clone()))
+                        .collect(),
+                    payload: msg.payload.data.clone(),
+                });
+            }
+            Ok(Some(Err(e))) => panic!("consumer error: {e}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
+}
+
+/// What arrived, compared with what the devices published.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub received: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub out_of_order: usize,
+}
+
+/// The tally of a topic that holds `n` updates, each exactly once, in order.
+pub fn exact(n: usize) -> Tally {
+    Tally {
+        received: n,
+        lost: 0,
+        duplicated: 0,
+        out_of_order: 0,
+    }
+}
+
+/// Checks that each of `devices` sent updates 0..per_device and that the
+/// topic holds each exactly once, in order per device.
+pub fn tally(msgs: &[Received], devices: &[String], per_device: u64) -> Tally {
+    let mut by_device: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for m in msgs {
+        by_device.entry(m.key.as_str()).or_default().push(m.n());
+    }
+    let mut t = Tally {
+        received: msgs.len(),
+        ..Tally::default()
+    };
+    for d in devices {
+        let got = by_device.get(d.as_str()).cloned().unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        let mut last: Option<u64> = None;
+        for n in &got {
+            if !seen.insert(*n) {
+                t.duplicated += 1;
+                continue;
+            }
+            if last.is_some_and(|l| *n < l) {
+                t.out_of_order += 1;
+            }
+            last = Some(*n);
+        }
+        t.lost += (0..per_device).filter(|n| !seen.contains(n)).count();
+    }
+    t
+}
+
+/// How many messages repeat an update (device and update number) that an
+/// earlier message of the topic already carried.
+pub fn duplicates(msgs: &[Received]) -> usize {
+    let mut seen = BTreeSet::new();
+    msgs.iter()
+        .filter(|m| !seen.insert((m.key.clone(), m.n())))
+        .count()
+}
