@@ -28,6 +28,8 @@ pub struct DesiredUpdate {
     pub version: Option<String>,
     /// The desired document (empty: the device's desired state is cleared).
     pub payload: bytes::Bytes,
+    /// Why the message could not be read, if it could not (dead-lettered).
+    pub problem: Option<String>,
 }
 
 /// A device's desired state to publish to the local MQTT broker.
@@ -59,6 +61,9 @@ pub struct DownlinkStart {
 
 /// Why a desired-state message can never be applied, if it cannot.
 pub fn desired_reject_reason(u: &DesiredUpdate, max_payload: usize) -> Option<String> {
+    if let Some(problem) = &u.problem {
+        return Some(problem.clone());
+    }
     let Some(device) = &u.device else {
         return Some("no key (the device id)".into());
     };
@@ -183,8 +188,11 @@ impl Db {
             .execute(params![device, version as i64, &u.payload[..]])?;
             out.stored += 1;
         }
+        // An empty position: none yet (what was there stays).
+        let position = (!position.is_empty()).then_some(position);
         tx.execute(
-            "UPDATE downlink SET position = ?2, caught_up = MAX(caught_up, ?3) WHERE topic = ?1",
+            "UPDATE downlink SET position = COALESCE(?2, position), caught_up = MAX(caught_up, ?3)
+             WHERE topic = ?1",
             params![topic, position, caught_up as i64],
         )?;
         add_counters(
@@ -228,30 +236,28 @@ impl Db {
 
     /// The local MQTT broker acknowledged `applied` (PUBACK). Each version
     /// newer than what the device had applied becomes its applied version,
-    /// and its acknowledgement (`acks`, one per such version, built by
-    /// `ack`) is stored for the ack topic's stream, in one transaction. A
-    /// state published again because the broker forgot it gets no second
-    /// acknowledgement.
+    /// and its acknowledgement record (beside it) is stored for the ack
+    /// topic's stream, in one transaction. A state published again because
+    /// the broker forgot it gets no second acknowledgement.
     pub fn desired_applied(
         &mut self,
-        applied: &[Desired],
-        ack: impl Fn(&Desired) -> Inbound,
+        applied: &[(Desired, Inbound)],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
         let mut newly = Vec::new();
-        for d in applied {
+        for (d, ack) in applied {
             let had: Option<i64> = self
                 .conn
                 .prepare_cached("SELECT applied FROM desired WHERE device = ?1")?
                 .query_row([&d.device], |r| r.get(0))
                 .optional()?;
             if had.is_some_and(|a| (a.max(0) as u64) < d.version) {
-                newly.push(ack(d));
+                newly.push(ack.clone());
             }
         }
         let republished = applied.len() - newly.len();
         self.commit_with(&[], &[], &newly, max_payload, |tx| {
-            for d in applied {
+            for (d, _) in applied {
                 tx.prepare_cached(
                     "UPDATE desired SET applied = MAX(applied, ?2),
                          republish = CASE WHEN version <= ?2 THEN 0 ELSE republish END

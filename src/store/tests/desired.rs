@@ -10,6 +10,7 @@ fn update(device: &str, version: &str, payload: &str) -> DesiredUpdate {
         device: Some(device.into()),
         version: Some(version.into()),
         payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+        problem: None,
     }
 }
 
@@ -25,20 +26,23 @@ fn row(device: &str, version: u64, payload: &str) -> (String, u64, String) {
     (device.to_string(), version, payload.to_string())
 }
 
-/// The acknowledgement record the downlink stores for an applied version
-/// (on the events stream `alarms` in these tests).
-fn ack(l: &Layout) -> impl Fn(&Desired) -> Inbound + '_ {
-    move |d| {
-        let mut m = msg(
-            l,
-            &format!("devices/{}/alarm", d.device),
-            format!("{}:{}", d.device, d.version).as_bytes(),
-            0,
-            false,
-        );
-        m.ack = None;
-        m
-    }
+/// Each applied state with the acknowledgement record the downlink stores
+/// for it (on the events stream `alarms` in these tests).
+fn with_acks(l: &Layout, applied: Vec<Desired>) -> Vec<(Desired, Inbound)> {
+    applied
+        .into_iter()
+        .map(|d| {
+            let mut m = msg(
+                l,
+                &format!("devices/{}/alarm", d.device),
+                format!("{}:{}", d.device, d.version).as_bytes(),
+                0,
+                false,
+            );
+            m.ack = None;
+            (d, m)
+        })
+        .collect()
 }
 
 /// A store that read `TOPIC` to its end once.
@@ -124,7 +128,7 @@ fn applied_versions_get_one_acknowledgement_each_in_the_same_transaction() {
     )
     .unwrap();
     let todo = db.desired_pending(100).unwrap();
-    let out = db.desired_applied(&todo, ack(&l), 1024).unwrap();
+    let out = db.desired_applied(&with_acks(&l, todo), 1024).unwrap();
     assert_eq!(out.stored, 2);
     assert!(pending(&db).is_empty());
     let acks: Vec<String> = db
@@ -140,7 +144,7 @@ fn applied_versions_get_one_acknowledgement_each_in_the_same_transaction() {
     assert_eq!(db.desired_forgotten().unwrap(), 2);
     assert_eq!(pending(&db), [row("a", 1, "a1"), row("b", 7, "b7")]);
     let again = db.desired_pending(100).unwrap();
-    let out = db.desired_applied(&again, ack(&l), 1024).unwrap();
+    let out = db.desired_applied(&with_acks(&l, again), 1024).unwrap();
     assert_eq!(out.stored, 0);
     assert!(pending(&db).is_empty());
     assert_eq!(db.last_seqs()[1], 2, "no second acknowledgement");
@@ -154,7 +158,7 @@ fn applied_versions_get_one_acknowledgement_each_in_the_same_transaction() {
         version: 1,
         payload: b"a1".to_vec(),
     };
-    db.desired_applied(&[old], ack(&l), 1024).unwrap();
+    db.desired_applied(&with_acks(&l, vec![old]), 1024).unwrap();
     assert_eq!(pending(&db), [row("a", 2, "a2")]);
 }
 
@@ -219,7 +223,7 @@ fn another_desired_topic_is_read_from_its_start_without_going_back_a_version() {
     db.desired_received(TOPIC, &[update("a", "5", "a5")], b"p1", true, 1024)
         .unwrap();
     let todo = db.desired_pending(100).unwrap();
-    db.desired_applied(&todo, ack(&l), 1024).unwrap();
+    db.desired_applied(&with_acks(&l, todo), 1024).unwrap();
     let other = "persistent://t/n/desired-2";
     let start = db.downlink_start(other).unwrap();
     assert_eq!((start.position, start.caught_up), (None, false));
