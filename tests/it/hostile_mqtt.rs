@@ -181,6 +181,8 @@ struct FakeState {
     kicks: u64,
     /// Clean DISCONNECT packets received.
     disconnects: usize,
+    /// How long a SUBACK waits (a slow broker).
+    suback_delay: Duration,
 }
 
 impl FakeState {
@@ -330,6 +332,8 @@ async fn fake_connection(mut sock: TcpStream, state: &Mutex<FakeState>, wake: &N
                     if let Some(n) = state.lock().unwrap().subscribes.last_mut() {
                         *n += 1;
                     }
+                    let delay = state.lock().unwrap().suback_delay;
+                    tokio::time::sleep(delay).await;
                     let mut ack = vec![0x90, 2 + sub.filters.len() as u8];
                     ack.extend_from_slice(&sub.pkid.to_be_bytes());
                     ack.extend(sub.filters.iter().map(|_| 0x01));
@@ -457,11 +461,20 @@ async fn after_a_reconnect_with_the_session_present_ferry_does_not_subscribe_aga
     let update = |n: u32| format!("{{\"device\":\"dev-0000\",\"n\":{n}}}");
     let device_topic = format!("{prefix}/dev-0000/state");
 
-    // The first connection of the process, whatever the session flag.
-    fake.with(|s| s.session_present = true);
+    // The first connection of the process, whatever the session flag; a
+    // slow SUBACK, so that the broker has the SUBSCRIBE well before ferry
+    // has its answer.
+    fake.with(|s| {
+        s.session_present = true;
+        s.suback_delay = Duration::from_millis(500);
+    });
     ferry.start();
     fake.wait("a subscription", SECS(30), |s| s.subscribes == [1])
         .await;
+    // Ferry counts the subscription as made only once it got the SUBACK
+    // (until then it subscribes again, as it should): wait for that, not
+    // only for the broker to have the SUBSCRIBE.
+    ferry.wait_log("mqtt subscribed", SECS(30)).await;
     // The broker kept the session: no SUBSCRIBE, and messages still flow.
     fake.kick();
     fake.wait("a second connection", SECS(30), |s| s.connections == 2)
