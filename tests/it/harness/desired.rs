@@ -81,16 +81,19 @@ impl DeviceSide {
         opts.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
-        client
-            .subscribe(format!("{prefix}/+/desired"), QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
         let seen: Arc<Mutex<Seen>> = Arc::default();
         let record = seen.clone();
         let prefix = prefix.to_string();
+        let again = client.clone();
+        let filter = format!("{prefix}/+/desired");
         let task = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    // Subscribed at every connection (a restarted broker
+                    // forgot this clean session).
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = again.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let device = p
                             .topic
