@@ -373,3 +373,101 @@ async fn bad_desired_state_is_dead_lettered_and_the_updates_behind_it_arrive() {
     assert_eq!(ferry.counters().get("desired_dead_lettered"), Some(&5));
     assert_eq!(ferry.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_kill_nines_during_a_thousand_desired_updates_never_go_back_a_version() {
+    use rand::Rng;
+    let (stack, _shared) = Stack::shared().await;
+    let Downlink {
+        desired,
+        acks,
+        prefix,
+        mut ferry,
+        devices,
+    } = Downlink::new(stack, "desired-kill9", 20).await;
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    let mut fleet = Fleet::connect(stack, &desired).await;
+    // 1,000 updates, the device picked at random, its version rising.
+    let plan: Vec<(String, u64)> = {
+        let mut rng = rand::thread_rng();
+        let mut next = vec![0u64; devices.len()];
+        (0..1000)
+            .map(|_| {
+                let i = rng.gen_range(0..devices.len());
+                next[i] += 1;
+                (devices[i].clone(), next[i])
+            })
+            .collect()
+    };
+    let last: std::collections::BTreeMap<String, u64> = plan.iter().cloned().collect();
+    let writes = plan.clone();
+    let writer = tokio::spawn(async move {
+        for (d, v) in writes {
+            fleet.desire(&d, v, &document(&d, v)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let kills = 20;
+    for _ in 0..kills {
+        ferry.start();
+        let ms = rand::thread_rng().gen_range(150..450);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        ferry.kill9();
+    }
+    writer.await.unwrap();
+    ferry.start();
+    let deadline = tokio::time::Instant::now() + SECS(60);
+    loop {
+        let seen = side.seen();
+        if devices.iter().all(|d| {
+            seen.get(d)
+                .and_then(|v| v.last())
+                .is_some_and(|(p, _)| version_of(p) == Some(last[d]))
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "devices did not reach their last version"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Anything late (a republication) shows up in this while.
+    tokio::time::sleep(SECS(2)).await;
+    let seen = side.seen();
+    assert_never_down(&seen);
+    // The same version again, right after itself: a republish.
+    let mut repeats = std::collections::BTreeMap::new();
+    for (d, msgs) in &seen {
+        let versions: Vec<u64> = msgs.iter().filter_map(|(p, _)| version_of(p)).collect();
+        let n = versions.windows(2).filter(|w| w[0] == w[1]).count();
+        repeats.insert(d.clone(), n);
+    }
+    let total: usize = repeats.values().sum();
+    let worst = repeats.values().max().copied().unwrap_or(0);
+    let got = read_topic(stack, &acks, false, 1, SECS(10)).await;
+    let acked = acks_of(&got);
+    let distinct: std::collections::BTreeSet<(String, u64)> = acked.iter().cloned().collect();
+    report(
+        "desired-kill9",
+        &format!(
+            "{kills} SIGKILLs, 1000 updates: {} publications seen, {total} republications (at most {worst} for one device), {} acks ({} distinct)",
+            seen.values().map(Vec::len).sum::<usize>(),
+            acked.len(),
+            distinct.len()
+        ),
+    );
+    assert!(
+        worst <= kills,
+        "a device got more republications than there were kills"
+    );
+    assert_eq!(acked.len(), distinct.len(), "an ack came twice");
+    for d in &devices {
+        assert!(
+            distinct.contains(&(d.clone(), last[d])),
+            "{d}'s last version not acked"
+        );
+    }
+    side.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
