@@ -486,6 +486,9 @@ impl Worker {
 
     /// Updates the store gauges.
     fn gauges(&mut self) -> Result<(), StoreError> {
+        self.metrics
+            .downlink_pending
+            .set(self.db.desired_lag()? as i64);
         let now = self.db.clock().now_ms();
         for s in 0..self.db.layout().streams.len() {
             let spec = &self.db.layout().streams[s];
@@ -642,6 +645,12 @@ impl Worker {
                 let r =
                     self.db
                         .desired_received(&topic, &updates, &position, caught_up, max_payload);
+                if let Ok(out) = &r {
+                    let m = &self.metrics;
+                    m.downlink_received.inc_by(updates.len() as u64);
+                    m.downlink_stale.inc_by(out.stale);
+                    m.downlink_dead_lettered.inc_by(out.dead_lettered);
+                }
                 answer(reply, r)
             }
             DownlinkCommand::Pending { limit, reply } => {

@@ -93,6 +93,14 @@ async fn a_hundred_devices_get_version_one_retained_and_a_hundred_acks_arrive() 
     );
     assert_eq!(retained, 100);
     assert_eq!(seen.len(), 100);
+    let m = ferry.scrape().await;
+    assert_eq!(m["ferry_downlink_received_total"], 100.0);
+    assert_eq!(m["ferry_downlink_published_total"], 100.0);
+    assert_eq!(m["ferry_downlink_applied_total"], 100.0);
+    assert_eq!(m["ferry_downlink_stale_total"], 0.0);
+    // The gauge follows once a second.
+    tokio::time::sleep(SECS(2)).await;
+    assert_eq!(ferry.scrape().await["ferry_downlink_pending"], 0.0);
     side.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
@@ -371,6 +379,9 @@ async fn bad_desired_state_is_dead_lettered_and_the_updates_behind_it_arrive() {
     assert!(reasons[3].contains("exceeds store.max_payload_bytes (1024)"));
     assert!(reasons[4].contains("not a valid MQTT topic level"));
     assert_eq!(ferry.counters().get("desired_dead_lettered"), Some(&5));
+    let m = ferry.scrape().await;
+    assert_eq!(m["ferry_downlink_dead_lettered_total"], 5.0);
+    assert_eq!(m["ferry_downlink_applied_total"], 3.0);
     assert_eq!(ferry.terminate(), Some(0));
 }
 

@@ -275,6 +275,17 @@ impl Db {
         })
     }
 
+    /// Versions read and not yet acknowledged by the local broker (the
+    /// downlink's lag), republications included.
+    pub fn desired_lag(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM desired WHERE version > applied OR republish != 0",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
     /// The local MQTT broker lost its state (a session that was not
     /// present): every device's desired state is published again.
     pub fn desired_forgotten(&mut self) -> Result<u64, StoreError> {
