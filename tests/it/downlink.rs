@@ -482,3 +482,15 @@ async fn twenty_kill_nines_during_a_thousand_desired_updates_never_go_back_a_ver
     side.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_probes_the_desired_topic_with_a_reader() {
+    let (stack, _shared) = Stack::shared().await;
+    let Downlink { desired, ferry, .. } = Downlink::new(stack, "desired-check", 1).await;
+    let (code, out) = ferry.check_online();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("reader accepted on {desired} (the downlink)")),
+        "{out}"
+    );
+}
