@@ -1,7 +1,8 @@
 //! `ferry check`: what an installer wants to know before starting the
 //! service. Offline: the configuration and the permissions of secret files.
 //! Online (`--online`): that the MQTT broker accepts a connection and that
-//! Pulsar accepts TLS, the token, the topic lookup and a producer.
+//! Pulsar accepts TLS, the token, the topic lookup and a producer on every
+//! topic ferry writes, and a reader on the desired topic ferry reads.
 
 use std::time::Duration;
 
@@ -55,7 +56,58 @@ pub async fn online(cfg: &Config) -> Vec<Probe> {
         )
         .await,
     )
+    .chain(match &cfg.downlink {
+        Some(d) => Some(Probe {
+            what: "pulsar",
+            result: probe_reader(&UplinkSettings::for_topic(cfg, &d.topic)).await,
+        }),
+        None => None,
+    })
     .collect()
+}
+
+/// The downlink's reader: lookup and a non-durable subscription (which
+/// needs the `consume` permission) on the desired topic.
+async fn probe_reader(s: &UplinkSettings) -> Result<String, String> {
+    probe_reader_inner(s).await.map_err(|e| match e {
+        uplink::UplinkError::NotAuthorized {
+            topic,
+            role,
+            message,
+        } => format!(
+            "not authorized to consume from {topic}{}: {message}",
+            role.map(|r| format!(" as role {r}")).unwrap_or_default()
+        ),
+        e => e.to_string(),
+    })
+}
+
+async fn probe_reader_inner(s: &UplinkSettings) -> Result<String, uplink::UplinkError> {
+    use uplink::link::{until, within};
+    use uplink::protocol::{Event, SubscribeOptions};
+    let mut proto = uplink::Protocol::new(s.auth.is_some(), &s.topic);
+    let mut conn = uplink::connect_to_topic(s, &mut proto).await?;
+    let (request_id, cmd) = proto.subscribe_with(
+        1,
+        &s.topic,
+        SubscribeOptions {
+            name: format!("ferry-{}-desired-check", s.gateway_id),
+            durable: false,
+            read_compacted: true,
+            ..SubscribeOptions::default()
+        },
+    );
+    conn.push(&cmd);
+    conn.flush().await?;
+    let subscribed = until(&mut conn, &mut proto, s, |e| match e {
+        Event::Subscribed { request_id: id, .. } if id == request_id => Some(()),
+        _ => None,
+    });
+    within(s.operation_timeout(), "subscribe", subscribed).await?;
+    Ok(format!(
+        "broker {}; reader accepted on {} (the downlink)",
+        conn.endpoint, s.topic
+    ))
 }
 
 async fn probe_mqtt(cfg: &Config) -> Result<String, String> {

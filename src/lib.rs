@@ -20,6 +20,7 @@
 pub mod backoff;
 pub mod check;
 pub mod config;
+pub mod downlink;
 pub mod ingest;
 pub mod layout;
 pub mod metrics;
@@ -45,6 +46,8 @@ pub enum RunError {
     Ingest(#[from] ingest::IngestError),
     #[error(transparent)]
     Uplink(#[from] uplink::UplinkError),
+    #[error(transparent)]
+    Downlink(#[from] downlink::DownlinkError),
 }
 
 /// Runs ferry until `shutdown` is cancelled or a fatal error occurs. A new
@@ -128,6 +131,18 @@ pub async fn run(
         debug_hang("uplink").await;
         uplink_run.await
     });
+    // The downlink (if configured) stops with ingest: both talk to the
+    // local broker, and both must be done before the store closes.
+    let mut downlink_running = config.downlink.is_some();
+    let mut downlink = tokio::spawn(downlink::run(
+        config.clone(),
+        layout.clone(),
+        store.handle.clone(),
+        health.clone(),
+        live.clone(),
+        metrics.clone(),
+        intake.clone(),
+    ));
     let uplink_stop = config.uplink.drain_timeout + UPLINK_STOP_MARGIN;
     if let Some(interval) = notify::watchdog_interval() {
         tokio::spawn(notify::watchdog(
@@ -164,11 +179,19 @@ pub async fn run(
                 if let Ok(Err(e)) = r { failure = Some(e.into()); }
                 break;
             }
+            r = &mut downlink, if downlink_running => {
+                downlink_running = false;
+                if let Ok(Err(e)) = r {
+                    failure = Some(e.into());
+                    break;
+                }
+            }
             r = &mut uplink => {
                 if let Ok(Err(e)) = r { failure = Some(e.into()); }
                 notify::notify("STOPPING=1");
                 intake.cancel();
                 let _ = (&mut ingest).await;
+                stop_downlink(&mut downlink, downlink_running, &mut failure).await;
                 background.cancel();
                 return finish(store, failure);
             }
@@ -181,6 +204,7 @@ pub async fn run(
             failure.get_or_insert(e.into());
         }
     }
+    stop_downlink(&mut downlink, downlink_running, &mut failure).await;
     outlet.cancel();
     // The uplink drains for at most drain_timeout; whatever it waits on,
     // shutdown does not wait much longer.
@@ -199,6 +223,29 @@ pub async fn run(
     }
     background.cancel();
     finish(store, failure)
+}
+
+/// Waits (a few seconds at most) for the downlink to store what the local
+/// broker acknowledged and stop.
+async fn stop_downlink(
+    downlink: &mut tokio::task::JoinHandle<Result<(), downlink::DownlinkError>>,
+    running: bool,
+    failure: &mut Option<RunError>,
+) {
+    if !running {
+        return;
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(5), &mut *downlink).await {
+        Ok(Ok(Err(e))) => {
+            failure.get_or_insert(e.into());
+        }
+        Ok(_) => {}
+        Err(_) => {
+            downlink.abort();
+            let _ = (&mut *downlink).await;
+            tracing::warn!("downlink did not stop in time; what it published is published again at the next start");
+        }
+    }
 }
 
 /// Ticks `beat` while `fut` runs; honours the `FERRY_DEBUG_HANG` test hook.

@@ -39,6 +39,12 @@ pub struct Metrics {
     pub store_dead_lettered: Counter,
     pub store_redeliveries_dropped: Counter,
     pub store_retained_unchanged: Counter,
+    pub downlink_received: Counter,
+    pub downlink_stale: Counter,
+    pub downlink_dead_lettered: Counter,
+    pub downlink_published: Counter,
+    pub downlink_applied: Counter,
+    pub downlink_pending: Gauge,
     pub store_commit_seconds: Histogram,
     pub store_disk_full: Gauge,
     pub store_damaged: Counter,
@@ -82,6 +88,12 @@ impl Default for Metrics {
             store_dead_lettered: Counter::default(),
             store_redeliveries_dropped: Counter::default(),
             store_retained_unchanged: Counter::default(),
+            downlink_received: Counter::default(),
+            downlink_stale: Counter::default(),
+            downlink_dead_lettered: Counter::default(),
+            downlink_published: Counter::default(),
+            downlink_applied: Counter::default(),
+            downlink_pending: Gauge::default(),
             // 0.1 ms to ~6.5 s.
             store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             store_disk_full: Gauge::default(),
@@ -204,6 +216,36 @@ impl Metrics {
             "store_retained_unchanged",
             "Retained messages the broker sent again at a subscription, unchanged since they were stored (acked, not stored twice)",
             self.store_retained_unchanged.clone(),
+        );
+        r.register(
+            "downlink_received",
+            "Desired-state messages read from the desired topic",
+            self.downlink_received.clone(),
+        );
+        r.register(
+            "downlink_stale",
+            "Desired-state versions at or below what the device already had (never published)",
+            self.downlink_stale.clone(),
+        );
+        r.register(
+            "downlink_dead_lettered",
+            "Desired-state messages that can never be applied (no key, no version, too large, ...), moved to the dead-letter table",
+            self.downlink_dead_lettered.clone(),
+        );
+        r.register(
+            "downlink_pending",
+            "Desired-state versions read and not yet acknowledged by the local MQTT broker",
+            self.downlink_pending.clone(),
+        );
+        r.register(
+            "downlink_published",
+            "Desired states published to the local MQTT broker (retained, QoS 1), republications included",
+            self.downlink_published.clone(),
+        );
+        r.register(
+            "downlink_applied",
+            "Desired-state versions the local MQTT broker acknowledged for the first time (each acknowledged on the ack topic)",
+            self.downlink_applied.clone(),
         );
         r.register(
             "store_records_superseded",

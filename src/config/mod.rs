@@ -12,12 +12,14 @@
 //! - `raw`: TOML text into [`RawConfig`] (syntax, types, unknown keys);
 //! - `validate`: [`RawConfig`] into [`Config`], one function per section;
 //! - `streams`: `[[streams]]`, or the one-stream shorthand, into
-//!   [`StreamConfig`]s.
+//!   [`StreamConfig`]s;
+//! - `downlink`: `[downlink]`, the desired state's topics.
 //!
 //! The stream types the rest of ferry routes by ([`StreamKind`],
 //! [`Overflow`], [`Limits`], [`Subscription`]) live in [`crate::layout`] and
 //! are re-exported here.
 
+mod downlink;
 mod raw;
 mod streams;
 mod validate;
@@ -27,9 +29,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::layout::{Limits, Overflow, StreamKind, Subscription};
+pub use downlink::{DownlinkConfig, ACK_STREAM, DEFAULT_DESIRED_MQTT_TOPIC};
 pub use raw::{
-    RawAuth, RawConfig, RawMetrics, RawMqtt, RawPulsar, RawStore, RawStream, RawSubscription,
-    RawTls, RawUplink,
+    RawAuth, RawConfig, RawDownlink, RawMetrics, RawMqtt, RawPulsar, RawStore, RawStream,
+    RawSubscription, RawTls, RawUplink,
 };
 pub use validate::parse_service_url;
 
@@ -90,6 +93,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub uplink: UplinkConfig,
     pub metrics: MetricsConfig,
+    /// Desired state from the fleet down to the devices; `None`: off. When
+    /// on, `streams` ends with the acknowledgement stream ([`ACK_STREAM`]).
+    pub downlink: Option<DownlinkConfig>,
 }
 
 /// Where Prometheus scrapes ferry.
@@ -245,6 +251,9 @@ impl Config {
         }
         if self.metrics != new.metrics {
             out.push("metrics");
+        }
+        if self.downlink != new.downlink {
+            out.push("downlink");
         }
         out
     }

@@ -20,6 +20,15 @@ pub struct RawConfig {
     pub store: Option<RawStore>,
     pub uplink: Option<RawUplink>,
     pub metrics: Option<RawMetrics>,
+    pub downlink: Option<RawDownlink>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDownlink {
+    pub topic: Option<String>,
+    pub mqtt_topic: Option<String>,
+    pub ack_topic: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +173,7 @@ impl RawConfig {
         raw.store = section(&mut table, "store", &mut errors);
         raw.uplink = section(&mut table, "uplink", &mut errors);
         raw.metrics = section(&mut table, "metrics", &mut errors);
+        raw.downlink = section(&mut table, "downlink", &mut errors);
         for key in table.keys() {
             errors.push(ConfigError {
                 path: key.clone(),

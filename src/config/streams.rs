@@ -366,7 +366,7 @@ fn check_device_level(filter: &str, level: i64) -> Result<(), String> {
     }
 }
 
-fn check_topic(topic: &str) -> Result<(), String> {
+pub(super) fn check_topic(topic: &str) -> Result<(), String> {
     let Some(rest) = topic.strip_prefix("persistent://") else {
         return Err(format!(
             "`{topic}` must be fully qualified: persistent://tenant/namespace/topic"

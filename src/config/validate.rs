@@ -39,6 +39,10 @@ impl RawConfig {
         let store = store(&mut v, self.store.unwrap_or_default());
         let uplink = uplink(&mut v, self.uplink.unwrap_or_default());
         let metrics = metrics(&mut v, self.metrics.unwrap_or_default());
+        let mut streams = streams;
+        let downlink = self
+            .downlink
+            .map(|raw| super::downlink::downlink(&mut v, raw, &mut streams));
         if !v.errors.is_empty() {
             return Err(v.errors);
         }
@@ -51,6 +55,7 @@ impl RawConfig {
             store,
             uplink,
             metrics,
+            downlink,
         })
     }
 }

@@ -74,7 +74,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::StoreConfig;
 use crate::layout::{DestIx, Layout};
-use db::Db;
+use db::{Db, Desired, DesiredOutcome, DesiredUpdate, DownlinkStart};
 use space::{Reserve, Space};
 use worker::Worker;
 
@@ -242,6 +242,42 @@ pub enum Command {
         epoch: u64,
         gen: u64,
     },
+    /// The downlink's state (see [`db::Db::desired_received`] and the
+    /// methods beside it).
+    Downlink(DownlinkCommand),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Requests of the downlink.
+pub enum DownlinkCommand {
+    /// Where reading `topic` resumes.
+    Start {
+        topic: String,
+        reply: Reply<DownlinkStart>,
+    },
+    /// Desired-state messages read up to `position`.
+    Received {
+        topic: String,
+        updates: Vec<DesiredUpdate>,
+        position: Vec<u8>,
+        caught_up: bool,
+        reply: Reply<DesiredOutcome>,
+    },
+    /// Desired states to publish, at most `limit`.
+    Pending {
+        limit: usize,
+        reply: Reply<Vec<Desired>>,
+    },
+    /// The local broker acknowledged these, each with the acknowledgement
+    /// record to store if its version is newly applied; returns how many
+    /// were.
+    Applied {
+        applied: Vec<(Desired, Inbound)>,
+        reply: Reply<u64>,
+    },
+    /// The local broker lost its state: publish everything again.
+    Forgotten { reply: Reply<u64> },
 }
 
 /// What [`Command::Resume`] did.
@@ -326,6 +362,16 @@ impl StoreHandle {
 
     pub fn set_limits(&self, cfg: StoreConfig, layout: Layout) -> Result<(), StoreError> {
         self.send(Command::SetLimits(cfg, layout))
+    }
+
+    /// Sends a downlink request made by `make` and waits for its answer.
+    pub async fn downlink<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> DownlinkCommand,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Downlink(make(reply)))?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     fn send(&self, cmd: Command) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::db::{self, Db, Delivery, Shed};
 use super::holdback::{HoldBack, MAX_PARKED_BYTES};
 use super::space::{self, Checked, Space};
-use super::{schema, AckToken, Command, Inbound, Intake, StoreError};
+use super::{schema, AckToken, Command, DownlinkCommand, Inbound, Intake, StoreError};
 use crate::config::{Durability, Overflow, StoreConfig};
 use crate::layout::DropReason;
 
@@ -486,6 +486,9 @@ impl Worker {
 
     /// Updates the store gauges.
     fn gauges(&mut self) -> Result<(), StoreError> {
+        self.metrics
+            .downlink_pending
+            .set(self.db.desired_lag()? as i64);
         let now = self.db.clock().now_ms();
         for s in 0..self.db.layout().streams.len() {
             let spec = &self.db.layout().streams[s];
@@ -582,6 +585,7 @@ impl Worker {
                     let _ = reply.send(r);
                 }
                 Command::AcksConfirmed { epoch, gen } => self.db.acks_confirmed(epoch, gen),
+                Command::Downlink(cmd) => self.downlink(cmd)?,
                 Command::Epoch(epoch, session_present) => {
                     self.db.new_connection(epoch, session_present);
                     let dropped = self.held.new_epoch(epoch, session_present);
@@ -610,6 +614,59 @@ impl Worker {
             }
         }
         Ok(freed)
+    }
+
+    /// Serves a request of the downlink. Damage ends the thread (after the
+    /// answer); any other error goes back to the downlink.
+    fn downlink(&mut self, cmd: DownlinkCommand) -> Result<(), StoreError> {
+        fn answer<T>(
+            reply: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
+            r: Result<T, StoreError>,
+        ) -> Result<(), StoreError> {
+            let damaged = match &r {
+                Err(StoreError::Damaged(reason)) => Some(reason.clone()),
+                _ => None,
+            };
+            let _ = reply.send(r);
+            damaged.map_or(Ok(()), |reason| Err(StoreError::Damaged(reason)))
+        }
+        let max_payload = self.cfg.max_payload_bytes;
+        match cmd {
+            DownlinkCommand::Start { topic, reply } => {
+                answer(reply, self.db.downlink_start(&topic))
+            }
+            DownlinkCommand::Received {
+                topic,
+                updates,
+                position,
+                caught_up,
+                reply,
+            } => {
+                let r =
+                    self.db
+                        .desired_received(&topic, &updates, &position, caught_up, max_payload);
+                if let Ok(out) = &r {
+                    let m = &self.metrics;
+                    m.downlink_received.inc_by(updates.len() as u64);
+                    m.downlink_stale.inc_by(out.stale);
+                    m.downlink_dead_lettered.inc_by(out.dead_lettered);
+                }
+                answer(reply, r)
+            }
+            DownlinkCommand::Pending { limit, reply } => {
+                answer(reply, self.db.desired_pending(limit))
+            }
+            DownlinkCommand::Applied { applied, reply } => {
+                let r = self.db.desired_applied(&applied, max_payload).map(|out| {
+                    self.count_shed(&out.shed);
+                    self.metrics.store_stored.inc_by(out.stored);
+                    self.committed.send_replace(self.db.last_seqs());
+                    out.stored
+                });
+                answer(reply, r)
+            }
+            DownlinkCommand::Forgotten { reply } => answer(reply, self.db.desired_forgotten()),
+        }
     }
 }
 

@@ -81,6 +81,8 @@ pub enum UplinkError {
     NoBrokerUrl(String),
     #[error("broker closed the producer")]
     ProducerClosed,
+    #[error("the broker closed the reader of {0}")]
+    ConsumerClosed(String),
     #[error("broker refused record {seq}: {error} ({message})")]
     SendError {
         seq: u64,

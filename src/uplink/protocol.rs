@@ -87,6 +87,12 @@ pub enum Event {
         metadata: Box<MessageMetadata>,
         payload: Bytes,
     },
+    /// The answer to GET_LAST_MESSAGE_ID: where the topic ends now.
+    LastMessageId {
+        consumer_id: u64,
+        request_id: u64,
+        last: MessageIdData,
+    },
     /// ACK_RESPONSE: the broker's answer to an ACK that asked for one;
     /// `error` is the server error's name and message.
     AckResponse {
@@ -110,6 +116,38 @@ pub enum Event {
         command: i32,
         request_id: Option<u64>,
     },
+}
+
+/// How a consumer subscribes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscribeOptions {
+    pub name: String,
+    pub sub_type: SubType,
+    /// `false`: a reader's subscription, which the broker forgets when the
+    /// consumer goes; `start` says where it begins.
+    pub durable: bool,
+    /// Where a non-durable subscription starts.
+    pub start: Option<MessageIdData>,
+    /// Read the compacted view of the topic (the newest message per key
+    /// below the compaction horizon, everything above it).
+    pub read_compacted: bool,
+    /// Without `start`: from the topic's first message, not its end.
+    pub earliest: bool,
+    pub consumer_name: Option<String>,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> SubscribeOptions {
+        SubscribeOptions {
+            name: String::new(),
+            sub_type: SubType::Exclusive,
+            durable: true,
+            start: None,
+            read_compacted: false,
+            earliest: false,
+            consumer_name: None,
+        }
+    }
 }
 
 /// The outcome of one incoming frame.
@@ -136,6 +174,7 @@ enum Pending {
     Producer { producer_id: u64 },
     Subscribe { consumer_id: u64 },
     Ack { consumer_id: u64 },
+    LastMessageId { consumer_id: u64 },
 }
 
 impl Pending {
@@ -146,6 +185,7 @@ impl Pending {
             Pending::Producer { .. } => "producer",
             Pending::Subscribe { .. } => "subscribe",
             Pending::Ack { .. } => "ack",
+            Pending::LastMessageId { .. } => "last message id",
         }
     }
 }
@@ -416,6 +456,21 @@ impl Protocol {
         subscription: &str,
         sub_type: SubType,
     ) -> (u64, BaseCommand) {
+        let options = SubscribeOptions {
+            name: subscription.to_string(),
+            sub_type,
+            ..SubscribeOptions::default()
+        };
+        self.subscribe_with(consumer_id, topic, options)
+    }
+
+    /// A SUBSCRIBE with every option ([`SubscribeOptions`]).
+    pub fn subscribe_with(
+        &mut self,
+        consumer_id: u64,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> (u64, BaseCommand) {
         self.consumers.insert(
             consumer_id,
             Consumer {
@@ -429,12 +484,35 @@ impl Protocol {
         let cmd = command(Type::Subscribe, |c| {
             c.subscribe = Some(proto::CommandSubscribe {
                 topic: topic.to_string(),
-                subscription: subscription.to_string(),
-                sub_type: sub_type as i32,
+                subscription: options.name,
+                sub_type: options.sub_type as i32,
                 consumer_id,
                 request_id,
-                durable: Some(true),
+                consumer_name: options.consumer_name,
+                durable: Some(options.durable),
+                start_message_id: options.start,
+                read_compacted: Some(options.read_compacted),
+                initial_position: Some(if options.earliest {
+                    proto::command_subscribe::InitialPosition::Earliest
+                } else {
+                    proto::command_subscribe::InitialPosition::Latest
+                } as i32),
                 ..Default::default()
+            })
+        });
+        (request_id, cmd)
+    }
+
+    /// GET_LAST_MESSAGE_ID of `consumer_id`'s topic; its request id and the
+    /// command.
+    pub fn last_message_id(&mut self, consumer_id: u64) -> (u64, BaseCommand) {
+        let request_id = self.next_request_id();
+        self.pending
+            .insert(request_id, Pending::LastMessageId { consumer_id });
+        let cmd = command(Type::GetLastMessageId, |c| {
+            c.get_last_message_id = Some(proto::CommandGetLastMessageId {
+                consumer_id,
+                request_id,
             })
         });
         (request_id, cmd)
@@ -619,6 +697,20 @@ impl Protocol {
                 payload,
             });
         }
+        if let Some(r) = c.get_last_message_id_response {
+            let request_id = r.request_id;
+            let Some(Pending::LastMessageId { consumer_id }) =
+                self.pending.get(&request_id).cloned()
+            else {
+                return unsolicited(Some(request_id));
+            };
+            self.pending.remove(&request_id);
+            return Handled::event(Event::LastMessageId {
+                consumer_id,
+                request_id,
+                last: r.last_message_id,
+            });
+        }
         if let Some(a) = c.ack_response {
             if !self.consumers.contains_key(&a.consumer_id) {
                 return unsolicited(a.request_id);
@@ -670,7 +762,9 @@ impl Protocol {
                 .get(producer_id)
                 .map(|p| p.topic.clone())
                 .unwrap_or_default(),
-            Pending::Subscribe { consumer_id } | Pending::Ack { consumer_id } => self
+            Pending::Subscribe { consumer_id }
+            | Pending::Ack { consumer_id }
+            | Pending::LastMessageId { consumer_id } => self
                 .consumers
                 .get(consumer_id)
                 .map(|c| c.topic.clone())

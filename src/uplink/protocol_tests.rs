@@ -720,3 +720,72 @@ fn a_new_connection_forgets_the_requests_of_the_last() {
         Event::BrokerError { .. }
     ));
 }
+
+#[test]
+fn a_reader_subscribes_non_durable_from_a_position_on_the_compacted_view() {
+    let mut p = connected();
+    let (id, cmd) = p.subscribe_with(
+        5,
+        "persistent://t/n/desired-gw",
+        SubscribeOptions {
+            name: "ferry-gw-desired".into(),
+            durable: false,
+            start: Some(message_id(7)),
+            read_compacted: true,
+            earliest: true,
+            consumer_name: Some("ferry-gw".into()),
+            ..SubscribeOptions::default()
+        },
+    );
+    let s = cmd.subscribe.unwrap();
+    assert_eq!(s.request_id, id);
+    assert_eq!(s.durable, Some(false));
+    assert_eq!(s.read_compacted, Some(true));
+    assert_eq!(s.start_message_id, Some(message_id(7)));
+    assert_eq!(
+        s.initial_position,
+        Some(proto::command_subscribe::InitialPosition::Earliest as i32)
+    );
+    assert_eq!(s.consumer_name.as_deref(), Some("ferry-gw"));
+    // The plain form stays durable, from the end.
+    let (_, cmd) = p.subscribe(6, TOPIC, "s", SubType::Shared);
+    let s = cmd.subscribe.unwrap();
+    assert_eq!((s.durable, s.read_compacted), (Some(true), Some(false)));
+}
+
+#[test]
+fn get_last_message_id_response_answers_its_request() {
+    let mut p = connected();
+    p.subscribe(3, "persistent://t/n/desired-gw", "r", SubType::Exclusive);
+    let (id, cmd) = p.last_message_id(3);
+    let q = cmd.get_last_message_id.unwrap();
+    assert_eq!((q.consumer_id, q.request_id), (3, id));
+    let answer = |request_id| {
+        frame(command(Type::GetLastMessageIdResponse, |c| {
+            c.get_last_message_id_response = Some(proto::CommandGetLastMessageIdResponse {
+                last_message_id: message_id(41),
+                request_id,
+                consumer_mark_delete_position: None,
+            })
+        }))
+    };
+    assert_eq!(
+        event(p.handle(answer(id)).unwrap()),
+        Event::LastMessageId {
+            consumer_id: 3,
+            request_id: id,
+            last: message_id(41)
+        }
+    );
+    // Answered once; an answer to nothing asked is ignored.
+    assert_eq!(unsolicited(p.handle(answer(id)).unwrap()), Some(id));
+    // Refused: the consumer's topic is named.
+    let (id, _) = p.last_message_id(3);
+    let err = p
+        .handle(error_frame(id, ServerError::AuthorizationError, "no"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, UplinkError::NotAuthorized { topic, .. } if topic == "persistent://t/n/desired-gw"),
+        "{err:?}"
+    );
+}

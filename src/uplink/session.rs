@@ -438,7 +438,7 @@ impl Uplink {
 
 /// Awaits `fut`, whose own timeouts bound it, ticking `beat` every second
 /// meanwhile; `None` if `shutdown` came first.
-async fn bounded<F: std::future::Future>(
+pub(crate) async fn bounded<F: std::future::Future>(
     beat: &crate::notify::Beat,
     shutdown: &CancellationToken,
     fut: F,

@@ -55,6 +55,26 @@ impl UplinkSettings {
         }
     }
 
+    /// Settings for reading `topic` (the downlink): the same broker, TLS,
+    /// token and `[uplink]` section as the producers.
+    pub fn for_topic(cfg: &Config, topic: &str) -> UplinkSettings {
+        UplinkSettings {
+            dest: 0,
+            drains_first: false,
+            gateway_id: cfg.gateway_id.clone(),
+            service: Endpoint {
+                host: cfg.pulsar.host.clone(),
+                port: cfg.pulsar.port,
+                tls: cfg.pulsar.tls.is_some(),
+            },
+            tls: cfg.pulsar.tls.clone(),
+            auth: cfg.pulsar.auth.clone(),
+            producer_name: producer_name(&cfg.gateway_id, topic),
+            topic: topic.to_string(),
+            uplink: cfg.uplink.clone(),
+        }
+    }
+
     /// How this session's connections are made: TLS exactly when the
     /// service URL is `pulsar+ssl://`, `connect_timeout` for TCP and the
     /// handshake, `operation_timeout` for every write.

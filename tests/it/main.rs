@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod clock;
+mod downlink;
 mod harness;
 mod hostile_broker;
 mod hostile_mqtt;

@@ -147,7 +147,7 @@ async fn a_store_restored_from_an_older_copy_sends_what_it_stored_since() {
 async fn stores_written_by_every_older_ferry_deliver_their_backlog_exactly_once() {
     let (stack, _shared) = Stack::shared().await;
     let mut figures = Vec::new();
-    for version in 1..=3 {
+    for version in 1..=4 {
         let test = format!("fixture-v{version}");
         let Scenario {
             topic,

@@ -22,12 +22,14 @@ use std::time::Instant;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
 
+mod desired;
 mod horizon;
 mod open;
 mod redelivery;
 pub mod schema;
 mod shedding;
 
+pub use desired::{desired_reject_reason, Desired, DesiredOutcome, DesiredUpdate, DownlinkStart};
 pub use open::{utc_stamp, Damaged};
 pub use shedding::Shed;
 
@@ -273,6 +275,18 @@ impl Db {
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
+        self.commit_with(deliveries, forget, batch, max_payload, |_| Ok(()))
+    }
+
+    /// [`Db::commit_batch`], with `more` written in the same transaction.
+    fn commit_with(
+        &mut self,
+        deliveries: &[Delivery],
+        forget: &[u16],
+        batch: &[Inbound],
+        max_payload: usize,
+        more: impl FnOnce(&Transaction<'_>) -> Result<(), StoreError>,
+    ) -> Result<BatchOutcome, StoreError> {
         let now = now_ms();
         let stored_at = self.clock.now_ms();
         let gen = self.acks.commit_seq + 1;
@@ -338,6 +352,7 @@ impl Db {
                 .merge(pressure.enforce(&tx, &self.layout, &mut dests, s)?);
         }
         write_numbers(&tx, &self.dests, &mut dests)?;
+        more(&tx)?;
         counts.write(&tx)?;
         write_shed(&tx, &self.layout, &out.shed)?;
         save_state(&tx, &self.acks, gen, stored_at)?;
@@ -676,15 +691,29 @@ fn dead_letter(
     reason: &str,
     now: u64,
 ) -> Result<(), StoreError> {
-    let keep = &msg.payload[..msg.payload.len().min(DEAD_LETTER_KEEP_BYTES)];
+    dead_letter_raw(tx, &msg.mqtt_topic, reason, msg.size(), &msg.payload, now)?;
+    tracing::warn!(mqtt_topic = %msg.mqtt_topic.escape_debug(), size = msg.size(), %reason, "message dead-lettered");
+    Ok(())
+}
+
+/// A dead letter from `source` (an MQTT topic, or a Pulsar topic and key)
+/// of `size` bytes, of which at most [`DEAD_LETTER_KEEP_BYTES`] are kept.
+fn dead_letter_raw(
+    tx: &Transaction<'_>,
+    source: &str,
+    reason: &str,
+    size: u64,
+    payload: &[u8],
+    now: u64,
+) -> Result<(), StoreError> {
+    let keep = &payload[..payload.len().min(DEAD_LETTER_KEEP_BYTES)];
     tx.prepare_cached(SQL_DEAD_LETTER)?.execute(params![
         now as i64,
-        msg.mqtt_topic,
+        source,
         reason,
-        msg.size() as i64,
+        size as i64,
         keep
     ])?;
-    tracing::warn!(mqtt_topic = %msg.mqtt_topic.escape_debug(), size = msg.size(), %reason, "message dead-lettered");
     Ok(())
 }
 

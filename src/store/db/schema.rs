@@ -11,7 +11,8 @@
 //! | 1 | the first slice | one `journal` numbered by `meta.next_seq` |
 //! | 2 | streams (2979ed6) | `outbox` keyed by destination, `destinations` without `resumed` |
 //! | 3 | store review (4ecce23) | `destinations.resumed` |
-//! | 4 | this version | `destinations.horizon`, `outbox.stored_at`, `mqtt_seen` with the connection and commit of each row, `topic_last`, `ack_confirmed`, `store_state` |
+//! | 4 | audit fixes (d69e04c) | `destinations.horizon`, `outbox.stored_at`, `mqtt_seen` with the connection and commit of each row, `topic_last`, `ack_confirmed`, `store_state` |
+//! | 5 | this version | `desired` (each device's desired state and the version applied), `downlink` (the read position in the desired topic) |
 //!
 //! Every step runs in one transaction with the version change, so a step
 //! that fails (a full disk) leaves the store as it was. A store whose
@@ -36,7 +37,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
 use super::StoreError;
 
 /// The schema this binary writes.
-pub const VERSION: i32 = 4;
+pub const VERSION: i32 = 5;
 
 /// Destination ids stay below this, so that `id << 48` stays a positive
 /// 64-bit key and no destination's keys reach another's.
@@ -99,6 +100,18 @@ CREATE TABLE incidents (
     at_ms  INTEGER NOT NULL,
     kind   TEXT    NOT NULL,
     detail TEXT    NOT NULL
+);
+CREATE TABLE desired (
+    device    TEXT    PRIMARY KEY,
+    version   INTEGER NOT NULL,
+    payload   BLOB    NOT NULL,
+    applied   INTEGER NOT NULL DEFAULT 0,
+    republish INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE downlink (
+    topic     TEXT    PRIMARY KEY,
+    position  BLOB,
+    caught_up INTEGER NOT NULL DEFAULT 0
 );
 ";
 
@@ -194,6 +207,24 @@ const SHAPE: &[(&str, &[Col])] = &[
             ("detail", "TEXT", true, false),
         ],
     ),
+    (
+        "desired",
+        &[
+            ("device", "TEXT", false, true),
+            ("version", "INTEGER", true, false),
+            ("payload", "BLOB", true, false),
+            ("applied", "INTEGER", true, false),
+            ("republish", "INTEGER", true, false),
+        ],
+    ),
+    (
+        "downlink",
+        &[
+            ("topic", "TEXT", false, true),
+            ("position", "BLOB", false, false),
+            ("caught_up", "INTEGER", true, false),
+        ],
+    ),
 ];
 
 /// Type checks of every row: (table, condition that holds for a bad row).
@@ -230,6 +261,16 @@ const TYPE_CHECKS: &[(&str, &str)] = &[
     (
         "incidents",
         "typeof(at_ms) != 'integer' OR typeof(kind) != 'text' OR typeof(detail) != 'text'",
+    ),
+    (
+        "desired",
+        "typeof(device) != 'text' OR typeof(version) != 'integer' OR typeof(payload) != 'blob'
+         OR typeof(applied) != 'integer' OR typeof(republish) != 'integer'",
+    ),
+    (
+        "downlink",
+        "typeof(topic) != 'text' OR typeof(position) NOT IN ('blob', 'null')
+         OR typeof(caught_up) != 'integer'",
     ),
 ];
 
@@ -374,6 +415,7 @@ pub fn upgrade(
             1 => v1_to_v2(&tx, first.as_ref())?,
             2 => v2_to_v3(&tx)?,
             3 => v3_to_v4(&tx)?,
+            4 => v4_to_v5(&tx)?,
             v => unreachable!("no step from version {v}"),
         }
         version += 1;
@@ -470,6 +512,18 @@ fn v3_to_v4(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
     }
     drop(put);
     tx.execute_batch("DROP TABLE mqtt_seen; ALTER TABLE mqtt_seen_v4 RENAME TO mqtt_seen;")
+}
+
+/// Version 5: the downlink's tables (desired state per device, the read
+/// position in the desired topic).
+fn v4_to_v5(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
+    tx.execute_batch(
+        "CREATE TABLE desired (device TEXT PRIMARY KEY, version INTEGER NOT NULL,
+             payload BLOB NOT NULL, applied INTEGER NOT NULL DEFAULT 0,
+             republish INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE downlink (topic TEXT PRIMARY KEY, position BLOB,
+             caught_up INTEGER NOT NULL DEFAULT 0);",
+    )
 }
 
 /// What [`check`] repaired.

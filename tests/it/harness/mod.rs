@@ -27,6 +27,7 @@
 
 mod admin;
 mod consumer;
+mod desired;
 mod devices;
 mod notify;
 mod process;
@@ -40,6 +41,8 @@ mod store;
 pub use admin::*;
 #[allow(unused_imports)]
 pub use consumer::*;
+#[allow(unused_imports)]
+pub use desired::*;
 #[allow(unused_imports)]
 pub use devices::*;
 #[allow(unused_imports)]

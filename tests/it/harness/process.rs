@@ -123,6 +123,14 @@ listen = "127.0.0.1:{metrics_port}"
         std::fs::write(&self.config, text.replace(from, to)).unwrap();
     }
 
+    /// Appends `text` (TOML: whole sections) to the config file.
+    pub fn append_config(&self, text: &str) {
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config.push('\n');
+        config.push_str(text);
+        std::fs::write(&self.config, config).unwrap();
+    }
+
     /// Adds `lines` (TOML) to the config's `[section]`.
     pub fn add_settings(&self, section: &str, lines: &str) {
         if lines.is_empty() {

@@ -1,0 +1,321 @@
+//! The Pulsar side of the downlink: a reader of the gateway's desired topic
+//! on ferry's own protocol client (TLS, mTLS, tokens with challenges and
+//! lookup redirects as for the producers). It subscribes without a durable
+//! cursor, from the position the store keeps, on the topic's compacted
+//! view; it hands what it read to the store in batches, each with the
+//! position after it, and asks the broker for more only once the store
+//! committed them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pulsar::proto::command_subscribe::SubType;
+use pulsar::proto::MessageIdData;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::message::{decode_position, encode_position, is_after, is_empty_topic, read_message};
+use crate::backoff::Backoff;
+use crate::store::db::DesiredUpdate;
+use crate::store::{DownlinkCommand, StoreHandle};
+use crate::uplink::link::{step, until, within};
+use crate::uplink::lookup::connect_to_topic;
+use crate::uplink::protocol::{Event, Protocol, SubscribeOptions};
+use crate::uplink::session::bounded;
+use crate::uplink::{ErrorClass, UplinkError, UplinkSettings};
+
+/// The reader's consumer on its connection.
+const CONSUMER_ID: u64 = 1;
+/// Messages the broker may send ahead of what the store committed.
+const PERMITS: u32 = 1_000;
+/// A batch goes to the store after this many messages, or this long after
+/// its first one.
+const BATCH_MESSAGES: u32 = 200;
+const BATCH_WAIT: Duration = Duration::from_millis(10);
+/// Catching up ends when the broker has been silent this long with permits
+/// to spare: the rest of the topic was compacted away (a cleared device's
+/// tombstone may be its last message).
+const CATCH_UP_QUIET: Duration = Duration::from_secs(3);
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Reads the desired topic until shutdown; errors back off and start over
+/// (from the position the store kept), and only a store failure ends it.
+pub async fn run(
+    settings: UplinkSettings,
+    subscription: String,
+    store: StoreHandle,
+    stored: Arc<Notify>,
+    beat: crate::notify::Beat,
+    live: crate::status::Live,
+    shutdown: CancellationToken,
+) -> Result<(), UplinkError> {
+    let mut backoff = Backoff::new(settings.uplink.backoff_min, settings.uplink.backoff_max);
+    loop {
+        let mut reader = Reader {
+            settings: &settings,
+            subscription: &subscription,
+            store: &store,
+            stored: &stored,
+            beat: &beat,
+            live: &live,
+            backoff: &mut backoff,
+        };
+        let e = match reader.session(&shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let class = e.class();
+        if class == ErrorClass::Fatal {
+            return Err(e);
+        }
+        let delay = if class == ErrorClass::NeedsOperator {
+            settings.uplink.backoff_max
+        } else {
+            backoff.next_delay()
+        };
+        live.pulsar_down(
+            &settings.topic,
+            &settings.service.to_string(),
+            e.to_string(),
+        );
+        let retry_in_ms = delay.as_millis() as u64;
+        if class == ErrorClass::NeedsOperator {
+            tracing::error!(error = %e, topic = %settings.topic, retry_in_ms,
+                "downlink blocked until an operator fixes this; desired state waits in Pulsar");
+        } else {
+            tracing::warn!(error = %e, topic = %settings.topic, retry_in_ms,
+                "downlink disconnected; it resumes from the last position stored");
+        }
+        if bounded(&beat, &shutdown, tokio::time::sleep(delay))
+            .await
+            .is_none()
+        {
+            return Ok(());
+        }
+    }
+}
+
+struct Reader<'a> {
+    settings: &'a UplinkSettings,
+    subscription: &'a str,
+    store: &'a StoreHandle,
+    stored: &'a Notify,
+    beat: &'a crate::notify::Beat,
+    live: &'a crate::status::Live,
+    backoff: &'a mut Backoff,
+}
+
+/// What was read and not yet stored.
+#[derive(Default)]
+struct Batch {
+    updates: Vec<DesiredUpdate>,
+    /// Messages (entries) it covers: the permits to give back once stored.
+    messages: u32,
+    /// The position after it.
+    last: Option<MessageIdData>,
+    since: Option<Instant>,
+}
+
+impl Reader<'_> {
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
+        let s = self.settings;
+        let topic = s.topic.clone();
+        let store = self.store;
+        let setup = async {
+            let mut proto = Protocol::new(s.auth.is_some(), &s.topic);
+            let mut conn = connect_to_topic(s, &mut proto).await?;
+            let start = store
+                .downlink(|reply| DownlinkCommand::Start {
+                    topic: topic.clone(),
+                    reply,
+                })
+                .await?;
+            let position = start.position.as_deref().and_then(decode_position);
+            let (request_id, cmd) = proto.subscribe_with(
+                CONSUMER_ID,
+                &s.topic,
+                SubscribeOptions {
+                    name: self.subscription.to_string(),
+                    sub_type: SubType::Exclusive,
+                    durable: false,
+                    start: position.clone(),
+                    read_compacted: true,
+                    earliest: true,
+                    consumer_name: Some(self.subscription.to_string()),
+                },
+            );
+            conn.push(&cmd);
+            conn.flush().await?;
+            let subscribed = until(&mut conn, &mut proto, s, |e| match e {
+                Event::Subscribed { request_id: id, .. } if id == request_id => Some(()),
+                _ => None,
+            });
+            within(s.operation_timeout(), "subscribe", subscribed).await?;
+            // A store that never read the topic to its end reads up to where
+            // it ends now before anything is published.
+            let target = if start.caught_up {
+                None
+            } else {
+                let (request_id, cmd) = proto.last_message_id(CONSUMER_ID);
+                conn.push(&cmd);
+                conn.flush().await?;
+                let last = until(&mut conn, &mut proto, s, |e| match e {
+                    Event::LastMessageId {
+                        request_id: id,
+                        last,
+                        ..
+                    } if id == request_id => Some(last),
+                    _ => None,
+                });
+                Some(within(s.operation_timeout(), "last message id", last).await?)
+            };
+            Ok::<_, UplinkError>((conn, proto, position, start.caught_up, target))
+        };
+        let Some(ready) = bounded(self.beat, shutdown, setup).await else {
+            return Ok(());
+        };
+        let (mut conn, mut proto, mut position, mut caught_up, target) = ready?;
+        if let Some(t) = &target {
+            let nothing_left =
+                is_empty_topic(t) || position.as_ref().is_some_and(|p| !is_after(t, p));
+            if nothing_left {
+                self.store(&mut Batch::default(), &position, true).await?;
+                caught_up = true;
+            }
+        }
+        self.backoff.reset();
+        self.live.pulsar_up(&s.topic, &conn.endpoint.to_string());
+        tracing::info!(topic = %s.topic, caught_up, "downlink reading the desired topic");
+        conn.push(&proto.flow(CONSUMER_ID, PERMITS));
+        conn.flush().await?;
+        let mut batch = Batch::default();
+        let mut last_heard = Instant::now();
+        let mut ping = tokio::time::interval(KEEPALIVE);
+        let mut beat = tokio::time::interval(crate::notify::BEAT_EVERY);
+        loop {
+            let due = batch.since.map(|t| t + BATCH_WAIT);
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    if batch.messages > 0 {
+                        self.store(&mut batch, &position, caught_up).await?;
+                    }
+                    return Ok(());
+                }
+                frame = conn.read_frame() => {
+                    last_heard = Instant::now();
+                    if let Some(event) = step(&mut conn, &mut proto, s, frame?).await? {
+                        self.on_event(event, &mut batch, &position)?;
+                    }
+                    conn.flush().await?;
+                }
+                _ = sleep_until_opt(due) => {}
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > 2 * KEEPALIVE {
+                        return Err(UplinkError::Timeout("the broker's keepalive"));
+                    }
+                    conn.push(&proto.ping());
+                    conn.flush().await?;
+                }
+                _ = beat.tick() => self.beat.tick(),
+            }
+            let reached = match (&target, &batch.last) {
+                (Some(t), Some(last)) => !is_after(t, last),
+                _ => false,
+            };
+            let quiet = !caught_up && batch.messages == 0 && last_heard.elapsed() >= CATCH_UP_QUIET;
+            let full = batch.messages >= BATCH_MESSAGES;
+            let waited = batch.since.is_some_and(|t| t.elapsed() >= BATCH_WAIT);
+            if full || waited || reached || quiet {
+                if reached || quiet {
+                    if !caught_up {
+                        tracing::info!(topic = %s.topic, "downlink caught up with the desired topic");
+                    }
+                    caught_up = true;
+                }
+                let permits = batch.messages;
+                if let Some(last) = batch.last.clone() {
+                    position = Some(last);
+                }
+                self.store(&mut batch, &position, caught_up).await?;
+                if permits > 0 {
+                    conn.push(&proto.flow(CONSUMER_ID, permits));
+                    conn.flush().await?;
+                }
+            }
+        }
+    }
+
+    /// Takes a message into the batch (what the store already holds, at or
+    /// before its position, is skipped).
+    fn on_event(
+        &self,
+        event: Event,
+        batch: &mut Batch,
+        position: &Option<MessageIdData>,
+    ) -> Result<(), UplinkError> {
+        match event {
+            Event::Message {
+                consumer_id: CONSUMER_ID,
+                message_id,
+                metadata,
+                payload,
+                ..
+            } => {
+                batch.messages += 1;
+                batch.since.get_or_insert_with(Instant::now);
+                let from = batch.last.clone().or_else(|| position.clone());
+                for r in read_message(&message_id, &metadata, &payload) {
+                    if from.as_ref().map_or(true, |p| is_after(&r.id, p)) {
+                        batch.updates.push(r.update);
+                    }
+                }
+                let at = MessageIdData {
+                    batch_index: metadata.num_messages_in_batch.map(|n| n - 1),
+                    ..message_id
+                };
+                if batch.last.as_ref().map_or(true, |l| is_after(&at, l)) {
+                    batch.last = Some(at);
+                }
+                Ok(())
+            }
+            Event::ConsumerClosed { .. } => {
+                Err(UplinkError::ConsumerClosed(self.settings.topic.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands a batch (maybe empty) with the position after it to the store.
+    async fn store(
+        &self,
+        batch: &mut Batch,
+        position: &Option<MessageIdData>,
+        caught_up: bool,
+    ) -> Result<(), UplinkError> {
+        let updates = std::mem::take(&mut batch.updates);
+        let position = position.as_ref().map(encode_position).unwrap_or_default();
+        let topic = self.settings.topic.clone();
+        let out = self
+            .store
+            .downlink(|reply| DownlinkCommand::Received {
+                topic,
+                updates,
+                position,
+                caught_up,
+                reply,
+            })
+            .await?;
+        if out.stored > 0 || caught_up {
+            self.stored.notify_one();
+        }
+        *batch = Batch::default();
+        Ok(())
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,496 @@
+//! Desired state down to the devices: the fleet writes to the gateway's
+//! desired topic, ferry publishes each device's newest version retained on
+//! the local broker and acknowledges it on the ack topic, exactly once.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// A scenario with a downlink: the desired topic, the ack topic and the
+/// devices' ids.
+struct Downlink {
+    desired: String,
+    acks: String,
+    prefix: String,
+    ferry: Ferry,
+    devices: Vec<String>,
+}
+
+impl Downlink {
+    async fn new(stack: &Stack, test: &str, devices: usize) -> Downlink {
+        let Scenario {
+            topic,
+            prefix,
+            ferry,
+        } = Scenario::new(stack, test).await;
+        let desired = topic.replace("device-status", "desired");
+        let acks = topic.replace("device-status", "desired-acks");
+        ferry.append_config(&format!(
+            "[downlink]\ntopic = \"{desired}\"\nack_topic = \"{acks}\"\nmqtt_topic = \"{prefix}/{{device}}/desired\"\n"
+        ));
+        Downlink {
+            desired,
+            acks,
+            prefix,
+            ferry,
+            devices: (0..devices).map(|i| format!("dev-{i:03}")).collect(),
+        }
+    }
+}
+
+/// The acks read back: (device, version) of each, in order.
+fn acks_of(msgs: &[Received]) -> Vec<(String, u64)> {
+    msgs.iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(v["device"].as_str(), Some(m.key.as_str()));
+            assert!(v["applied_at"].as_u64().is_some());
+            (m.key.clone(), v["version"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_devices_get_version_one_retained_and_a_hundred_acks_arrive() {
+    let (stack, _shared) = Stack::shared().await;
+    let Downlink {
+        desired,
+        acks,
+        prefix,
+        mut ferry,
+        devices,
+    } = Downlink::new(stack, "desired-v1", 100).await;
+    let mut fleet = Fleet::connect(stack, &desired).await;
+    for d in &devices {
+        fleet.desire(d, 1, &document(d, 1)).await;
+    }
+    ferry.start();
+    let got = read_topic(stack, &acks, false, 100, SECS(30)).await;
+    let mut acked = acks_of(&got);
+    acked.sort();
+    let want: Vec<(String, u64)> = devices.iter().map(|d| (d.clone(), 1)).collect();
+    assert_eq!(acked, want, "one ack per device, version 1");
+    // A device that subscribes now gets its desired state, retained.
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    let seen = side
+        .wait_last(&devices, SECS(20), |p, retained| {
+            retained && version_of(p) == Some(1)
+        })
+        .await;
+    let retained: usize = seen
+        .values()
+        .map(|v| v.iter().filter(|(_, r)| *r).count())
+        .sum();
+    report(
+        "desired-v1",
+        &format!(
+            "{} acks, {retained} retained messages for {} devices",
+            got.len(),
+            seen.len()
+        ),
+    );
+    assert_eq!(retained, 100);
+    assert_eq!(seen.len(), 100);
+    let m = ferry.scrape().await;
+    assert_eq!(m["ferry_downlink_received_total"], 100.0);
+    assert_eq!(m["ferry_downlink_published_total"], 100.0);
+    assert_eq!(m["ferry_downlink_applied_total"], 100.0);
+    assert_eq!(m["ferry_downlink_stale_total"], 0.0);
+    // The gauge follows once a second.
+    tokio::time::sleep(SECS(2)).await;
+    assert_eq!(ferry.scrape().await["ferry_downlink_pending"], 0.0);
+    side.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+/// Every device's versions, as a subscriber saw them, never go down.
+fn assert_never_down(seen: &Seen) {
+    for (device, msgs) in seen {
+        let versions: Vec<u64> = msgs.iter().filter_map(|(p, _)| version_of(p)).collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "{device} went back a version: {versions:?}"
+        );
+    }
+}
+
+/// The (device, version) pairs ferry published while `seen` listened (live
+/// deliveries: a broker's retained replay at a subscription is not one).
+fn published(seen: &Seen) -> std::collections::BTreeSet<(String, u64)> {
+    seen.iter()
+        .flat_map(|(d, msgs)| {
+            msgs.iter()
+                .filter(|(_, retained)| !retained)
+                .filter_map(move |(p, _)| version_of(p).map(|v| (d.clone(), v)))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_compaction_and_a_broker_restart_every_device_ends_on_its_newest_version_never_an_older_one(
+) {
+    let (stack, _exclusive) = Stack::exclusive().await;
+    let Downlink {
+        desired,
+        acks,
+        prefix,
+        mut ferry,
+        devices,
+    } = Downlink::new(stack, "desired-catchup", 100).await;
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    let mut fleet = Fleet::connect(stack, &desired).await;
+    for d in &devices {
+        fleet.desire(d, 1, &document(d, 1)).await;
+    }
+    ferry.start();
+    side.wait_last(&devices, SECS(30), |p, _| version_of(p) == Some(1))
+        .await;
+    assert_eq!(ferry.terminate(), Some(0));
+    for v in [2, 3] {
+        for d in &devices {
+            fleet.desire(d, v, &document(d, v)).await;
+        }
+    }
+    stack.admin_api().compact(&desired).await;
+    for d in &devices[..50] {
+        fleet.desire(d, 4, &document(d, 4)).await;
+    }
+    stack.ctl("mqtt-stop");
+    stack.ctl("mqtt-start");
+    ferry.start();
+    let newest = |d: &str| {
+        if devices[..50].iter().any(|x| x == d) {
+            4
+        } else {
+            3
+        }
+    };
+    let deadline = tokio::time::Instant::now() + SECS(60);
+    let seen = loop {
+        let seen = side.seen();
+        if devices.iter().all(|d| {
+            seen.get(d)
+                .and_then(|v| v.last())
+                .is_some_and(|(p, _)| version_of(p) == Some(newest(d)))
+        }) {
+            break seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "devices did not reach their newest version"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_never_down(&seen);
+    // A new subscriber finds the newest versions retained.
+    let late = DeviceSide::subscribe(stack, &prefix).await;
+    let retained = late
+        .wait_last(&devices, SECS(20), |p, r| r && version_of(p).is_some())
+        .await;
+    for d in &devices {
+        let (p, _) = retained[d].last().unwrap();
+        assert_eq!(version_of(p), Some(newest(d)), "{d} retained");
+    }
+    late.disconnect().await;
+    // Exactly one ack per (device, version) ferry published.
+    let pubs = published(&seen);
+    let got = read_topic(stack, &acks, false, pubs.len(), SECS(10)).await;
+    let acked = acks_of(&got);
+    let distinct: std::collections::BTreeSet<(String, u64)> = acked.iter().cloned().collect();
+    report(
+        "desired-catchup",
+        &format!(
+            "{} publications seen live, {} acks ({} distinct); version 2 published {} times",
+            pubs.len(),
+            acked.len(),
+            distinct.len(),
+            pubs.iter().filter(|(_, v)| *v == 2).count()
+        ),
+    );
+    assert_eq!(acked.len(), distinct.len(), "an ack came twice");
+    assert_eq!(distinct, pubs);
+    assert!(
+        pubs.iter().all(|(_, v)| *v != 2),
+        "version 2 was compacted away"
+    );
+    side.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_crashed_and_lost_its_retained_messages_gets_every_desired_state_again() {
+    let (stack, _exclusive) = Stack::exclusive().await;
+    let Downlink {
+        desired,
+        acks,
+        prefix,
+        mut ferry,
+        devices,
+    } = Downlink::new(stack, "desired-crash", 100).await;
+    let mut fleet = Fleet::connect(stack, &desired).await;
+    for d in &devices {
+        fleet.desire(d, 1, &document(d, 1)).await;
+    }
+    ferry.start();
+    read_topic(stack, &acks, false, 100, SECS(30)).await;
+    stack.ctl("mqtt-crash");
+    stack.ctl("mqtt-start");
+    let back = std::time::Instant::now();
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    let seen = side
+        .wait_last(&devices, SECS(10), |p, _| version_of(p) == Some(1))
+        .await;
+    report(
+        "desired-crash",
+        &format!(
+            "all {} devices' desired state back {} ms after the broker restarted",
+            seen.len(),
+            back.elapsed().as_millis()
+        ),
+    );
+    side.disconnect().await;
+    // Published again, acknowledged once.
+    let got = read_topic(stack, &acks, false, 100, SECS(5)).await;
+    assert_eq!(got.len(), 100);
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_store_catches_up_without_publishing_anything_older() {
+    let (stack, _shared) = Stack::shared().await;
+    let Downlink {
+        desired,
+        prefix,
+        mut ferry,
+        devices,
+        ..
+    } = Downlink::new(stack, "desired-fresh", 20).await;
+    let mut fleet = Fleet::connect(stack, &desired).await;
+    for v in 1..=3 {
+        for d in &devices {
+            fleet.desire(d, v, &document(d, v)).await;
+        }
+    }
+    ferry.start();
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    side.wait_last(&devices, SECS(30), |p, _| version_of(p) == Some(3))
+        .await;
+    assert_eq!(ferry.terminate(), Some(0));
+    let store = ferry.store_path();
+    for ext in ["", "-wal", "-shm", ".horizons"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", store.display()));
+    }
+    for d in &devices[..10] {
+        fleet.desire(d, 4, &document(d, 4)).await;
+    }
+    // What each device had seen before the restart.
+    let before: std::collections::BTreeMap<String, usize> = side
+        .seen()
+        .iter()
+        .map(|(d, v)| (d.clone(), v.len()))
+        .collect();
+    ferry.start();
+    let newest = |d: &str| {
+        if devices[..10].iter().any(|x| x == d) {
+            4
+        } else {
+            3
+        }
+    };
+    let deadline = tokio::time::Instant::now() + SECS(60);
+    loop {
+        let seen = side.seen();
+        if devices.iter().all(|d| {
+            seen.get(d)
+                .and_then(|v| v.last())
+                .is_some_and(|(p, _)| version_of(p) == Some(newest(d)))
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "devices did not reach their newest version"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(SECS(2)).await;
+    let seen = side.seen();
+    assert_never_down(&seen);
+    let mut after = 0;
+    for (d, msgs) in &seen {
+        for (p, _) in &msgs[before[d]..] {
+            after += 1;
+            let v = version_of(p).unwrap();
+            assert!(v >= 3, "{d} was sent version {v} after it had 3");
+        }
+    }
+    report(
+        "desired-fresh",
+        &format!(
+            "{after} publications after the store was deleted, none below what each device had"
+        ),
+    );
+    side.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_desired_state_is_dead_lettered_and_the_updates_behind_it_arrive() {
+    let (stack, _shared) = Stack::shared().await;
+    let Downlink {
+        desired,
+        acks,
+        prefix,
+        mut ferry,
+        devices,
+    } = Downlink::new(stack, "desired-bad", 3).await;
+    ferry.add_settings("store", "max_payload_bytes = 1024");
+    let mut fleet = Fleet::connect(stack, &desired).await;
+    fleet.send(None, Some("1"), b"no key").await;
+    fleet.send(Some("dev-000"), None, b"no version").await;
+    fleet
+        .send(Some("dev-000"), Some("one"), b"not a number")
+        .await;
+    fleet
+        .send(Some("dev-000"), Some("2"), &vec![b'x'; 2048])
+        .await;
+    fleet
+        .send(Some("a/b"), Some("1"), b"not a topic level")
+        .await;
+    for d in &devices {
+        fleet.desire(d, 5, &document(d, 5)).await;
+    }
+    ferry.start();
+    let got = read_topic(stack, &acks, false, 3, SECS(30)).await;
+    assert_eq!(got.len(), 3);
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    side.wait_last(&devices, SECS(20), |p, r| r && version_of(p) == Some(5))
+        .await;
+    side.disconnect().await;
+    let letters = ferry.dead_letters();
+    let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    report("desired-bad", &format!("dead letters: {reasons:?}"));
+    assert_eq!(letters.len(), 5, "{reasons:?}");
+    assert_eq!(reasons[0], "no key (the device id)");
+    assert_eq!(reasons[1], "no version property");
+    assert!(reasons[2].contains("not a positive 64-bit integer"));
+    assert!(reasons[3].contains("exceeds store.max_payload_bytes (1024)"));
+    assert!(reasons[4].contains("not a valid MQTT topic level"));
+    assert_eq!(ferry.counters().get("desired_dead_lettered"), Some(&5));
+    let m = ferry.scrape().await;
+    assert_eq!(m["ferry_downlink_dead_lettered_total"], 5.0);
+    assert_eq!(m["ferry_downlink_applied_total"], 3.0);
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_kill_nines_during_a_thousand_desired_updates_never_go_back_a_version() {
+    use rand::Rng;
+    let (stack, _shared) = Stack::shared().await;
+    let Downlink {
+        desired,
+        acks,
+        prefix,
+        mut ferry,
+        devices,
+    } = Downlink::new(stack, "desired-kill9", 20).await;
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    let mut fleet = Fleet::connect(stack, &desired).await;
+    // 1,000 updates, the device picked at random, its version rising.
+    let plan: Vec<(String, u64)> = {
+        let mut rng = rand::thread_rng();
+        let mut next = vec![0u64; devices.len()];
+        (0..1000)
+            .map(|_| {
+                let i = rng.gen_range(0..devices.len());
+                next[i] += 1;
+                (devices[i].clone(), next[i])
+            })
+            .collect()
+    };
+    let last: std::collections::BTreeMap<String, u64> = plan.iter().cloned().collect();
+    let writes = plan.clone();
+    let writer = tokio::spawn(async move {
+        for (d, v) in writes {
+            fleet.desire(&d, v, &document(&d, v)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let kills = 20;
+    for _ in 0..kills {
+        ferry.start();
+        let ms = rand::thread_rng().gen_range(150..450);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        ferry.kill9();
+    }
+    writer.await.unwrap();
+    ferry.start();
+    let deadline = tokio::time::Instant::now() + SECS(60);
+    loop {
+        let seen = side.seen();
+        if devices.iter().all(|d| {
+            seen.get(d)
+                .and_then(|v| v.last())
+                .is_some_and(|(p, _)| version_of(p) == Some(last[d]))
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "devices did not reach their last version"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Anything late (a republication) shows up in this while.
+    tokio::time::sleep(SECS(2)).await;
+    let seen = side.seen();
+    assert_never_down(&seen);
+    // The same version again, right after itself: a republish.
+    let mut repeats = std::collections::BTreeMap::new();
+    for (d, msgs) in &seen {
+        let versions: Vec<u64> = msgs.iter().filter_map(|(p, _)| version_of(p)).collect();
+        let n = versions.windows(2).filter(|w| w[0] == w[1]).count();
+        repeats.insert(d.clone(), n);
+    }
+    let total: usize = repeats.values().sum();
+    let worst = repeats.values().max().copied().unwrap_or(0);
+    let got = read_topic(stack, &acks, false, 1, SECS(10)).await;
+    let acked = acks_of(&got);
+    let distinct: std::collections::BTreeSet<(String, u64)> = acked.iter().cloned().collect();
+    report(
+        "desired-kill9",
+        &format!(
+            "{kills} SIGKILLs, 1000 updates: {} publications seen, {total} republications (at most {worst} for one device), {} acks ({} distinct)",
+            seen.values().map(Vec::len).sum::<usize>(),
+            acked.len(),
+            distinct.len()
+        ),
+    );
+    assert!(
+        worst <= kills,
+        "a device got more republications than there were kills"
+    );
+    assert_eq!(acked.len(), distinct.len(), "an ack came twice");
+    for d in &devices {
+        assert!(
+            distinct.contains(&(d.clone(), last[d])),
+            "{d}'s last version not acked"
+        );
+    }
+    side.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_probes_the_desired_topic_with_a_reader() {
+    let (stack, _shared) = Stack::shared().await;
+    let Downlink { desired, ferry, .. } = Downlink::new(stack, "desired-check", 1).await;
+    let (code, out) = ferry.check_online();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("reader accepted on {desired} (the downlink)")),
+        "{out}"
+    );
+}
