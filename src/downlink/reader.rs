@@ -32,10 +32,13 @@ const PERMITS: u32 = 1_000;
 /// its first one.
 const BATCH_MESSAGES: u32 = 200;
 const BATCH_WAIT: Duration = Duration::from_millis(10);
-/// Catching up ends when the broker has been silent this long with permits
-/// to spare: the rest of the topic was compacted away (a cleared device's
-/// tombstone may be its last message).
-const CATCH_UP_QUIET: Duration = Duration::from_secs(3);
+/// Catching up also ends when the broker has been silent this long with
+/// permits to spare: the rest of the topic was compacted away (a cleared
+/// device's tombstone may be its last message, which a compacted read never
+/// delivers). Long, because ending early would let a fresh store publish a
+/// version older than the one the topic holds further on; the usual end is
+/// reaching the topic's last message id.
+const CATCH_UP_QUIET: Duration = Duration::from_secs(10);
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Reads the desired topic until shutdown; errors back off and start over
