@@ -69,23 +69,13 @@ pub async fn online(cfg: &Config) -> Vec<Probe> {
 /// The downlink's reader: lookup and a non-durable subscription (which
 /// needs the `consume` permission) on the desired topic.
 async fn probe_reader(s: &UplinkSettings) -> Result<String, String> {
-    probe_reader_inner(s).await.map_err(|e| match e {
-        uplink::UplinkError::NotAuthorized {
-            topic,
-            role,
-            message,
-        } => format!(
-            "not authorized to consume from {topic}{}: {message}",
-            role.map(|r| format!(" as role {r}")).unwrap_or_default()
-        ),
-        e => e.to_string(),
-    })
+    probe_reader_inner(s).await.map_err(|e| e.to_string())
 }
 
 async fn probe_reader_inner(s: &UplinkSettings) -> Result<String, uplink::UplinkError> {
     use uplink::link::{until, within};
     use uplink::protocol::{Event, SubscribeOptions};
-    let mut proto = uplink::Protocol::new(s.auth.is_some(), &s.topic);
+    let mut proto = uplink::Protocol::new(s.auth.is_some(), &s.topic).for_reading();
     let mut conn = uplink::connect_to_topic(s, &mut proto).await?;
     let (request_id, cmd) = proto.subscribe_with(
         1,

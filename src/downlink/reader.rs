@@ -125,7 +125,7 @@ impl Reader<'_> {
         let topic = s.topic.clone();
         let store = self.store;
         let setup = async {
-            let mut proto = Protocol::new(s.auth.is_some(), &s.topic);
+            let mut proto = Protocol::new(s.auth.is_some(), &s.topic).for_reading();
             let mut conn = connect_to_topic(s, &mut proto).await?;
             let start = store
                 .downlink(|reply| DownlinkCommand::Start {

@@ -37,11 +37,12 @@ pub enum UplinkError {
         message: String,
         role: Option<String>,
     },
-    #[error("not authorized to produce on {topic}{}: {message}", role_suffix(.role))]
+    #[error("not authorized to {access} {topic}{}: {message}", role_suffix(.role))]
     NotAuthorized {
         topic: String,
         role: Option<String>,
         message: String,
+        access: Access,
     },
     #[error("topic {topic} is terminated: it accepts no more messages")]
     TopicTerminated { topic: String },
@@ -183,14 +184,53 @@ pub fn is_refusal(code: i32) -> bool {
     )
 }
 
+impl UplinkError {
+    /// The same error, a refusal saying `access` was refused.
+    pub fn with_access(self, access: Access) -> UplinkError {
+        match self {
+            UplinkError::NotAuthorized {
+                topic,
+                role,
+                message,
+                ..
+            } => UplinkError::NotAuthorized {
+                topic,
+                role,
+                message,
+                access,
+            },
+            e => e,
+        }
+    }
+}
+
+/// What a connection does with its topic, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    #[default]
+    Produce,
+    Consume,
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Access::Produce => "produce on",
+            Access::Consume => "consume from",
+        })
+    }
+}
+
 /// A broker's refusal of a request about `topic`, classified by its error
-/// code; `role` names the token's role in the message.
+/// code; `role` names the token's role in the message, `access` what was
+/// refused.
 pub fn refusal(
     during: &'static str,
     code: i32,
     message: String,
     topic: &str,
     role: Option<String>,
+    access: Access,
 ) -> UplinkError {
     match ServerError::try_from(code) {
         Ok(ServerError::AuthenticationError) => UplinkError::AuthRejected { message, role },
@@ -198,6 +238,7 @@ pub fn refusal(
             topic: topic.to_string(),
             role,
             message,
+            access,
         },
         Ok(ServerError::TopicTerminatedError) => UplinkError::TopicTerminated {
             topic: topic.to_string(),
@@ -224,6 +265,7 @@ mod tests {
             "bad".into(),
             t,
             role(),
+            Access::Produce,
         );
         assert!(matches!(&e, UplinkError::AuthRejected { role: Some(r), .. } if r == "gw-a"));
         assert_eq!(e.class(), ErrorClass::NeedsOperator);
@@ -234,6 +276,7 @@ mod tests {
             "no".into(),
             t,
             None,
+            Access::Produce,
         );
         assert_eq!(
             e.to_string(),
@@ -246,6 +289,7 @@ mod tests {
             "".into(),
             t,
             None,
+            Access::Produce,
         );
         assert!(matches!(e, UplinkError::TopicTerminated { .. }));
         assert_eq!(e.class(), ErrorClass::NeedsOperator);
@@ -255,6 +299,7 @@ mod tests {
             "later".into(),
             t,
             None,
+            Access::Produce,
         );
         assert_eq!(
             e.to_string(),
@@ -274,5 +319,33 @@ mod tests {
         );
         assert_eq!(UplinkError::Closed.class(), ErrorClass::Transient);
         assert_eq!(UplinkError::ProducerClosed.class(), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn a_refused_reader_says_consume_from() {
+        let e = refusal(
+            "subscribe",
+            ServerError::AuthorizationError as i32,
+            "no".into(),
+            "persistent://t/n/desired",
+            Some("gw-a".into()),
+            Access::Consume,
+        );
+        assert_eq!(
+            e.to_string(),
+            "not authorized to consume from persistent://t/n/desired as role gw-a: no"
+        );
+        let looked_up = refusal(
+            "lookup",
+            ServerError::AuthorizationError as i32,
+            "no".into(),
+            "persistent://t/n/desired",
+            None,
+            Access::Produce,
+        )
+        .with_access(Access::Consume);
+        assert!(looked_up
+            .to_string()
+            .starts_with("not authorized to consume from"));
     }
 }

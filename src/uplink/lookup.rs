@@ -6,7 +6,7 @@
 use pulsar::proto::{self, command_lookup_topic_response::LookupType};
 
 use super::conn::{Conn, Endpoint};
-use super::error::{is_refusal, refusal, server_error, UplinkError};
+use super::error::{is_refusal, refusal, server_error, Access, UplinkError};
 use super::link::{open, until, within};
 use super::protocol::{Event, Protocol};
 use super::settings::UplinkSettings;
@@ -38,7 +38,7 @@ pub async fn connect_to_topic(
             _ => None,
         });
         let r = within(s.operation_timeout(), "lookup", answer).await?;
-        let step = lookup_step(s, r, proto.role())?;
+        let step = lookup_step(s, r, proto.role()).map_err(|e| e.with_access(proto.access()))?;
         match step.route {
             Route::Proxy(url) => {
                 // Keep talking to the service URL; the proxy forwards to `url`.
@@ -111,6 +111,7 @@ pub fn lookup_step(
                 r.message.unwrap_or_default(),
                 &s.topic,
                 role,
+                Access::Produce,
             ),
             code => UplinkError::Lookup {
                 topic: s.topic.clone(),

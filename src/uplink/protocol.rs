@@ -30,7 +30,7 @@ use pulsar::proto::{
 };
 
 use super::auth::{self, Secret};
-use super::error::{refusal, server_error, UplinkError};
+use super::error::{refusal, server_error, Access, UplinkError};
 use super::frame::{command, Frame, FrameError};
 use super::producer::{ProducerState, Receipt};
 
@@ -225,6 +225,8 @@ pub struct Protocol {
     consumers: HashMap<u64, Consumer>,
     /// The wall clock in seconds since the epoch (tests set it).
     now_secs: fn() -> u64,
+    /// What refusals say was refused.
+    access: Access,
 }
 
 fn system_now_secs() -> u64 {
@@ -250,7 +252,19 @@ impl Protocol {
             producers: HashMap::new(),
             consumers: HashMap::new(),
             now_secs: system_now_secs,
+            access: Access::Produce,
         }
+    }
+
+    /// A client that reads its topic: refusals say "consume from".
+    pub fn for_reading(mut self) -> Protocol {
+        self.access = Access::Consume;
+        self
+    }
+
+    /// What this client does with its topic.
+    pub fn access(&self) -> Access {
+        self.access
     }
 
     /// The role the broker sees (from the token's `sub` claim), if known.
@@ -746,6 +760,7 @@ impl Protocol {
                 message,
                 &self.topic,
                 self.role(),
+                self.access,
             ));
         }
         let Some(pending) = self.pending.remove(&e.request_id) else {
@@ -776,6 +791,7 @@ impl Protocol {
             e.message,
             &topic,
             self.role(),
+            self.access,
         ))
     }
 }

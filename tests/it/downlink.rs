@@ -539,3 +539,150 @@ async fn a_fresh_store_never_sends_a_cleared_device_its_older_version() {
     side.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_tokens_expiring_and_rotating_no_desired_update_is_lost_and_nothing_reconnects(
+) {
+    use std::time::Instant;
+    let (stack, _shared) = Stack::shared().await;
+    let secure = tokio::task::block_in_place(Secure::get);
+    let ns = secure.namespace("desired-rotate").await;
+    let Granted {
+        role,
+        prefix,
+        mut ferry,
+        ..
+    } = secure
+        .granted_ferry(stack, &ns, "device-status", "desired-rotate", false)
+        .await;
+    let desired = format!("persistent://{ns}/desired");
+    let acks = format!("persistent://{ns}/desired-acks");
+    secure.grant_consume(&desired, &role).await;
+    secure.grant_produce(&acks, &role).await;
+    ferry.append_config(&format!(
+        "[downlink]\ntopic = \"{desired}\"\nack_topic = \"{acks}\"\nmqtt_topic = \"{prefix}/{{device}}/desired\"\n"
+    ));
+    // Tokens live 12 s; a new one lands on disk every 4 s.
+    let token = ferry.token_path();
+    write_secret(&token, &secure.token(&role, Some(12)));
+    let devices: Vec<String> = (0..5).map(|i| format!("dev-{i:03}")).collect();
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+    let mut fleet = Fleet::connect_secure(secure, &desired).await;
+    ferry.start_ready().await;
+    let started = Instant::now();
+    let mut rotations = 0;
+    let mut next_rotation = Instant::now() + SECS(4);
+    let rounds = 30u64;
+    for v in 1..=rounds {
+        for d in &devices {
+            fleet.desire(d, v, &document(d, v)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        if Instant::now() >= next_rotation {
+            write_secret(&token, &secure.token(&role, Some(12)));
+            rotations += 1;
+            next_rotation = Instant::now() + SECS(4);
+        }
+    }
+    side.wait_last(&devices, SECS(30), |p, _| version_of(p) == Some(rounds))
+        .await;
+    let seen = side.seen();
+    assert_never_down(&seen);
+    let challenges = ferry.log_count("auth challenge answered");
+    let reconnects = ferry.log_count("downlink disconnected")
+        + ferry.log_count("downlink blocked")
+        + ferry.log_count("uplink disconnected")
+        + ferry.log_count("uplink blocked");
+    let got = read_secure_topic(secure, &acks, 1, SECS(10)).await;
+    let acked = acks_of(&got);
+    let distinct: std::collections::BTreeSet<(String, u64)> = acked.iter().cloned().collect();
+    report(
+        "desired-rotate",
+        &format!(
+            "{:.0} s of desired updates, {rotations} token rotations, {challenges} auth challenges answered, {reconnects} reconnects; {} publications, {} acks ({} distinct)",
+            started.elapsed().as_secs_f64(),
+            seen.values().map(Vec::len).sum::<usize>(),
+            acked.len(),
+            distinct.len()
+        ),
+    );
+    assert!(
+        challenges >= 2,
+        "the broker challenged expiring tokens: {challenges}"
+    );
+    assert_eq!(reconnects, 0, "expiry never dropped a connection");
+    assert_eq!(acked.len(), distinct.len(), "an ack came twice");
+    for d in &devices {
+        assert!(
+            distinct.contains(&(d.clone(), rounds)),
+            "{d}'s last version acked"
+        );
+    }
+    side.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reading_another_gateways_desired_topic_is_refused_and_its_own_downlink_works() {
+    let (stack, _shared) = Stack::shared().await;
+    let secure = tokio::task::block_in_place(Secure::get);
+    let ns = secure.namespace("desired-authz").await;
+    let Granted {
+        role: role_a,
+        prefix: prefix_a,
+        ferry: mut good,
+        ..
+    } = secure
+        .granted_ferry(stack, &ns, "status-a", "desired-authz-a", false)
+        .await;
+    let (desired_a, acks_a) = (
+        format!("persistent://{ns}/desired-a"),
+        format!("persistent://{ns}/acks-a"),
+    );
+    let desired_b = format!("persistent://{ns}/desired-b");
+    secure.grant_consume(&desired_a, &role_a).await;
+    secure.grant_produce(&acks_a, &role_a).await;
+    secure.grant_consume(&desired_b, &unique("gw-b")).await;
+    good.append_config(&format!(
+        "[downlink]\ntopic = \"{desired_a}\"\nack_topic = \"{acks_a}\"\nmqtt_topic = \"{prefix_a}/{{device}}/desired\"\n"
+    ));
+    // A second ferry with A's token, pointed at B's desired topic.
+    let status_bad = format!("persistent://{ns}/status-bad");
+    let acks_bad = format!("persistent://{ns}/acks-bad");
+    secure.grant_produce(&status_bad, &role_a).await;
+    secure.grant_produce(&acks_bad, &role_a).await;
+    let prefix_bad = unique("desired-authz-bad");
+    let bad = secure.ferry_as(
+        stack,
+        "desired-authz-bad",
+        &role_a,
+        &prefix_bad,
+        &status_bad,
+        false,
+    );
+    bad.append_config(&format!(
+        "[downlink]\ntopic = \"{desired_b}\"\nack_topic = \"{acks_bad}\"\nmqtt_topic = \"{prefix_bad}/{{device}}/desired\"\n"
+    ));
+    let mut bad = bad;
+    let refusal = format!("not authorized to consume from {desired_b} as role {role_a}");
+    let (code, out) = bad.check_online();
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains(&refusal), "{out}");
+    bad.start();
+    bad.wait_log(&refusal, SECS(30)).await;
+    // A's own downlink works meanwhile.
+    let devices: Vec<String> = (0..3).map(|i| format!("dev-{i:03}")).collect();
+    let side = DeviceSide::subscribe(stack, &prefix_a).await;
+    let mut fleet = Fleet::connect_secure(secure, &desired_a).await;
+    for d in &devices {
+        fleet.desire(d, 1, &document(d, 1)).await;
+    }
+    good.start();
+    side.wait_last(&devices, SECS(30), |p, _| version_of(p) == Some(1))
+        .await;
+    assert!(bad.is_running(), "a refusal does not end ferry");
+    report("desired-authz", &format!("refused: {refusal}"));
+    side.disconnect().await;
+    assert_eq!(good.terminate(), Some(0));
+    assert_eq!(bad.terminate(), Some(0));
+}

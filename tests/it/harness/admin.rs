@@ -73,6 +73,16 @@ impl Admin {
     /// Creates the topic if needed and grants `role` the right to produce on
     /// it, and nothing else.
     pub async fn grant_produce(&self, topic: &str, role: &str) {
+        self.grant(topic, role, "produce").await;
+    }
+
+    /// Creates the topic if needed and grants `role` the right to consume
+    /// it (any subscription), and nothing else.
+    pub async fn grant_consume(&self, topic: &str, role: &str) {
+        self.grant(topic, role, "consume").await;
+    }
+
+    async fn grant(&self, topic: &str, role: &str, action: &str) {
         let path = format!("persistent/{}", topic_path(topic));
         let r = self
             .request(reqwest::Method::PUT, &path)
@@ -87,13 +97,13 @@ impl Admin {
         let r = self
             .request(reqwest::Method::POST, &format!("{path}/permissions/{role}"))
             .header("Content-Type", "application/json")
-            .body(r#"["produce"]"#)
+            .body(format!(r#"["{action}"]"#))
             .send()
             .await
             .unwrap();
         assert!(
             r.status().is_success(),
-            "grant produce on {topic} to {role}: {}",
+            "grant {action} on {topic} to {role}: {}",
             r.status()
         );
     }

@@ -10,7 +10,7 @@ use pulsar::producer::{Message, ProducerOptions};
 use pulsar::{Pulsar, TokioExecutor};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use super::{unique, Stack};
+use super::{unique, Secure, Stack};
 
 /// Writes desired states to one desired topic.
 pub struct Fleet {
@@ -23,6 +23,26 @@ impl Fleet {
             .build()
             .await
             .expect("pulsar client");
+        Fleet::on(pulsar, topic).await
+    }
+
+    /// On a secured broker, as its super-user.
+    pub async fn connect_secure(secure: &Secure, topic: &str) -> Fleet {
+        let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(secure.service_url(), TokioExecutor)
+            .with_auth(pulsar::Authentication {
+                name: "token".into(),
+                data: secure.admin_token().into_bytes(),
+            })
+            .with_certificate_chain_file(secure.pki.join("ca.pem"))
+            .expect("read ca.pem")
+            .with_tls_hostname_verification_enabled(true)
+            .build()
+            .await
+            .expect("pulsar client");
+        Fleet::on(pulsar, topic).await
+    }
+
+    async fn on(pulsar: Pulsar<TokioExecutor>, topic: &str) -> Fleet {
         let producer = pulsar
             .producer()
             .with_topic(topic)

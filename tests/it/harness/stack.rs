@@ -184,6 +184,11 @@ impl Secure {
         self.admin_api().grant_produce(topic, role).await;
     }
 
+    /// Creates the topic if needed and grants `role` the right to consume it.
+    pub async fn grant_consume(&self, topic: &str, role: &str) {
+        self.admin_api().grant_consume(topic, role).await;
+    }
+
     /// How many entries the topic's ledgers hold (see
     /// [`Admin::entries_in_topic`]). For the mTLS broker, which the `pulsar`
     /// crate's consumer cannot reach (it has no client certificates).
