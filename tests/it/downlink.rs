@@ -27,9 +27,7 @@ impl Downlink {
         } = Scenario::new(stack, test).await;
         let desired = topic.replace("device-status", "desired");
         let acks = topic.replace("device-status", "desired-acks");
-        ferry.append_config(&format!(
-            "[downlink]\ntopic = \"{desired}\"\nack_topic = \"{acks}\"\nmqtt_topic = \"{prefix}/{{device}}/desired\"\n"
-        ));
+        ferry.append_config(&downlink_section(&desired, &acks, &prefix));
         Downlink {
             desired,
             acks,
@@ -167,22 +165,9 @@ async fn after_compaction_and_a_broker_restart_every_device_ends_on_its_newest_v
             3
         }
     };
-    let deadline = tokio::time::Instant::now() + SECS(60);
-    let seen = loop {
-        let seen = side.seen();
-        if devices.iter().all(|d| {
-            seen.get(d)
-                .and_then(|v| v.last())
-                .is_some_and(|(p, _)| version_of(p) == Some(newest(d)))
-        }) {
-            break seen;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "devices did not reach their newest version"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let seen = side
+        .wait_versions(&devices, SECS(60), |d: &str| newest(d))
+        .await;
     assert_never_down(&seen);
     // A new subscriber finds the newest versions retained.
     let late = DeviceSide::subscribe(stack, &prefix).await;
@@ -299,22 +284,8 @@ async fn a_deleted_store_catches_up_without_publishing_anything_older() {
             3
         }
     };
-    let deadline = tokio::time::Instant::now() + SECS(60);
-    loop {
-        let seen = side.seen();
-        if devices.iter().all(|d| {
-            seen.get(d)
-                .and_then(|v| v.last())
-                .is_some_and(|(p, _)| version_of(p) == Some(newest(d)))
-        }) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "devices did not reach their newest version"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    side.wait_versions(&devices, SECS(60), |d: &str| newest(d))
+        .await;
     tokio::time::sleep(SECS(2)).await;
     let seen = side.seen();
     assert_never_down(&seen);
@@ -427,22 +398,8 @@ async fn twenty_kill_nines_during_a_thousand_desired_updates_never_go_back_a_ver
     }
     writer.await.unwrap();
     ferry.start();
-    let deadline = tokio::time::Instant::now() + SECS(60);
-    loop {
-        let seen = side.seen();
-        if devices.iter().all(|d| {
-            seen.get(d)
-                .and_then(|v| v.last())
-                .is_some_and(|(p, _)| version_of(p) == Some(last[d]))
-        }) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "devices did not reach their last version"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    side.wait_versions(&devices, SECS(60), |d: &str| last[d])
+        .await;
     // Anything late (a republication) shows up in this while.
     tokio::time::sleep(SECS(2)).await;
     let seen = side.seen();
@@ -559,9 +516,7 @@ async fn over_tls_with_tokens_expiring_and_rotating_no_desired_update_is_lost_an
     let acks = format!("persistent://{ns}/desired-acks");
     secure.grant_consume(&desired, &role).await;
     secure.grant_produce(&acks, &role).await;
-    ferry.append_config(&format!(
-        "[downlink]\ntopic = \"{desired}\"\nack_topic = \"{acks}\"\nmqtt_topic = \"{prefix}/{{device}}/desired\"\n"
-    ));
+    ferry.append_config(&downlink_section(&desired, &acks, &prefix));
     // Tokens live 12 s; a new one lands on disk every 4 s.
     let token = ferry.token_path();
     write_secret(&token, &secure.token(&role, Some(12)));
@@ -643,9 +598,7 @@ async fn a_gateway_reading_another_gateways_desired_topic_is_refused_and_its_own
     secure.grant_consume(&desired_a, &role_a).await;
     secure.grant_produce(&acks_a, &role_a).await;
     secure.grant_consume(&desired_b, &unique("gw-b")).await;
-    good.append_config(&format!(
-        "[downlink]\ntopic = \"{desired_a}\"\nack_topic = \"{acks_a}\"\nmqtt_topic = \"{prefix_a}/{{device}}/desired\"\n"
-    ));
+    good.append_config(&downlink_section(&desired_a, &acks_a, &prefix_a));
     // A second ferry with A's token, pointed at B's desired topic.
     let status_bad = format!("persistent://{ns}/status-bad");
     let acks_bad = format!("persistent://{ns}/acks-bad");
@@ -660,9 +613,7 @@ async fn a_gateway_reading_another_gateways_desired_topic_is_refused_and_its_own
         &status_bad,
         false,
     );
-    bad.append_config(&format!(
-        "[downlink]\ntopic = \"{desired_b}\"\nack_topic = \"{acks_bad}\"\nmqtt_topic = \"{prefix_bad}/{{device}}/desired\"\n"
-    ));
+    bad.append_config(&downlink_section(&desired_b, &acks_bad, &prefix_bad));
     let mut bad = bad;
     let refusal = format!("not authorized to consume from {desired_b} as role {role_a}");
     let (code, out) = bad.check_online();

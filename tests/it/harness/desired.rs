@@ -148,27 +148,42 @@ impl DeviceSide {
         limit: Duration,
         done: impl Fn(&[u8], bool) -> bool,
     ) -> Seen {
+        self.wait_each(devices, limit, |_, p, r| done(p, r)).await
+    }
+
+    /// Waits until the last message each of `devices` saw holds version
+    /// `want(device)` of its [`document`].
+    pub async fn wait_versions(
+        &self,
+        devices: &[String],
+        limit: Duration,
+        want: impl Fn(&str) -> u64,
+    ) -> Seen {
+        self.wait_each(devices, limit, |d, p, _| version_of(p) == Some(want(d)))
+            .await
+    }
+
+    async fn wait_each(
+        &self,
+        devices: &[String],
+        limit: Duration,
+        done: impl Fn(&str, &[u8], bool) -> bool,
+    ) -> Seen {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let seen = self.seen();
-            let ok = devices.iter().all(|d| {
+            let ok = |d: &String| {
                 seen.get(d)
                     .and_then(|v| v.last())
-                    .is_some_and(|(p, r)| done(p, *r))
-            });
-            if ok {
+                    .is_some_and(|(p, r)| done(d, p, *r))
+            };
+            if devices.iter().all(ok) {
                 return seen;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "devices did not get their desired state within {limit:?}: {} of {} did",
-                devices
-                    .iter()
-                    .filter(|d| seen
-                        .get(*d)
-                        .and_then(|v| v.last())
-                        .is_some_and(|(p, r)| done(p, *r)))
-                    .count(),
+                devices.iter().filter(|d| ok(d)).count(),
                 devices.len()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -180,6 +195,14 @@ impl DeviceSide {
         tokio::time::sleep(Duration::from_millis(100)).await;
         self.task.abort();
     }
+}
+
+/// The `[downlink]` section of a ferry config: `desired` and `acks` topics,
+/// the devices' desired topics under `prefix`.
+pub fn downlink_section(desired: &str, acks: &str, prefix: &str) -> String {
+    format!(
+        "[downlink]\ntopic = \"{desired}\"\nack_topic = \"{acks}\"\nmqtt_topic = \"{prefix}/{{device}}/desired\"\n"
+    )
 }
 
 /// The desired document tests write: `{"device": .., "v": version}`.
