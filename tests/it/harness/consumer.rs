@@ -16,6 +16,9 @@ pub struct Received {
     pub key: String,
     pub payload: Vec<u8>,
     pub sequence_id: u64,
+    /// Where the broker stored it: (ledger, entry, index in its batch). A
+    /// second message with another id is a second copy in the topic.
+    pub message_id: (u64, u64, i32),
     /// When ferry sent it (ms since the epoch).
     pub publish_time: u64,
     pub properties: BTreeMap<String, String>,
@@ -67,6 +70,37 @@ pub async fn read_secure_topic(
     read_with(pulsar, topic, false, expected, idle).await
 }
 
+/// The `pulsar` crate tells through the `log` crate why its consumer
+/// subscribed again (a closed consumer, a dead connection): its errors go
+/// to the test's output (its warnings include a line at every subscribe).
+struct CrateLog;
+
+impl log::Log for CrateLog {
+    fn enabled(&self, meta: &log::Metadata<'_>) -> bool {
+        meta.level() <= log::Level::Error && meta.target().starts_with("pulsar")
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "[pulsar crate] {} {}: {}",
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn show_crate_warnings() {
+    static CRATE_LOG: CrateLog = CrateLog;
+    if log::set_logger(&CRATE_LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Error);
+    }
+}
+
 async fn read_with(
     pulsar: Pulsar<TokioExecutor>,
     topic: &str,
@@ -74,6 +108,7 @@ async fn read_with(
     expected: usize,
     idle: Duration,
 ) -> Vec<Received> {
+    show_crate_warnings();
     let mut consumer = pulsar
         .consumer()
         .with_topic(topic)
@@ -90,15 +125,27 @@ async fn read_with(
         .expect("pulsar consumer");
     let grace = Duration::from_secs(3);
     let mut out = Vec::new();
+    // The `pulsar` crate's consumer subscribes again from its start
+    // position when its connection is replaced, so the reader may be handed
+    // an entry it already has: the topic holds it once, and it counts once.
+    let mut ids = BTreeSet::new();
+    let mut again = 0usize;
     loop {
         let wait = if out.len() >= expected { grace } else { idle };
         match tokio::time::timeout(wait, consumer.next()).await {
             Ok(Some(Ok(msg))) => {
                 let _ = consumer.ack(&msg).await;
+                let id = msg.message_id();
+                let message_id = (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1));
+                if !ids.insert(message_id) {
+                    again += 1;
+                    continue;
+                }
                 let meta = msg.metadata();
                 out.push(Received {
                     key: meta.partition_key.clone().unwrap_or_default(),
                     sequence_id: meta.sequence_id,
+                    message_id,
                     publish_time: meta.publish_time,
                     properties: meta
                         .properties
@@ -111,6 +158,11 @@ async fn read_with(
             Ok(Some(Err(e))) => panic!("consumer error: {e}"),
             Ok(None) | Err(_) => break,
         }
+    }
+    if again > 0 {
+        eprintln!(
+            "[reader] {topic}: the consumer was handed {again} entries it already had (same message id; counted once)"
+        );
     }
     out
 }
@@ -161,7 +213,52 @@ pub fn tally(msgs: &[Received], devices: &[String], per_device: u64) -> Tally {
         }
         t.lost += (0..per_device).filter(|n| !seen.contains(n)).count();
     }
+    if t.duplicated > 0 {
+        explain_duplicates(msgs);
+    }
     t
+}
+
+/// Says where the second copies in a topic came from: a copy with the
+/// sequence id of an earlier one is a resend the broker's deduplication let
+/// through; one with a new sequence id is an update ferry stored twice.
+fn explain_duplicates(msgs: &[Received]) {
+    let mut first: BTreeMap<(&str, u64), &Received> = BTreeMap::new();
+    let (mut resent, mut stored_twice) = (Vec::new(), Vec::new());
+    for m in msgs {
+        match first.get(&(m.key.as_str(), m.n())) {
+            None => {
+                first.insert((m.key.as_str(), m.n()), m);
+            }
+            Some(&f) if f.sequence_id == m.sequence_id => resent.push((f, m)),
+            Some(&f) => stored_twice.push((f, m)),
+        }
+    }
+    let show = |pairs: &[(&Received, &Received)]| -> String {
+        pairs
+            .iter()
+            .take(5)
+            .map(|(f, m)| {
+                format!(
+                    "{} #{} seq {} at {:?} and seq {} at {:?}",
+                    m.key,
+                    m.n(),
+                    f.sequence_id,
+                    f.message_id,
+                    m.sequence_id,
+                    m.message_id
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    eprintln!(
+        "[tally] second copies: {} with the sequence id of the first (a resend deduplication let through: {}), {} with a new one (stored twice by ferry: {})",
+        resent.len(),
+        show(&resent),
+        stored_twice.len(),
+        show(&stored_twice)
+    );
 }
 
 /// How many messages repeat an update (device and update number) that an
