@@ -135,7 +135,9 @@ fn set_link(link: &mut Link, connected: bool, peer: &str, error: Option<String>)
     }
 }
 
-pub use crate::store::report::{read, DeadLetter, Incident, Report, StreamReport, TopicBacklog};
+pub use crate::store::report::{
+    read, DeadLetter, DownlinkReport, Incident, Report, StreamReport, TopicBacklog,
+};
 
 /// The report as a table for people. Every string in it may have come from
 /// outside (MQTT topics, broker errors, the store file), so every line goes
@@ -207,6 +209,29 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
+    if let Some(d) = &r.downlink {
+        let state = if d.caught_up {
+            "caught up"
+        } else {
+            "catching up (nothing published before the topic's end is read)"
+        };
+        line(
+            "downlink",
+            format!(
+                "{}: {state}, {} devices, lag {}",
+                d.topic.rsplit('/').next().unwrap_or(&d.topic),
+                d.devices,
+                d.lag
+            ),
+        );
+        line(
+            "",
+            format!(
+                "received {}, applied {}, stale {}, dead-lettered {}, republished {}",
+                d.received, d.applied, d.stale, d.dead_lettered, d.republished
+            ),
+        );
+    }
     line(
         "backlog",
         format!("{} records, {} bytes", r.pending_records, r.pending_bytes),
@@ -242,9 +267,11 @@ pub fn render(r: &Report) -> String {
         None if r.pending_records > 0 => line("time to drain", "unknown (not draining)".into()),
         None => {}
     }
+    // The downlink's counters stand on its own lines.
     let counters = r
         .counters
         .iter()
+        .filter(|(k, _)| r.downlink.is_none() || !k.starts_with("desired_"))
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ");
@@ -489,6 +516,58 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
     }
 
     #[test]
+    fn the_downlink_shows_its_progress_and_counts_on_lines_of_its_own() {
+        use crate::store::db::DesiredUpdate;
+        let (path, mut db) = store_with(&snapshot_json(&[]));
+        assert_eq!(
+            read(&path).unwrap().downlink,
+            None,
+            "no desired topic read yet"
+        );
+        let topic = "persistent://t/n/desired";
+        db.downlink_start(topic).unwrap();
+        let r = read(&path).unwrap();
+        assert!(render(&r).contains("downlink         desired: catching up"));
+        let update = |device: &str, version: Option<&str>| DesiredUpdate {
+            device: Some(device.into()),
+            version: version.map(str::to_string),
+            payload: bytes::Bytes::from_static(b"{}"),
+            problem: None,
+        };
+        let updates = [
+            update("a", Some("2")),
+            update("b", Some("1")),
+            update("a", Some("1")),
+            update("c", None),
+        ];
+        db.desired_received(topic, &updates, b"position", true, 1024)
+            .unwrap();
+        let r = read(&path).unwrap();
+        let d = r.downlink.clone().unwrap();
+        assert_eq!(d.topic, topic);
+        assert!(d.caught_up);
+        assert_eq!((d.devices, d.lag), (2, 2));
+        assert_eq!(
+            (d.received, d.applied, d.stale, d.dead_lettered),
+            (4, 0, 1, 1)
+        );
+        let table = render(&r);
+        assert!(
+            table.contains("downlink         desired: caught up, 2 devices, lag 2\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("received 4, applied 0, stale 1, dead-lettered 1, republished 0"),
+            "{table}"
+        );
+        assert!(!table.contains("desired_"), "said once: {table}");
+        let json: serde_json::Value = serde_json::from_str(&render_json(&r)).unwrap();
+        assert_eq!(json["downlink"]["lag"], 2);
+        drop(db);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
     fn no_value_a_report_can_hold_makes_rendering_panic() {
         let odd = [
             f64::NAN,
@@ -544,6 +623,17 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                     kind: "k".into(),
                     detail: "d".into(),
                 }],
+                downlink: Some(DownlinkReport {
+                    topic: String::new(),
+                    caught_up: false,
+                    devices: u64::MAX,
+                    lag: u64::MAX,
+                    received: i64::MIN,
+                    applied: i64::MAX,
+                    stale: -1,
+                    dead_lettered: 0,
+                    republished: i64::MIN,
+                }),
             };
             let _ = render(&r);
             let _ = render_json(&r);
@@ -602,6 +692,17 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                 kind: evil.into(),
                 detail: evil.into(),
             }],
+            downlink: Some(DownlinkReport {
+                topic: format!("persistent://t/n/{evil}"),
+                caught_up: true,
+                devices: 1,
+                lag: 0,
+                received: 1,
+                applied: 1,
+                stale: 0,
+                dead_lettered: 0,
+                republished: 0,
+            }),
         };
         let bad = |c: char| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c);
         let table = render(&r);

@@ -55,6 +55,29 @@ pub struct Incident {
     pub detail: String,
 }
 
+/// The downlink (desired state down to the devices), once the store has
+/// read a desired topic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DownlinkReport {
+    pub topic: String,
+    /// The store read the topic to its end once; before that (a new or
+    /// replaced store) nothing is published, so no device gets an older
+    /// version first.
+    pub caught_up: bool,
+    /// Devices with a desired state.
+    pub devices: u64,
+    /// Versions read and not yet acknowledged by the local MQTT broker
+    /// (states to publish again after it forgot them included).
+    pub lag: u64,
+    pub received: i64,
+    pub applied: i64,
+    /// Versions at or below what the device already had: never published.
+    pub stale: i64,
+    pub dead_lettered: i64,
+    /// States published again because the local broker forgot them.
+    pub republished: i64,
+}
+
 /// Everything `ferry status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -74,6 +97,7 @@ pub struct Report {
     pub recent_dead_letters: Vec<DeadLetter>,
     /// The most recent first.
     pub incidents: Vec<Incident>,
+    pub downlink: Option<DownlinkReport>,
 }
 
 const SQL_DESTINATIONS: &str = "SELECT id, topic, stream, role FROM destinations ORDER BY id";
@@ -87,6 +111,11 @@ const SQL_DEAD_COUNT: &str = "SELECT COUNT(*) FROM dead_letters";
 const SQL_DEAD_RECENT: &str =
     "SELECT received_ms, mqtt_topic, reason, size FROM dead_letters ORDER BY id DESC LIMIT 5";
 const SQL_INCIDENTS: &str = "SELECT at_ms, kind, detail FROM incidents ORDER BY id DESC LIMIT 10";
+const SQL_HAS_DOWNLINK: &str =
+    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'downlink'";
+const SQL_DOWNLINK: &str = "SELECT topic, caught_up FROM downlink LIMIT 1";
+const SQL_DESIRED: &str = "SELECT COUNT(*),
+     COALESCE(SUM(version > applied OR republish != 0), 0) FROM desired";
 
 /// Reads the report from a store file, read-only.
 pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
@@ -216,6 +245,7 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let downlink = downlink(&conn, &counters)?;
     let rate = agent.as_ref().map(|a| a.drain_rate).unwrap_or(0.0);
     Ok(Report {
         store: path.display().to_string(),
@@ -233,5 +263,45 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         dead_letters: dead as u64,
         recent_dead_letters: recent,
         incidents,
+        downlink,
     })
+}
+
+/// The downlink's state, if the store ever read a desired topic (a store
+/// older than the downlink has no such table until ferry opens it).
+fn downlink(
+    conn: &Connection,
+    counters: &[(String, i64)],
+) -> Result<Option<DownlinkReport>, rusqlite::Error> {
+    let has: i64 = conn.query_row(SQL_HAS_DOWNLINK, [], |r| r.get(0))?;
+    if has == 0 {
+        return Ok(None);
+    }
+    let Some((topic, caught_up)) = conn
+        .query_row(SQL_DOWNLINK, [], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let (devices, lag): (i64, i64) =
+        conn.query_row(SQL_DESIRED, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let count = |name: &str| {
+        counters
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    Ok(Some(DownlinkReport {
+        topic,
+        caught_up: caught_up != 0,
+        devices: devices.max(0) as u64,
+        lag: lag.max(0) as u64,
+        received: count("desired_received"),
+        applied: count("desired_applied"),
+        stale: count("desired_stale"),
+        dead_lettered: count("desired_dead_lettered"),
+        republished: count("desired_republished"),
+    }))
 }

@@ -99,6 +99,24 @@ async fn a_hundred_devices_get_version_one_retained_and_a_hundred_acks_arrive() 
     // The gauge follows once a second.
     tokio::time::sleep(SECS(2)).await;
     assert_eq!(ferry.scrape().await["ferry_downlink_pending"], 0.0);
+    // `ferry status` says the same, from the store.
+    let status = ferry.status_json();
+    let d = &status["downlink"];
+    report("desired-v1", &format!("ferry status --json: downlink {d}"));
+    assert_eq!(d["topic"], desired.as_str());
+    assert_eq!(d["caught_up"], true);
+    assert_eq!(
+        (d["devices"].as_u64(), d["lag"].as_u64()),
+        (Some(100), Some(0))
+    );
+    assert_eq!(
+        (d["received"].as_i64(), d["applied"].as_i64()),
+        (Some(100), Some(100))
+    );
+    assert_eq!(
+        (d["stale"].as_i64(), d["dead_lettered"].as_i64()),
+        (Some(0), Some(0))
+    );
     side.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
