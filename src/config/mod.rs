@@ -31,10 +31,10 @@ use std::time::Duration;
 pub use crate::layout::{Limits, Overflow, StreamKind, Subscription};
 pub use downlink::{DownlinkConfig, ACK_STREAM, DEFAULT_DESIRED_MQTT_TOPIC};
 pub use raw::{
-    RawAuth, RawConfig, RawDownlink, RawMetrics, RawMqtt, RawPulsar, RawStore, RawStream,
-    RawSubscription, RawTls, RawUplink,
+    take_section, toml_table, unknown_keys, RawAuth, RawConfig, RawDownlink, RawMetrics, RawMqtt,
+    RawPulsar, RawStore, RawStream, RawSubscription, RawTls, RawUplink,
 };
-pub use validate::parse_service_url;
+pub use validate::{parse_service_url, valid_name, Validator, NAME_RULE};
 
 /// One problem in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]

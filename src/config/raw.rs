@@ -125,22 +125,7 @@ impl RawConfig {
     /// Parses TOML text. A syntax error is one problem for the whole file;
     /// type errors and unknown keys are listed section by section.
     pub(super) fn from_text(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            // The parser's own rendering quotes the offending line, which may
-            // hold a secret: only where, and what the parser says.
-            let at = e
-                .span()
-                .map(|s| {
-                    let (line, column) = line_column(text, s.start);
-                    format!(" at line {line}, column {column}")
-                })
-                .unwrap_or_default();
-            vec![ConfigError {
-                path: String::new(),
-                message: format!("not valid TOML{at}: {}", scrub(e.message())),
-            }]
-        })?;
-        RawConfig::from_table(table)
+        RawConfig::from_table(toml_table(text)?)
     }
 
     /// Deserializes section by section so that a type error in one section
@@ -148,43 +133,73 @@ impl RawConfig {
     fn from_table(mut table: toml::Table) -> Result<RawConfig, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let mut raw = RawConfig::default();
-        fn section<T: serde::de::DeserializeOwned>(
-            table: &mut toml::Table,
-            key: &str,
-            errors: &mut Vec<ConfigError>,
-        ) -> Option<T> {
-            let value = table.remove(key)?;
-            match value.try_into::<T>() {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    errors.push(ConfigError {
-                        path: key.to_string(),
-                        message: scrub(e.message()),
-                    });
-                    None
-                }
-            }
-        }
-        raw.gateway_id = section(&mut table, "gateway_id", &mut errors);
-        raw.log_level = section(&mut table, "log_level", &mut errors);
-        raw.mqtt = section(&mut table, "mqtt", &mut errors);
-        raw.pulsar = section(&mut table, "pulsar", &mut errors);
-        raw.streams = section(&mut table, "streams", &mut errors);
-        raw.store = section(&mut table, "store", &mut errors);
-        raw.uplink = section(&mut table, "uplink", &mut errors);
-        raw.metrics = section(&mut table, "metrics", &mut errors);
-        raw.downlink = section(&mut table, "downlink", &mut errors);
-        for key in table.keys() {
-            errors.push(ConfigError {
-                path: key.clone(),
-                message: "unknown key".into(),
-            });
-        }
+        raw.gateway_id = take_section(&mut table, "gateway_id", &mut errors);
+        raw.log_level = take_section(&mut table, "log_level", &mut errors);
+        raw.mqtt = take_section(&mut table, "mqtt", &mut errors);
+        raw.pulsar = take_section(&mut table, "pulsar", &mut errors);
+        raw.streams = take_section(&mut table, "streams", &mut errors);
+        raw.store = take_section(&mut table, "store", &mut errors);
+        raw.uplink = take_section(&mut table, "uplink", &mut errors);
+        raw.metrics = take_section(&mut table, "metrics", &mut errors);
+        raw.downlink = take_section(&mut table, "downlink", &mut errors);
+        unknown_keys(&table, &mut errors);
         if errors.is_empty() {
             Ok(raw)
         } else {
             Err(errors)
         }
+    }
+}
+
+/// TOML text as a table. A syntax error is one problem for the whole file;
+/// the parser's own rendering quotes the offending line, which may hold a
+/// secret, so only where, and what the parser says. (`ferry-fleet` reads
+/// its file with the same rules.)
+pub fn toml_table(text: &str) -> Result<toml::Table, Vec<ConfigError>> {
+    toml::from_str(text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| {
+                let (line, column) = line_column(text, s.start);
+                format!(" at line {line}, column {column}")
+            })
+            .unwrap_or_default();
+        vec![ConfigError {
+            path: String::new(),
+            message: format!("not valid TOML{at}: {}", scrub(e.message())),
+        }]
+    })
+}
+
+/// Takes section `key` out of `table` and deserializes it; a type error or
+/// an unknown key in it is one problem (with the section's key path), so
+/// that one section's mistake does not hide the others'.
+pub fn take_section<T: serde::de::DeserializeOwned>(
+    table: &mut toml::Table,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    let value = table.remove(key)?;
+    match value.try_into::<T>() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(ConfigError {
+                path: key.to_string(),
+                message: scrub(e.message()),
+            });
+            None
+        }
+    }
+}
+
+/// Every key left in `table` (after the known sections were taken) is a
+/// problem.
+pub fn unknown_keys(table: &toml::Table, errors: &mut Vec<ConfigError>) {
+    for key in table.keys() {
+        errors.push(ConfigError {
+            path: key.clone(),
+            message: "unknown key".into(),
+        });
     }
 }
 

@@ -16,7 +16,7 @@ use super::{
 };
 
 /// What a gateway id, client id or stream name may be.
-pub(super) const NAME_RULE: &str = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -";
+pub const NAME_RULE: &str = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -";
 
 impl RawConfig {
     /// Checks every constraint; returns the runtime configuration or every
@@ -60,27 +60,33 @@ impl RawConfig {
     }
 }
 
-/// Collects the problems of one file.
+/// Collects the problems of one file (`ferry-fleet` checks its file with
+/// it too).
 #[derive(Default)]
-pub(super) struct Validator {
+pub struct Validator {
     errors: Vec<ConfigError>,
 }
 
 impl Validator {
-    pub(super) fn error(&mut self, path: &str, message: &str) {
+    /// Every problem found, in the order found.
+    pub fn into_errors(self) -> Vec<ConfigError> {
+        self.errors
+    }
+
+    pub fn error(&mut self, path: &str, message: &str) {
         self.errors.push(ConfigError {
             path: path.to_string(),
             message: message.to_string(),
         });
     }
 
-    pub(super) fn check(&mut self, path: &str, ok: bool, message: &str) {
+    pub fn check(&mut self, path: &str, ok: bool, message: &str) {
         if !ok {
             self.error(path, message);
         }
     }
 
-    pub(super) fn required<T>(&mut self, path: &str, value: Option<T>) -> Option<T> {
+    pub fn required<T>(&mut self, path: &str, value: Option<T>) -> Option<T> {
         if value.is_none() {
             self.error(path, "is required");
         }
@@ -88,7 +94,7 @@ impl Validator {
     }
 
     /// An integer with a default, checked against an inclusive range.
-    pub(super) fn int_in(
+    pub fn int_in(
         &mut self,
         path: &str,
         value: Option<i64>,
@@ -106,7 +112,9 @@ impl Validator {
     }
 }
 
-pub(super) fn valid_name(s: &str) -> bool {
+/// A gateway id or stream name: what may stand in client ids, producer
+/// names and file names.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()
