@@ -132,16 +132,18 @@ impl RawConfig {
     /// does not hide the problems of the others.
     fn from_table(mut table: toml::Table) -> Result<RawConfig, Vec<ConfigError>> {
         let mut errors = Vec::new();
-        let mut raw = RawConfig::default();
-        raw.gateway_id = take_section(&mut table, "gateway_id", &mut errors);
-        raw.log_level = take_section(&mut table, "log_level", &mut errors);
-        raw.mqtt = take_section(&mut table, "mqtt", &mut errors);
-        raw.pulsar = take_section(&mut table, "pulsar", &mut errors);
-        raw.streams = take_section(&mut table, "streams", &mut errors);
-        raw.store = take_section(&mut table, "store", &mut errors);
-        raw.uplink = take_section(&mut table, "uplink", &mut errors);
-        raw.metrics = take_section(&mut table, "metrics", &mut errors);
-        raw.downlink = take_section(&mut table, "downlink", &mut errors);
+        let (t, e) = (&mut table, &mut errors);
+        let raw = RawConfig {
+            gateway_id: take_section(t, "gateway_id", e),
+            log_level: take_section(t, "log_level", e),
+            mqtt: take_section(t, "mqtt", e),
+            pulsar: take_section(t, "pulsar", e),
+            streams: take_section(t, "streams", e),
+            store: take_section(t, "store", e),
+            uplink: take_section(t, "uplink", e),
+            metrics: take_section(t, "metrics", e),
+            downlink: take_section(t, "downlink", e),
+        };
         unknown_keys(&table, &mut errors);
         if errors.is_empty() {
             Ok(raw)
