@@ -44,6 +44,7 @@ fn a_fifo_or_a_directory_as_the_store_is_refused_by_status_and_run() {
         pulsar_port: 1,
         web_port: 1,
         mqtt_port: 1,
+        postgres_port: 1,
     };
     let mut ferry = Ferry::new(
         &stack,

@@ -33,6 +33,10 @@ pub struct Stack {
     pub pulsar_port: u16,
     pub web_port: u16,
     pub mqtt_port: u16,
+    /// PostgreSQL (superuser `ferry`, trust authentication, loopback only;
+    /// ferry-fleet's tests use it).
+    #[allow(dead_code)]
+    pub postgres_port: u16,
 }
 
 static STACK: OnceLock<Stack> = OnceLock::new();
@@ -51,6 +55,7 @@ impl Stack {
                 pulsar_port: env_port("FERRY_PULSAR_PORT", 6650),
                 web_port: env_port("FERRY_PULSAR_WEB_PORT", 8080),
                 mqtt_port: env_port("FERRY_MQTT_PORT", 1883),
+                postgres_port: env_port("FERRY_POSTGRES_PORT", 5433),
             }
         })
     }
@@ -72,6 +77,12 @@ impl Stack {
     }
 
     /// The admin REST API of this broker.
+    /// The URL of database `db` on the stack's PostgreSQL.
+    #[allow(dead_code)]
+    pub fn postgres_url(&self, db: &str) -> String {
+        format!("postgres://ferry@127.0.0.1:{}/{db}", self.postgres_port)
+    }
+
     pub fn admin_api(&self) -> Admin {
         Admin::new(self.web_port, None)
     }
