@@ -66,6 +66,31 @@ pub async fn online(cfg: &Config) -> Vec<Probe> {
     .collect()
 }
 
+/// What the running (or last) ferry learnt from the broker: a topic whose
+/// broker forgot ferry's producer after confirming its records has
+/// deduplication off, and exactly once is not kept there. Read from the
+/// store (the broker tells only the producer ferry uses, which a check must
+/// not take over from a running ferry).
+pub fn deduplication(cfg: &Config) -> Vec<Probe> {
+    if !cfg.store.path.is_file() {
+        return Vec::new();
+    }
+    let Ok(report) = crate::status::read(&cfg.store.path) else {
+        return Vec::new();
+    };
+    report
+        .deduplication_off
+        .iter()
+        .map(|t| Probe {
+            what: "pulsar",
+            result: Err(format!(
+                "deduplication is off on {t}: the broker forgot ferry's producer after confirming its records (exactly once is not kept); fix: pulsar-admin namespaces set-deduplication {} --enable",
+                crate::status::namespace_of(t)
+            )),
+        })
+        .collect()
+}
+
 /// The downlink's reader: lookup and a non-durable subscription (which
 /// needs the `consume` permission) on the desired topic.
 async fn probe_reader(s: &UplinkSettings) -> Result<String, String> {

@@ -262,7 +262,8 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let probes = rt.block_on(ferry::check::online(&cfg));
+    let mut probes = rt.block_on(ferry::check::online(&cfg));
+    probes.extend(ferry::check::deduplication(&cfg));
     let mut ok = true;
     for p in probes {
         match p.result {

@@ -62,6 +62,7 @@ pub struct Metrics {
     uplink_connected: Family<Labels, Gauge>,
     uplink_reconnects: Family<Labels, Counter>,
     uplink_auth_challenges: Family<Labels, Counter>,
+    uplink_deduplication: Family<Labels, Gauge>,
     uplink_send_latency: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
@@ -75,6 +76,10 @@ pub struct UplinkMetrics {
     pub connected: Gauge,
     pub reconnects: Counter,
     pub auth_challenges: Counter,
+    /// 1: the broker named the producer's last record (deduplication
+    /// works); 0: it forgot a producer it had confirmed records of
+    /// (deduplication off); -1: not known yet.
+    pub deduplication: Gauge,
     pub send_latency: Histogram,
 }
 
@@ -111,6 +116,7 @@ impl Default for Metrics {
             uplink_connected: Family::default(),
             uplink_reconnects: Family::default(),
             uplink_auth_challenges: Family::default(),
+            uplink_deduplication: Family::default(),
             uplink_send_latency: Family::new_with_constructor(send_latency),
         }
     }
@@ -174,6 +180,7 @@ impl Metrics {
             connected: self.uplink_connected.get_or_create(&l).clone(),
             reconnects: self.uplink_reconnects.get_or_create(&l).clone(),
             auth_challenges: self.uplink_auth_challenges.get_or_create(&l).clone(),
+            deduplication: self.uplink_deduplication.get_or_create(&l).clone(),
             send_latency: self.uplink_send_latency.get_or_create(&l).clone(),
         }
     }
@@ -330,6 +337,11 @@ impl Metrics {
             "uplink_auth_challenges",
             "AUTH_CHALLENGEs answered",
             self.uplink_auth_challenges.clone(),
+        );
+        r.register(
+            "uplink_deduplication",
+            "1: the broker named the producer's last record (deduplication works); 0: it forgot a producer it had confirmed records of (deduplication off: exactly once is not kept); -1: not known yet",
+            self.uplink_deduplication.clone(),
         );
         r.register_with_unit(
             "uplink_send_latency",

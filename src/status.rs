@@ -166,6 +166,15 @@ pub fn render(r: &Report) -> String {
             format!("{} ago {}: {}", ago(i.at_ms), i.kind, i.detail),
         );
     }
+    for t in &r.deduplication_off {
+        line(
+            "DEDUPLICATION",
+            format!(
+                "OFF on {t}: the broker forgot ferry's producer, so a record resent after a crash may arrive twice; fix: pulsar-admin namespaces set-deduplication {} --enable",
+                namespace_of(t)
+            ),
+        );
+    }
     if let Some(a) = &r.agent {
         let mut links = vec![("mqtt", String::new(), &a.mqtt)];
         if a.topics.is_empty() {
@@ -290,6 +299,15 @@ pub fn render(r: &Report) -> String {
         );
     }
     out
+}
+
+/// `tenant/namespace` of a topic name.
+pub fn namespace_of(topic: &str) -> &str {
+    topic
+        .strip_prefix("persistent://")
+        .or_else(|| topic.strip_prefix("non-persistent://"))
+        .and_then(|t| t.rsplit_once('/'))
+        .map_or("<tenant>/<namespace>", |(ns, _)| ns)
 }
 
 /// The report as JSON for scripts. serde_json escapes C0 controls in
@@ -634,6 +652,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                     dead_lettered: 0,
                     republished: i64::MIN,
                 }),
+                deduplication_off: vec![String::new(), "x".into()],
             };
             let _ = render(&r);
             let _ = render_json(&r);
@@ -703,6 +722,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                 dead_lettered: 0,
                 republished: 0,
             }),
+            deduplication_off: vec![format!("persistent://t/n/{evil}")],
         };
         let bad = |c: char| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c);
         let table = render(&r);

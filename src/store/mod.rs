@@ -289,6 +289,23 @@ pub struct ResumeOutcome {
     /// lost or replaced); pending records were renumbered above them by this
     /// much.
     pub renumbered_by: u64,
+    /// The broker knows no record of the producer although it confirmed
+    /// records through it to this store before (see [`Forgotten`]).
+    pub forgotten: Option<Forgotten>,
+}
+
+/// The broker answered a producer with `last_sequence_id = -1` although it
+/// had confirmed records of that producer to this store: deduplication is
+/// off on the topic's namespace, the topic was deleted, or the broker
+/// forgot the producer after it was idle longer than
+/// `brokerDeduplicationProducerInactivityTimeoutMinutes` (6 h by default).
+/// Exactly once into Pulsar needs the first of these to be on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The highest record number the broker had confirmed.
+    pub confirmed: u64,
+    /// How long ago (store clock) it confirmed one.
+    pub idle_ms: u64,
 }
 
 /// What the store tells ingest: `pauses` counts the times it asked ingest

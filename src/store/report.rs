@@ -98,6 +98,10 @@ pub struct Report {
     /// The most recent first.
     pub incidents: Vec<Incident>,
     pub downlink: Option<DownlinkReport>,
+    /// Topics whose broker last said deduplication is off: it forgot
+    /// ferry's producer after confirming its records (exactly once is not
+    /// kept there).
+    pub deduplication_off: Vec<String>,
 }
 
 const SQL_DESTINATIONS: &str = "SELECT id, topic, stream, role FROM destinations ORDER BY id";
@@ -246,6 +250,14 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let downlink = downlink(&conn, &counters)?;
+    let deduplication_off = conn
+        .prepare(&format!(
+            "SELECT d.topic FROM store_state s JOIN destinations d
+             ON s.name = '{}' || d.id WHERE s.value = 1 ORDER BY d.topic",
+            super::db::STATE_DEDUP_OFF
+        ))?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
     let rate = agent.as_ref().map(|a| a.drain_rate).unwrap_or(0.0);
     Ok(Report {
         store: path.display().to_string(),
@@ -264,6 +276,7 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         recent_dead_letters: recent,
         incidents,
         downlink,
+        deduplication_off,
     })
 }
 

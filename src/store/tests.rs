@@ -237,7 +237,8 @@ fn resume_skips_what_the_broker_holds() {
         out,
         ResumeOutcome {
             skipped: 3,
-            renumbered_by: 0
+            renumbered_by: 0,
+            forgotten: None
         }
     );
     let seqs: Vec<u64> = db
@@ -253,6 +254,65 @@ fn resume_skips_what_the_broker_holds() {
         0,
         "other destinations untouched"
     );
+}
+
+#[test]
+fn a_broker_that_forgets_a_producer_it_confirmed_is_told_once_as_an_incident() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    // Nothing confirmed yet: a broker that knows nothing is no news.
+    assert_eq!(db.resume(0, -1).unwrap().forgotten, None);
+    db.insert_batch(&numbered(&l, 5), 100).unwrap();
+    let delivered = super::db::Delivery {
+        dest: 0,
+        up_to: 3,
+        resent: 0,
+    };
+    db.commit_batch(&[delivered], &[], &[], 100).unwrap();
+    // A broker that names a number knows the producer.
+    assert_eq!(db.resume(0, 3).unwrap().forgotten, None);
+    db.advance_clock(5_000);
+    // Then one that names none forgot it (deduplication off).
+    let f = db.resume(0, -1).unwrap().forgotten.expect("forgotten");
+    assert_eq!(f.confirmed, 3);
+    assert!(f.idle_ms >= 5_000 && f.idle_ms < 60_000, "{f:?}");
+    db.resume(0, -1).unwrap().forgotten.expect("again");
+    let incidents: Vec<(String, String)> = db
+        .conn()
+        .prepare("SELECT kind, detail FROM incidents")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(incidents.len(), 1, "once per topic: {incidents:?}");
+    assert_eq!(incidents[0].0, "deduplication-off");
+    assert!(
+        incidents[0]
+            .1
+            .starts_with("persistent://t/n/status: the broker knows no record"),
+        "{incidents:?}"
+    );
+    assert!(
+        incidents[0]
+            .1
+            .ends_with("Fix: pulsar-admin namespaces set-deduplication t/n --enable"),
+        "{incidents:?}"
+    );
+    let off = |db: &Db| -> i64 {
+        db.conn()
+            .query_row(
+                "SELECT value FROM store_state WHERE name LIKE 'dedup_off:%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(off(&db), 1, "status and check say it");
+    // Deduplication turned on: the broker names the producer's record.
+    assert_eq!(db.resume(0, 3).unwrap().forgotten, None);
+    assert_eq!(off(&db), 0);
 }
 
 #[test]
@@ -707,7 +767,8 @@ fn a_store_that_lost_its_newest_commits_skips_what_the_broker_holds() {
         out,
         ResumeOutcome {
             skipped: 5,
-            renumbered_by: 0
+            renumbered_by: 0,
+            forgotten: None
         }
     );
     db.insert_batch(&[msg(&l, "devices/a/state", b"n", 9, false)], 100)
@@ -790,7 +851,8 @@ fn a_replaced_store_that_numbered_more_than_the_broker_holds_sends_everything() 
         out,
         ResumeOutcome {
             skipped: 0,
-            renumbered_by: 100
+            renumbered_by: 100,
+            forgotten: None
         }
     );
     assert_eq!(seqs(&mut db, 0), (101..=600).collect::<Vec<_>>());
@@ -841,7 +903,8 @@ fn records_never_sent_are_renumbered_never_skipped() {
         out,
         ResumeOutcome {
             skipped: 3,
-            renumbered_by: 2
+            renumbered_by: 2,
+            forgotten: None
         }
     );
     assert_eq!(payloads(&mut db, 0), vec!["NEW0", "NEW1", "NEW2"]);
@@ -876,7 +939,8 @@ fn what_a_live_session_commits_counts_as_possibly_sent_across_restarts() {
         db.resume(0, 3).unwrap(),
         ResumeOutcome {
             skipped: 3,
-            renumbered_by: 0
+            renumbered_by: 0,
+            forgotten: None
         }
     );
     assert_eq!(seqs(&mut db, 0), vec![4]);
@@ -1241,7 +1305,8 @@ fn a_restored_copy_skips_what_the_store_it_was_copied_from_sent_and_a_new_store_
         out,
         ResumeOutcome {
             skipped: 5,
-            renumbered_by: 0
+            renumbered_by: 0,
+            forgotten: None
         },
         "the copy's records were sent by the original"
     );
@@ -1319,7 +1384,8 @@ fn a_restored_copy_never_takes_the_originals_horizon_for_what_it_numbered_itself
         out,
         ResumeOutcome {
             skipped: 0,
-            renumbered_by: 5
+            renumbered_by: 5,
+            forgotten: None
         }
     );
     assert_eq!(seqs(&mut db, 0), vec![11, 12, 13, 14, 15]);

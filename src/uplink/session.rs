@@ -25,7 +25,8 @@ use super::producer::{ProducerState, Receipt};
 use super::protocol::{Event, Protocol};
 use super::settings::UplinkSettings;
 use crate::backoff::Backoff;
-use crate::store::{Record, StoreHandle};
+use crate::store::db::forgotten_detail;
+use crate::store::{Forgotten, Record, StoreHandle};
 
 /// Ferry pings the broker this often and expects some frame within twice it.
 const KEEPALIVE: Duration = Duration::from_secs(30);
@@ -160,6 +161,8 @@ struct Uplink {
     backoff: Backoff,
     /// Highest confirmed record already reported to the store.
     reported: u64,
+    /// The log said that the broker forgot this producer (once).
+    told_forgotten: bool,
 }
 
 impl Uplink {
@@ -175,6 +178,7 @@ impl Uplink {
         metrics: crate::metrics::UplinkMetrics,
         shutdown: CancellationToken,
     ) -> Uplink {
+        metrics.deduplication.set(-1);
         let mut proto = Protocol::new(settings.auth.is_some(), &settings.topic);
         let window = ProducerState::new(
             settings.uplink.max_in_flight,
@@ -194,6 +198,28 @@ impl Uplink {
             committed,
             shutdown,
             reported: 0,
+            told_forgotten: false,
+        }
+    }
+
+    /// What the broker's answer says of deduplication: it works when the
+    /// broker names the producer's last record; it is off when the broker
+    /// forgot a producer it had confirmed records of (said in the log once
+    /// per process; the store keeps an incident).
+    fn deduplication(&mut self, last_sequence_id: i64, forgotten: Option<Forgotten>) {
+        match forgotten {
+            Some(f) => {
+                self.metrics.deduplication.set(0);
+                if !self.told_forgotten {
+                    self.told_forgotten = true;
+                    tracing::error!(topic = %self.settings.topic, producer = %self.settings.producer_name,
+                        "EXACTLY ONCE IS OFF: {}", forgotten_detail(&self.settings.topic, &f));
+                }
+            }
+            None if last_sequence_id >= 0 => {
+                self.metrics.deduplication.set(1);
+            }
+            None => {}
         }
     }
 
@@ -248,6 +274,7 @@ impl Uplink {
             tracing::info!(topic = %self.settings.topic, "waiting for the status topics to send current state first");
         }
         let mut challenges_seen = self.proto.challenges();
+        self.deduplication(last_sequence_id, outcome.forgotten);
         if outcome.renumbered_by > 0 {
             tracing::error!(last_sequence_id, renumbered_by = outcome.renumbered_by,
                 "broker holds record numbers this store never gave out (store replaced?); pending records renumbered above them");

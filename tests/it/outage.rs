@@ -1,5 +1,6 @@
 //! Outages: Pulsar down mid-stream, both brokers gone, and SIGKILL at random
-//! moments. These tests stop brokers, so they hold the stack exclusively.
+//! moments (with deduplication on, and off: ferry then says so). The tests
+//! that stop brokers hold the stack exclusively.
 
 use std::time::Duration;
 
@@ -133,6 +134,89 @@ async fn kill_nine_twenty_times_during_stream_loses_nothing_and_duplicates_nothi
         c.get("stored").copied(),
         Some(20_000),
         "no redelivery was stored twice"
+    );
+    // Deduplication on: nothing says it is off.
+    assert_eq!(ferry.log_count("EXACTLY ONCE IS OFF"), 0);
+    assert_eq!(
+        ferry.scrape().await[&format!("ferry_uplink_deduplication{{topic=\"{topic}\"}}")],
+        1.0
+    );
+    assert_eq!(
+        ferry.status_json()["deduplication_off"],
+        serde_json::json!([])
+    );
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deduplication_off_is_said_in_the_log_status_metrics_and_check() {
+    let (stack, _shared) = Stack::shared().await;
+    let ns = Namespace::without_deduplication(stack, "dedup-off").await;
+    let topic = ns.topic("device-status");
+    let prefix = unique("dedup-off");
+    let mut ferry = Ferry::new(
+        stack,
+        "dedup-off",
+        &unique("gw"),
+        &format!("{prefix}/+/state"),
+        &topic,
+        "",
+    );
+    ferry.start_subscribed().await;
+    // Each kill comes after ferry had time to get records confirmed.
+    let ids = KillNine {
+        devices: 20,
+        rounds: 100,
+        pause: Duration::from_millis(50),
+        restart_mqtt_after: None,
+        kills: 3,
+        up_ms: 800..=1200,
+        down_ms: 0..=200,
+    }
+    .run(stack, &prefix, &mut ferry)
+    .await;
+    ferry.wait_drained(2_000, SECS(120)).await;
+    let msgs = read_topic(stack, &topic, false, 2_000, SECS(20)).await;
+    let t = tally(&msgs, &ids, 100);
+    let warned = ferry.log_count("EXACTLY ONCE IS OFF");
+    let metric = ferry.scrape().await[&format!("ferry_uplink_deduplication{{topic=\"{topic}\"}}")];
+    let status = ferry.status_json();
+    report(
+        "dedup-off",
+        &format!(
+            "3 SIGKILLs, deduplication off: {t:?}; 'EXACTLY ONCE IS OFF' logged {warned} times, metric {metric}, status deduplication_off {}",
+            status["deduplication_off"]
+        ),
+    );
+    assert_eq!(t.lost, 0);
+    // Said once by each process after the first whose producer got ready
+    // (the first had nothing confirmed yet).
+    let log = ferry.log_text();
+    let runs: Vec<&str> = log.split("ferry starting").skip(1).collect();
+    assert_eq!(runs.len(), 4);
+    let ready_later = runs[1..]
+        .iter()
+        .filter(|r| r.contains("producer ready"))
+        .count();
+    assert!(ready_later >= 1);
+    assert_eq!(warned, ready_later);
+    assert_eq!(metric, 0.0);
+    assert_eq!(status["deduplication_off"], serde_json::json!([topic]));
+    let incidents = status["incidents"].as_array().unwrap();
+    let dedup: Vec<_> = incidents
+        .iter()
+        .filter(|i| i["kind"] == "deduplication-off")
+        .collect();
+    assert_eq!(dedup.len(), 1, "one incident per topic: {incidents:?}");
+    assert!(dedup[0]["detail"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("set-deduplication {} --enable", ns.name)));
+    let (code, out) = ferry.check_online();
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains(&format!("pulsar: FAILED, deduplication is off on {topic}")),
+        "{out}"
     );
     assert_eq!(ferry.terminate(), Some(0));
 }

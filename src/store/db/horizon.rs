@@ -33,6 +33,18 @@ impl Db {
         let (_, hi) = dest.range(0);
         let mut outcome = ResumeOutcome::default();
         let mut skip_to = 0;
+        if last_sequence_id < 0 {
+            outcome.forgotten = self.forgotten(d)?;
+        }
+        if outcome.forgotten.is_some() || last_sequence_id >= 0 {
+            self.conn.execute(
+                SQL_STATE_PUT,
+                params![
+                    format!("{STATE_DEDUP_OFF}{}", dest.id),
+                    i64::from(outcome.forgotten.is_some())
+                ],
+            )?;
+        }
         if last_sequence_id >= 0 {
             let last = last_sequence_id as u64;
             let (above_lo, _) = dest.range(dest.horizon);
@@ -161,6 +173,37 @@ impl Db {
         Ok(())
     }
 
+    /// The broker named no record for `d`'s producer: what it had confirmed
+    /// to this store before, if anything (then it forgot). The first time
+    /// for a topic is an incident, with the fix.
+    fn forgotten(&mut self, d: DestIx) -> Result<Option<Forgotten>, StoreError> {
+        let id = self.dests[d].id;
+        let get = |name: String| -> Result<Option<i64>, StoreError> {
+            Ok(self
+                .conn
+                .query_row(SQL_STATE_GET, [name], |r| r.get(0))
+                .optional()?)
+        };
+        let Some(confirmed) = get(state_confirmed(id))?.filter(|c| *c > 0) else {
+            return Ok(None);
+        };
+        let at = get(state_confirmed_at(id))?.unwrap_or(0).max(0) as u64;
+        let forgotten = Forgotten {
+            confirmed: confirmed as u64,
+            idle_ms: self.clock.now_ms().saturating_sub(at),
+        };
+        let topic = self.layout.dests[d].topic.clone();
+        let known: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM incidents WHERE kind = ?1 AND detail LIKE ?2",
+            params![INCIDENT_DEDUP, format!("{topic}:%")],
+            |r| r.get(0),
+        )?;
+        if known == 0 {
+            self.incident(INCIDENT_DEDUP, &forgotten_detail(&topic, &forgotten))?;
+        }
+        Ok(Some(forgotten))
+    }
+
     /// The error for a broker number that cannot be honoured; an incident
     /// the first time for this destination.
     pub(super) fn refuse(&mut self, d: DestIx, last_sequence_id: i64) -> StoreError {
@@ -175,4 +218,23 @@ impl Db {
         }
         err
     }
+}
+
+/// The incident kind for a broker that forgot a producer.
+pub const INCIDENT_DEDUP: &str = "deduplication-off";
+
+/// What to tell an operator about [`Forgotten`]: the likely cause, and the
+/// fix. Starts with the topic and a colon.
+pub fn forgotten_detail(topic: &str, f: &Forgotten) -> String {
+    let idle_h = f.idle_ms as f64 / 3_600_000.0;
+    let cause = if f.idle_ms < 6 * 3_600_000 {
+        "deduplication is off on its namespace (or the topic was deleted)"
+    } else {
+        "deduplication is off on its namespace, the topic was deleted, or the broker forgot the producer after it was idle longer than brokerDeduplicationProducerInactivityTimeoutMinutes (6 h by default)"
+    };
+    let ns = crate::status::namespace_of(topic);
+    format!(
+        "{topic}: the broker knows no record of ferry's producer although it confirmed records up to {} to this store {idle_h:.1} h ago: {cause}. Records resent after a crash or a lost receipt may then arrive twice. Fix: pulsar-admin namespaces set-deduplication {ns} --enable",
+        f.confirmed
+    )
 }

@@ -30,13 +30,16 @@ pub mod schema;
 mod shedding;
 
 pub use desired::{desired_reject_reason, Desired, DesiredOutcome, DesiredUpdate, DownlinkStart};
+pub use horizon::{forgotten_detail, INCIDENT_DEDUP};
 pub use open::{utc_stamp, Damaged};
 pub use shedding::Shed;
 
 use redelivery::{forget_seen, remember, save_state, screen, Acks, Screened};
 use shedding::{write_shed, Pressure};
 
-use super::{AckToken, Guarded, Inbound, Record, RecordProps, ResumeOutcome, StoreError};
+use super::{
+    AckToken, Forgotten, Guarded, Inbound, Record, RecordProps, ResumeOutcome, StoreError,
+};
 use crate::config::{Durability, Overflow};
 use crate::layout::{self, DestIx, DropReason, Layout, Role, StreamSpec, Usage};
 
@@ -85,6 +88,22 @@ const STATE_MOOT: &str = "moot_below_conn";
 /// A random number given to a store when it is made: a copy has the same,
 /// a new store (the old one deleted or moved aside) another.
 const STATE_STORE_ID: &str = "store_id";
+
+/// `store_state` names per destination: the highest record number the
+/// broker confirmed, and when (store clock): a broker that later names no
+/// record of the producer has forgotten it ([`Forgotten`]).
+fn state_confirmed(dest_id: u64) -> String {
+    format!("confirmed_seq:{dest_id}")
+}
+
+fn state_confirmed_at(dest_id: u64) -> String {
+    format!("confirmed_at:{dest_id}")
+}
+
+/// `store_state` name per destination: 1 while the broker's last answer
+/// said deduplication is off ([`Forgotten`]), 0 once it named a record
+/// again (`ferry status` and `ferry check --online` read it).
+pub(crate) const STATE_DEDUP_OFF: &str = "dedup_off:";
 
 fn key(id: u64, seq: u64) -> u64 {
     (id << SEQ_BITS) | seq
@@ -301,6 +320,10 @@ impl Db {
         // Deletions first: their room is there for the batch.
         for d in deliveries {
             let (n, bytes) = delete_upto(&tx, &dests[d.dest], d.up_to)?;
+            let id = dests[d.dest].id;
+            let mut put = tx.prepare_cached(SQL_STATE_PUT)?;
+            put.execute(params![state_confirmed(id), d.up_to as i64])?;
+            put.execute(params![state_confirmed_at(id), stored_at as i64])?;
             dests[d.dest].remove(n, bytes);
             counts.delivered += n as i64;
             counts.resent += d.resent as i64;

@@ -42,6 +42,12 @@ impl Admin {
     /// Creates namespace `name` (`tenant/ns`) with deduplication on; returns
     /// its name.
     pub async fn create_namespace(&self, name: &str) -> String {
+        self.create_namespace_with(name, true).await
+    }
+
+    /// Creates namespace `name`, with deduplication on or (as a new user
+    /// might leave it) off.
+    pub async fn create_namespace_with(&self, name: &str, deduplication: bool) -> String {
         let r = self
             .request(reqwest::Method::PUT, &format!("namespaces/{name}"))
             .send()
@@ -58,13 +64,13 @@ impl Admin {
                 &format!("namespaces/{name}/deduplication"),
             )
             .header("Content-Type", "application/json")
-            .body("true")
+            .body(deduplication.to_string())
             .send()
             .await
             .expect("admin api");
         assert!(
             r.status().is_success(),
-            "enable deduplication on {name}: {}",
+            "set deduplication {deduplication} on {name}: {}",
             r.status()
         );
         name.to_string()
@@ -195,6 +201,15 @@ impl Namespace {
         let admin = stack.admin_api();
         let name = admin
             .create_namespace(&format!("public/{}", unique(test)))
+            .await;
+        Namespace { name, admin }
+    }
+
+    /// A namespace with deduplication off (exactly once is not kept).
+    pub async fn without_deduplication(stack: &Stack, test: &str) -> Namespace {
+        let admin = stack.admin_api();
+        let name = admin
+            .create_namespace_with(&format!("public/{}", unique(test)), false)
             .await;
         Namespace { name, admin }
     }
