@@ -24,6 +24,7 @@ pub mod downlink;
 pub mod ingest;
 pub mod layout;
 pub mod metrics;
+pub mod mqtt_events;
 pub mod notify;
 pub mod shutdown;
 pub mod status;

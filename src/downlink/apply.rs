@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{DownlinkConfig, MqttConfig, MAX_PAYLOAD_BYTES};
+use crate::mqtt_events::Events;
 use crate::store::db::Desired;
 use crate::store::{DownlinkCommand, Inbound, StoreError, StoreHandle};
 
@@ -112,7 +113,8 @@ pub async fn run(
         .set_clean_session(false)
         .set_inflight(WINDOW as u16)
         .set_max_packet_size(64 * 1024, MAX_PAYLOAD_BYTES + 64 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, WINDOW);
+    let (client, eventloop) = AsyncClient::new(opts, WINDOW);
+    let mut events = Events::start(eventloop, WINDOW);
     let mut t = Tracker::default();
     let mut connected = false;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
@@ -134,8 +136,9 @@ pub async fn run(
                 let _ = client.try_disconnect();
                 return Ok(());
             }
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            ev = events.next() => match ev {
+                None => return Ok(()),
+                Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                     connected = true;
                     backoff.reset();
                     if !ack.session_present {
@@ -145,7 +148,7 @@ pub async fn run(
                     }
                     fill = true;
                 }
-                Ok(Event::Incoming(Packet::PubAck(a))) => {
+                Some(Ok(Event::Incoming(Packet::PubAck(a)))) => {
                     t.puback(a.pkid);
                     if flush_at.is_none() {
                         flush_at = Some(tokio::time::Instant::now() + ACK_WAIT);
@@ -154,9 +157,9 @@ pub async fn run(
                         flush_at = Some(tokio::time::Instant::now());
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => t.sent(pkid),
-                Ok(_) => {}
-                Err(e) => {
+                Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => t.sent(pkid),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
                     connected = false;
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
@@ -165,6 +168,7 @@ pub async fn run(
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep(delay) => {}
                     }
+                    events.retry();
                 }
             },
             _ = flush_due => {

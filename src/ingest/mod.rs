@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
 use crate::layout::Layout;
+use crate::mqtt_events::Events;
 use crate::store::{AckToken, Guarded, Inbound, Intake, StoreError, StoreHandle};
 use guard::{Guard, Mark};
 use intake::Budget;
@@ -129,17 +130,18 @@ pub async fn run(
             tracing::info!("store has room again: reconnecting to the mqtt broker");
         }
         let pauses = accepting.borrow_and_update().pauses;
-        let (client, mut eventloop) = AsyncClient::new(opts.clone(), 1024);
+        let (client, eventloop) = AsyncClient::new(opts.clone(), 1024);
+        let mut events = Events::start(eventloop, 1);
         current.send_replace(Some(client.clone()));
         let end = session
-            .connection(&client, &mut eventloop, &mut accepting, pauses, &shutdown)
+            .connection(&client, &mut events, &mut accepting, pauses, &shutdown)
             .await;
         current.send_replace(None);
         // Leave the session on the broker: what was not acked is
         // redelivered later. A clean DISCONNECT keeps the persistent session.
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Ok(ev) = eventloop.poll().await {
+            while let Some(Ok(ev)) = events.next().await {
                 if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = ev {
                     break;
                 }
@@ -199,7 +201,7 @@ impl Session {
     async fn connection(
         &mut self,
         client: &AsyncClient,
-        eventloop: &mut EventLoop,
+        events: &mut Events,
         accepting: &mut watch::Receiver<Intake>,
         pauses: u64,
         shutdown: &CancellationToken,
@@ -214,7 +216,11 @@ impl Session {
                     }
                     continue;
                 }
-                e = eventloop.poll() => e,
+                e = events.next() => match e {
+                    Some(e) => e,
+                    // The poller ended: only when this connection is dropped.
+                    None => return Ok(Ended::Shutdown),
+                },
             };
             match event {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -295,6 +301,7 @@ impl Session {
                         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                         _ = tokio::time::sleep(delay) => {}
                     }
+                    events.retry();
                 }
             }
         }
