@@ -264,6 +264,18 @@ async fn provision_declares_the_fleet_once_and_a_dry_run_applies_nothing() {
     assert_eq!(first[1], format!("create namespace {ns}"));
     let second = fleet.provision(&[]);
     assert_eq!(second, ["0 changes"]);
+    // The same over HTTPS, trusting the stack's CA only.
+    let text = std::fs::read_to_string(&fleet.config).unwrap();
+    let https = format!(
+        "https://localhost:{}",
+        env_port("FERRY_SECURE_PULSAR_WEB_TLS_PORT", 8443)
+    );
+    std::fs::write(
+        &fleet.config,
+        text.replace(&format!("http://127.0.0.1:{}", secure.web_port), &https),
+    )
+    .unwrap();
+    assert_eq!(fleet.provision(&[]), ["0 changes"]);
     report(
         "prov",
         &format!("first run {} changes, second run 0", first.len() - 1),
