@@ -4,3 +4,7 @@
 //! ARCHITECTURE.md, "ferry-fleet").
 
 pub mod config;
+pub mod db;
+pub mod dlq;
+pub mod pulsar_client;
+pub mod view;
