@@ -12,3 +12,4 @@ pub fn fleet_bin() -> std::path::PathBuf {
 }
 
 mod check;
+mod view;
