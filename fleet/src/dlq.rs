@@ -91,6 +91,25 @@ impl DeadLetter {
     }
 }
 
+/// `dlq list`'s text form: a tab-separated table and the count.
+pub fn table(dead: &[DeadLetter]) -> String {
+    let mut t = String::from("DEVICE\tGATEWAY\tRECORD\tATTEMPTS\tFAILED_MS\tTOPIC\tREASON\n");
+    for d in dead {
+        t.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            d.device,
+            d.gateway.as_deref().unwrap_or("-"),
+            d.record.as_deref().unwrap_or("-"),
+            d.attempts,
+            d.failed_ms,
+            d.topic,
+            d.reason
+        ));
+    }
+    t.push_str(&format!("{} dead letters\n", dead.len()));
+    t
+}
+
 async fn subscribe(config: &FleetConfig) -> Result<Consumer<Vec<u8>, TokioExecutor>, DlqError> {
     let topic = config.dead_letter_topic();
     let pulsar = crate::pulsar_client::connect(&config.pulsar).await?;

@@ -172,11 +172,7 @@ fn get(config: &FleetConfig, device: &str, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(&row)?);
     } else {
-        println!("device       {}", row.device);
-        println!("gateway      {}", row.gateway);
-        println!("record       {}", row.record);
-        println!("received_ms  {}", row.received_ms);
-        println!("state        {}", row.state);
+        print!("{}", row.to_text());
     }
     Ok(())
 }
@@ -186,11 +182,7 @@ fn list(config: &FleetConfig, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(&rows)?);
     } else {
-        println!("DEVICE\tGATEWAY\tRECORD\tSTATE");
-        for r in &rows {
-            println!("{}\t{}\t{}\t{}", r.device, r.gateway, r.record, r.state);
-        }
-        println!("{} devices", rows.len());
+        print!("{}", ferry_fleet::db::table(&rows));
     }
     Ok(())
 }
@@ -200,19 +192,7 @@ fn dlq_list(config: &FleetConfig, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(&dead)?);
     } else {
-        println!("DEVICE\tGATEWAY\tRECORD\tATTEMPTS\tFAILED_MS\tREASON");
-        for d in &dead {
-            println!(
-                "{}\t{}\t{}\t{}\t{}\t{}",
-                d.device,
-                d.gateway.as_deref().unwrap_or("-"),
-                d.record.as_deref().unwrap_or("-"),
-                d.attempts,
-                d.failed_ms,
-                d.reason
-            );
-        }
-        println!("{} dead letters", dead.len());
+        print!("{}", ferry_fleet::dlq::table(&dead));
     }
     Ok(())
 }

@@ -60,6 +60,29 @@ pub struct Row {
     pub state: serde_json::Value,
 }
 
+impl Row {
+    /// `get`'s text form: one field a line.
+    pub fn to_text(&self) -> String {
+        format!(
+            "device       {}\ngateway      {}\nrecord       {}\nreceived_ms  {}\nstate        {}\n",
+            self.device, self.gateway, self.record, self.received_ms, self.state
+        )
+    }
+}
+
+/// `list`'s text form: a tab-separated table and the count.
+pub fn table(rows: &[Row]) -> String {
+    let mut t = String::from("DEVICE\tGATEWAY\tRECORD\tSTATE\n");
+    for r in rows {
+        t.push_str(&format!(
+            "{}\t{}\t{}\t{}\n",
+            r.device, r.gateway, r.record, r.state
+        ));
+    }
+    t.push_str(&format!("{} devices\n", rows.len()));
+    t
+}
+
 /// What [`ViewStore::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
