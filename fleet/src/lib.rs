@@ -12,6 +12,10 @@
 
 pub mod admin;
 pub mod config;
+pub mod db;
+pub mod dlq;
 pub mod gateway_config;
 pub mod provision;
+pub mod pulsar_client;
 pub mod token;
+pub mod view;

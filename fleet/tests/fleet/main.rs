@@ -13,3 +13,4 @@ pub fn fleet_bin() -> std::path::PathBuf {
 
 mod check;
 mod provision;
+mod view;
