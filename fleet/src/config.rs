@@ -334,9 +334,15 @@ fn check_namespace(v: &mut Validator, raw: RawNamespace) -> NamespaceConfig {
     let backlog = v.int_in(
         "namespace.backlog_quota_mb",
         raw.backlog_quota_mb,
-        10 * 1024,
+        5 * 1024,
         1,
         1 << 30,
+    );
+    // Pulsar refuses a backlog quota at or over a bounded retention size.
+    v.check(
+        "namespace.backlog_quota_mb",
+        retention_minutes <= 0 || retention_size_mb <= 0 || backlog < retention_size_mb,
+        "must be below namespace.retention_size_mb (Pulsar refuses a backlog quota at or over the retention size)",
     );
     NamespaceConfig {
         tenant,
@@ -513,6 +519,22 @@ listen = "nowhere"
             "{errs:#?}"
         );
         assert!(errs[9].message.contains("listed twice"));
+    }
+
+    #[test]
+    fn the_backlog_quota_stays_below_a_bounded_retention() {
+        let parse_ns = |ns: &str| {
+            parse(&GOOD.replace("name = \"fleet\"\n", &format!("name = \"fleet\"\n{ns}")))
+        };
+        let errs = parse_ns("retention_size_mb = 100\nbacklog_quota_mb = 100\n").unwrap_err();
+        assert_eq!(errs[0].path, "namespace.backlog_quota_mb");
+        assert!(parse_ns("retention_size_mb = 100\nbacklog_quota_mb = 99\n").is_ok());
+        assert!(parse_ns("retention_size_mb = -1\nbacklog_quota_mb = 100\n").is_ok());
+        // The defaults: 10 GiB of retention, 5 GiB of backlog.
+        assert_eq!(
+            parse_ns("").unwrap().namespace.backlog_quota_bytes,
+            5 * 1024 * MB
+        );
     }
 
     #[test]

@@ -2,5 +2,20 @@
 //! roles and grants the gateways need, issues their tokens and configs, and
 //! keeps the latest state of every device in a database (see
 //! ARCHITECTURE.md, "ferry-fleet").
+//!
+//! - [`config`]: fleet.toml, and the names of every gateway's topics;
+//! - [`admin`]: Pulsar's admin REST API, each failure naming its call;
+//! - [`provision`]: what the broker holds against what fleet.toml declares,
+//!   the changes between them (pure), and applying them;
+//! - [`token`]: gateway JWTs (HS256, RS256);
+//! - [`gateway_config`]: a gateway's `ferry.toml`.
 
+pub mod admin;
 pub mod config;
+pub mod db;
+pub mod dlq;
+pub mod gateway_config;
+pub mod provision;
+pub mod pulsar_client;
+pub mod token;
+pub mod view;

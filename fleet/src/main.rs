@@ -2,10 +2,13 @@
 //! the library; this file only parses arguments and maps outcomes to exit
 //! codes (0 done, 1 failed, 2 bad configuration or arguments).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use ferry_fleet::config::FleetConfig;
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(name = "ferry-fleet", version, about = "The fleet's side of ferry")]
@@ -14,32 +17,266 @@ struct Cli {
     command: Command,
 }
 
+const DEFAULT_CONFIG: &str = "/etc/ferry-fleet/fleet.toml";
+
 #[derive(Subcommand)]
 enum Command {
     /// Checks fleet.toml and lists every problem.
     Check {
-        #[arg(long, default_value = "/etc/ferry-fleet/fleet.toml")]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Declares the tenant, namespace, topics and grants of fleet.toml in
+    /// Pulsar; prints each change and applies only those.
+    Provision {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Print the changes, apply none.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Prints a JWT for a gateway of fleet.toml, signed with [signing].
+    Token {
+        gateway: String,
+        /// How long it is valid: 3600s, 90m, 12h, 30d (at most 3650d), or
+        /// `never` for a token without expiry.
+        #[arg(long)]
+        ttl: String,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Prints a ferry.toml for a gateway of fleet.toml.
+    GatewayConfig {
+        gateway: String,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Keeps the latest state of every device in the view's database
+    /// (until SIGTERM or SIGINT; then prints its counts).
+    View {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Prints one device's row of the view.
+    Get {
+        device: String,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints every row of the view.
+    List {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The view's dead-letter topic.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Shows what is on the dead-letter topic (not yet replayed).
+    List {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Puts everything on the dead-letter topic back on the retry topic,
+    /// for the running views to apply.
+    Replay {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
 
+/// Loads fleet.toml, or says why not (exit 2).
+fn load(path: &Path) -> Result<FleetConfig, ExitCode> {
+    ferry_fleet::config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Check { config } => match ferry_fleet::config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} gateways in {})",
-                    config.display(),
-                    c.gateways.len(),
-                    c.namespace()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
+    match run(cli.command) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode, ExitCode> {
+    match command {
+        Command::Check { config: path } => {
+            let c = load(&path)?;
+            println!(
+                "{}: ok ({} gateways in {})",
+                path.display(),
+                c.gateways.len(),
+                c.namespace()
+            );
+        }
+        Command::Provision { config, dry_run } => {
+            let c = load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| {
+                eprintln!("provision: cannot start: {e}");
+                ExitCode::from(1)
+            })?;
+            let mut out = std::io::stdout();
+            runtime
+                .block_on(ferry_fleet::provision::provision(&c, dry_run, &mut out))
+                .map_err(|e| {
+                    eprintln!("provision failed: {e}");
+                    ExitCode::from(1)
+                })?;
+        }
+        Command::Token {
+            gateway,
+            ttl,
+            config,
+        } => {
+            let ttl = ferry_fleet::token::parse_ttl(&ttl).map_err(|e| {
                 eprintln!("{e}");
                 ExitCode::from(2)
-            }
-        },
+            })?;
+            let c = load(&config)?;
+            let token = ferry_fleet::token::issue(&c, &gateway, ttl, std::time::SystemTime::now())
+                .map_err(|e| {
+                    eprintln!("token: {e}");
+                    match e {
+                        ferry_fleet::token::TokenError::Sign => ExitCode::from(1),
+                        _ => ExitCode::from(2),
+                    }
+                })?;
+            println!("{token}");
+        }
+        Command::GatewayConfig { gateway, config } => {
+            let c = load(&config)?;
+            let text = ferry_fleet::gateway_config::render(&c, &gateway).map_err(|e| {
+                eprintln!("gateway-config: {e}");
+                ExitCode::from(2)
+            })?;
+            print!("{text}");
+        }
+        Command::View { config } => return Ok(with_config(&config, view)),
+        Command::Get {
+            device,
+            config,
+            json,
+        } => return Ok(with_config(&config, |c| get(c, &device, json))),
+        Command::List { config, json } => return Ok(with_config(&config, |c| list(c, json))),
+        Command::Dlq {
+            command: DlqCommand::List { config, json },
+        } => return Ok(with_config(&config, |c| dlq_list(c, json))),
+        Command::Dlq {
+            command: DlqCommand::Replay { config },
+        } => return Ok(with_config(&config, dlq_replay)),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the config (exit 2 if it is bad) and runs `f` (exit 0 or 1).
+fn with_config(path: &Path, f: impl FnOnce(&FleetConfig) -> anyhow::Result<()>) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match f(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-fleet: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A stop signal: true on the first SIGTERM or SIGINT.
+fn on_signals() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+fn view(config: &FleetConfig) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let stop = on_signals()?;
+        let counts = Arc::new(ferry_fleet::view::Counts::default());
+        let r = ferry_fleet::view::run(config, counts.clone(), stop).await;
+        println!("view stopped: {}", counts.snapshot());
+        Ok(r?)
+    })
+}
+
+fn open_view(config: &FleetConfig) -> anyhow::Result<Box<dyn ferry_fleet::db::ViewStore>> {
+    Ok(ferry_fleet::db::open(&config.view.database)?)
+}
+
+fn get(config: &FleetConfig, device: &str, json: bool) -> anyhow::Result<()> {
+    let Some(row) = open_view(config)?.get(device)? else {
+        anyhow::bail!("no device {device} in the view");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else {
+        print!("{}", row.to_text());
+    }
+    Ok(())
+}
+
+fn list(config: &FleetConfig, json: bool) -> anyhow::Result<()> {
+    let rows = open_view(config)?.list()?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        print!("{}", ferry_fleet::db::table(&rows));
+    }
+    Ok(())
+}
+
+fn dlq_list(config: &FleetConfig, json: bool) -> anyhow::Result<()> {
+    let dead = runtime()?.block_on(ferry_fleet::dlq::list(config))?;
+    if json {
+        println!("{}", serde_json::to_string(&dead)?);
+    } else {
+        print!("{}", ferry_fleet::dlq::table(&dead));
+    }
+    Ok(())
+}
+
+fn dlq_replay(config: &FleetConfig) -> anyhow::Result<()> {
+    let n = runtime()?.block_on(async {
+        let stop = on_signals()?;
+        anyhow::Ok(ferry_fleet::dlq::replay(config, stop).await?)
+    })?;
+    println!("{n} replayed onto {}", config.retry_topic());
+    Ok(())
 }

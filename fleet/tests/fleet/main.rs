@@ -12,3 +12,5 @@ pub fn fleet_bin() -> std::path::PathBuf {
 }
 
 mod check;
+mod provision;
+mod view;

@@ -61,8 +61,14 @@ pub use store::*;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+/// The repository's root: the package's folder, or for a member of the
+/// workspace (`fleet/`, whose tests include this harness) its parent.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if here.join("tests/stack").is_dir() {
+        return here;
+    }
+    here.parent().map(Path::to_path_buf).unwrap_or(here)
 }
 
 /// A unique, short name for this test's resources.

@@ -15,7 +15,17 @@ pub fn ferry_bin() -> PathBuf {
     std::env::var_os("FERRY_BIN")
         .map(PathBuf::from)
         .or_else(|| option_env!("CARGO_BIN_EXE_ferry").map(PathBuf::from))
+        .or_else(beside_this_program)
         .unwrap_or_else(|| repo().join("target/release/ferry"))
+}
+
+/// `ferry` in the profile folder this program was built into (a test of
+/// another workspace member: `target/debug/deps/..`; an example:
+/// `target/release/examples/..`), if it is there.
+fn beside_this_program() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let ferry = exe.parent()?.parent()?.join("ferry");
+    ferry.is_file().then_some(ferry)
 }
 
 /// A ferry process with its own config, store and log.
