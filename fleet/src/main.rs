@@ -79,7 +79,6 @@ enum Command {
     },
 }
 
-
 #[derive(Subcommand)]
 enum DlqCommand {
     /// Shows what is on the dead-letter topic (not yet replayed).

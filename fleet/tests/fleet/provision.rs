@@ -17,20 +17,6 @@ use crate::harness::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-// The shared harness finds the stack script and the agent's binary from
-// its crate's folder (`repo()`), which in this test target is `fleet/`,
-// not the workspace. Until it knows the workspace, these tests bring the
-// stack up with the workspace's script and name the agent's binary
-// (FERRY_BIN) themselves.
-
-/// The workspace's root folder.
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 fn env_port(name: &str, default: u16) -> u16 {
     std::env::var(name)
         .ok()
@@ -38,91 +24,37 @@ fn env_port(name: &str, default: u16) -> u16 {
         .unwrap_or(default)
 }
 
-/// `tests/stack/stack up` for a profile; a test fails without its broker.
-fn stack_up(profile: &str) {
-    let ok = Command::new(workspace().join("tests/stack/stack"))
-        .arg("up")
-        .env("FERRY_STACK_PROFILE", profile)
-        .status()
-        .expect("run tests/stack/stack")
-        .success();
-    assert!(
-        ok,
-        "the {profile} broker stack is required: tests/stack/stack up failed"
-    );
-}
-
-/// The agent's binary beside ferry-fleet's (cargo builds it when the
-/// workspace is tested; built here when only this package is), as
-/// FERRY_BIN for the harness, unless FERRY_BIN is set.
+/// The agent's binary, built here when only this package is tested (cargo
+/// builds it when the workspace is); the harness finds it beside the tests.
 fn agent_binary() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        if std::env::var_os("FERRY_BIN").is_some() {
+        if std::env::var_os("FERRY_BIN").is_some() || ferry_bin().is_file() {
             return;
         }
-        let bin = fleet_bin().with_file_name("ferry");
-        if !bin.exists() {
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo
-                .current_dir(workspace())
-                .args(["build", "-p", "ferry", "--bin", "ferry"]);
-            if bin.parent().is_some_and(|d| d.ends_with("release")) {
-                cargo.arg("--release");
-            }
-            assert!(cargo.status().unwrap().success(), "cargo build -p ferry");
-        }
-        std::env::set_var("FERRY_BIN", &bin);
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .current_dir(repo())
+            .args(["build", "-p", "ferry", "--bin", "ferry"]);
+        assert!(cargo.status().unwrap().success(), "cargo build -p ferry");
+        std::env::set_var("FERRY_BIN", fleet_bin().with_file_name("ferry"));
     });
 }
 
 /// The secured broker (TLS, tokens, authorization), up.
 fn secure() -> &'static Secure {
-    static SECURE: OnceLock<Secure> = OnceLock::new();
-    SECURE.get_or_init(|| {
-        stack_up("secure");
-        let base = std::env::var_os("FERRY_STACK_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join(".stack"));
-        Secure {
-            profile: "secure",
-            tls_port: env_port("FERRY_SECURE_PULSAR_TLS_PORT", 6651),
-            web_port: env_port("FERRY_SECURE_PULSAR_WEB_PORT", 8081),
-            pki: base.join("secure").join("pki"),
-        }
-    })
+    Secure::get()
 }
 
 /// The plain stack, for its Mosquitto.
 fn plain() -> &'static Stack {
-    static PLAIN: OnceLock<Stack> = OnceLock::new();
-    PLAIN.get_or_init(|| {
-        stack_up("plain");
-        Stack {
-            pulsar_port: env_port("FERRY_PULSAR_PORT", 6650),
-            web_port: env_port("FERRY_PULSAR_WEB_PORT", 8080),
-            mqtt_port: env_port("FERRY_MQTT_PORT", 1883),
-        }
-    })
+    Stack::get()
 }
 
 /// A JWT for `role` signed with the secured broker's key, as the stack
 /// script signs them.
 fn stack_token(secure: &Secure, role: &str, ttl: i64) -> String {
-    let out = Command::new(workspace().join("tests/stack/stack"))
-        .env("FERRY_STACK_PROFILE", secure.profile)
-        .args(["token", role, &ttl.to_string()])
-        .output()
-        .expect("tests/stack/stack token");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// A fresh folder for one test under the workspace's `target/it`.
-fn dir_for(test: &str) -> PathBuf {
-    let dir = workspace().join("target/it").join(unique(test));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    secure.token(role, Some(ttl))
 }
 
 /// A fleet.toml for the secured broker: its own tenant, namespace `fleet`,
@@ -136,7 +68,7 @@ struct Fleet {
 
 impl Fleet {
     fn new(secure: &'static Secure, test: &str, gateways: &[&str]) -> Fleet {
-        let dir = dir_for(test);
+        let dir = test_dir(test);
         let fleet = Fleet {
             config: dir.join("fleet.toml"),
             dir,
@@ -524,7 +456,7 @@ async fn a_gateway_set_up_by_the_fleet_delivers_exactly_once_and_is_refused_else
     assert_eq!(out.status.code(), Some(0));
     let config = String::from_utf8(out.stdout).unwrap();
 
-    let secrets = dir_for("onboard-secrets");
+    let secrets = test_dir("onboard-secrets");
     write_secret(&secrets.join("pulsar.token"), token.trim());
     std::fs::copy(secure.pki.join("ca.pem"), secrets.join("ca.pem")).unwrap();
     let prefix = unique("onboard");
@@ -577,7 +509,7 @@ async fn a_gateway_set_up_by_the_fleet_delivers_exactly_once_and_is_refused_else
 
 #[test]
 fn token_and_gateway_config_refuse_what_the_fleet_does_not_know() {
-    let dir = dir_for("fleet-refuse");
+    let dir = test_dir("fleet-refuse");
     let secret = dir.join("secret.key");
     std::fs::write(&secret, [9u8; 32]).unwrap();
     let config = dir.join("fleet.toml");

@@ -13,64 +13,12 @@ use pulsar::{Producer, Pulsar, TokioExecutor};
 use serde_json::{json, Value};
 
 use crate::fleet_bin;
-use crate::harness::{unique, Namespace, Stack};
+use crate::harness::{report, test_dir, Namespace, Stack};
 
-/// The workspace root (the harness's own `repo()` is this package's folder
-/// when it is included from here).
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The plain broker stack, brought up once (or reused) by the workspace's
-/// `tests/stack/stack up`, where the `FERRY_*_PORT` variables say. Panics
-/// when it cannot: these tests fail without a broker, never skip.
+/// The plain broker stack, brought up once (or reused); a test fails
+/// without it, never skips.
 fn stack() -> &'static Stack {
-    static STACK: std::sync::OnceLock<Stack> = std::sync::OnceLock::new();
-    STACK.get_or_init(|| {
-        let up = Command::new(workspace().join("tests/stack/stack"))
-            .arg("up")
-            .env("FERRY_STACK_PROFILE", "plain")
-            .status()
-            .expect("run tests/stack/stack");
-        assert!(
-            up.success(),
-            "tests/stack/stack up failed: the broker stack is required"
-        );
-        let port = |name: &str, default: u16| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
-        Stack {
-            pulsar_port: port("FERRY_PULSAR_PORT", 6650),
-            web_port: port("FERRY_PULSAR_WEB_PORT", 8080),
-            mqtt_port: port("FERRY_MQTT_PORT", 1883),
-        }
-    })
-}
-
-/// A fresh folder under the workspace's `target/it/fleet`.
-fn test_dir(name: &str) -> PathBuf {
-    let dir = workspace().join("target/it/fleet").join(unique(name));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Prints a figure of a test, and keeps it in `target/it/figures.txt`.
-fn report(test: &str, line: &str) {
-    use std::io::Write as _;
-    println!("[{test}] {line}");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(workspace().join("target/it/figures.txt"))
-    {
-        let _ = writeln!(f, "[{test}] {line}");
-    }
+    Stack::get()
 }
 
 /// A fleet.toml for one test's namespace, and the view's database.
