@@ -46,6 +46,24 @@
 //!   at the real broker and started again; the drain rate counts from its
 //!   producer being ready to the last receipt (the restart is reported
 //!   apart). The shared broker is never stopped;
+//! - **downlink** (`downlink.rs`): ferry with a `[downlink]` section, caught
+//!   up on an empty desired topic, one untimed warm-up update through the
+//!   whole path; then the fleet writes `BENCH_DOWNLINK_N` (100,000) desired
+//!   updates on one producer (window `BENCH_WINDOW`), round robin over
+//!   `BENCH_DOWNLINK_DEVICES` (1,000) devices with versions rising per
+//!   device, while an MQTT subscriber listens on every device's desired
+//!   topic. Timed from the first write until the subscriber holds every
+//!   device's last version. A version still in the store when a newer one of
+//!   its device arrives is superseded, never published, so the rate beside
+//!   ceiling B (both MQTT QoS 1 publishes to one subscriber) counts the
+//!   versions ferry read *and applied* (`ferry_downlink_applied_total`); the
+//!   versions read (`ferry_downlink_received_total`) per second are shown
+//!   beside it, with the count superseded;
+//! - **downlink latency**: one desired update every `1/BENCH_DOWNLINK_RATE`
+//!   s (100/s, `BENCH_DOWNLINK_LATENCY_N`, 1,000, over `BENCH_DEVICES`
+//!   devices), each carrying its write time (µs, as the message is built);
+//!   the subscriber takes its receive time. Beside it, a plain Pulsar
+//!   consumer of the same desired topic: the Pulsar leg without ferry;
 //! - **resources** from `/proc/<ferry pid>`: peak RSS (`VmHWM`, largest of
 //!   every ferry process of the run), CPU (utime + stime) and `write_bytes`
 //!   over the end-to-end passes, per update (the drain's are in the JSON).
@@ -59,7 +77,8 @@
 //! (the `pulsar` crate's producer and consumer), `bare.rs` (the bare
 //! producer), `observe.rs` (ferry's process, `/proc` and `/metrics`),
 //! `ceilings.rs` (A, B, C, P, L), `ferry_phases.rs` (end to end, latency,
-//! drain), `report.rs` (the table). The harness of the integration tests
+//! drain), `downlink.rs` (the downlink's rate and latency), `report.rs` (the
+//! table). The harness of the integration tests
 //! (`tests/it/harness/`) starts the stack and ferry and reads topics back.
 
 #[allow(dead_code)]
