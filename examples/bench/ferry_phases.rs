@@ -19,7 +19,7 @@ pub async fn ferry_end_to_end(ctx: &mut Ctx) -> Result<Value, String> {
     let topic = ctx.topic("end-to-end");
     let prefix = unique("bench-e2e");
     let n = ctx.s.n;
-    let (mut ferry, pid) = start_ferry(ctx.stack, "bench-e2e", &prefix, &topic).await?;
+    let (mut ferry, pid) = start_ferry(ctx.stack, "bench-e2e", &prefix, &topic, "").await?;
     let up = |m: &BTreeMap<String, f64>| total(m, UPLINK_UP) >= 1.0;
     ctx.sampler
         .until(
@@ -110,7 +110,7 @@ pub async fn ferry_latency(ctx: &mut Ctx) -> Result<Value, String> {
     let topic = ctx.topic("latency");
     let prefix = unique("bench-lat");
     let n = ctx.s.latency_n;
-    let (mut ferry, pid) = start_ferry(ctx.stack, "bench-latency", &prefix, &topic).await?;
+    let (mut ferry, pid) = start_ferry(ctx.stack, "bench-latency", &prefix, &topic, "").await?;
     let up = |m: &BTreeMap<String, f64>| total(m, UPLINK_UP) >= 1.0;
     ctx.sampler
         .until(

@@ -46,6 +46,24 @@
 //!   at the real broker and started again; the drain rate counts from its
 //!   producer being ready to the last receipt (the restart is reported
 //!   apart). The shared broker is never stopped;
+//! - **downlink** (`downlink.rs`): ferry with a `[downlink]` section, caught
+//!   up on an empty desired topic, one untimed warm-up update through the
+//!   whole path; then the fleet writes `BENCH_DOWNLINK_N` (100,000) desired
+//!   updates on one producer (window `BENCH_WINDOW`), round robin over
+//!   `BENCH_DOWNLINK_DEVICES` (1,000) devices with versions rising per
+//!   device, while an MQTT subscriber listens on every device's desired
+//!   topic. Timed from the first write until the subscriber holds every
+//!   device's last version. A version still in the store when a newer one of
+//!   its device arrives is superseded, never published, so the rate beside
+//!   ceiling B (both MQTT QoS 1 publishes to one subscriber) counts the
+//!   versions ferry read *and applied* (`ferry_downlink_applied_total`); the
+//!   versions read (`ferry_downlink_received_total`) per second are shown
+//!   beside it, with the count superseded;
+//! - **downlink latency**: one desired update every `1/BENCH_DOWNLINK_RATE`
+//!   s (100/s, `BENCH_DOWNLINK_LATENCY_N`, 1,000, over `BENCH_DEVICES`
+//!   devices), each carrying its write time (µs, as the message is built);
+//!   the subscriber takes its receive time. Beside it, a plain Pulsar
+//!   consumer of the same desired topic: the Pulsar leg without ferry;
 //! - **resources** from `/proc/<ferry pid>`: peak RSS (`VmHWM`, largest of
 //!   every ferry process of the run), CPU (utime + stime) and `write_bytes`
 //!   over the end-to-end passes, per update (the drain's are in the JSON).
@@ -59,7 +77,8 @@
 //! (the `pulsar` crate's producer and consumer), `bare.rs` (the bare
 //! producer), `observe.rs` (ferry's process, `/proc` and `/metrics`),
 //! `ceilings.rs` (A, B, C, P, L), `ferry_phases.rs` (end to end, latency,
-//! drain), `report.rs` (the table). The harness of the integration tests
+//! drain), `downlink.rs` (the downlink's rate and latency), `report.rs` (the
+//! table). The harness of the integration tests
 //! (`tests/it/harness/`) starts the stack and ferry and reads topics back.
 
 #[allow(dead_code)]
@@ -68,6 +87,7 @@ mod harness;
 
 mod bare;
 mod ceilings;
+mod downlink;
 mod ferry_phases;
 mod mqtt;
 mod observe;
@@ -83,6 +103,7 @@ use pulsar::{Pulsar, TokioExecutor};
 use serde_json::{json, Value};
 
 use ceilings::*;
+use downlink::*;
 use ferry_phases::*;
 use observe::{kill_ferries_on_panic, Sampler};
 use report::*;
@@ -108,6 +129,14 @@ struct Settings {
     batch: usize,
     /// Timed passes of each throughput line; the best one counts.
     passes: u64,
+    /// Desired updates the fleet writes in the downlink's throughput line.
+    downlink_n: u64,
+    /// Devices they go to, round robin (versions rise per device).
+    downlink_devices: usize,
+    /// Desired updates per second in the downlink's latency line.
+    downlink_rate: u64,
+    /// Desired updates in the downlink's latency line.
+    downlink_latency_n: u64,
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -133,6 +162,10 @@ impl Settings {
             window: env_num("BENCH_WINDOW", 1000) as usize,
             batch: env_num("BENCH_BATCH", 1000) as usize,
             passes: env_num("BENCH_PASSES", 3).max(1),
+            downlink_n: env_num("BENCH_DOWNLINK_N", 100_000),
+            downlink_devices: env_num("BENCH_DOWNLINK_DEVICES", 1000).max(1) as usize,
+            downlink_rate: env_num("BENCH_DOWNLINK_RATE", 100).max(1),
+            downlink_latency_n: env_num("BENCH_DOWNLINK_LATENCY_N", 1000),
         }
     }
 }
@@ -211,7 +244,7 @@ fn best_of(passes: Vec<Value>) -> Value {
 
 /// Runs one phase, saying what it does and how it went.
 /// `BENCH_ONLY` (a comma-separated list of keys: a, b, c, cycle, p, l, e2e,
-/// latency, drain) runs only those phases.
+/// latency, drain, downlink) runs only those phases.
 async fn phase(
     key: &str,
     name: &str,
@@ -316,6 +349,18 @@ async fn main() {
         ferry_drain(&mut ctx),
     )
     .await;
+    let dl = phase(
+        "downlink",
+        "ferry downlink, desired updates to retained MQTT publishes",
+        downlink_throughput(&mut ctx),
+    )
+    .await;
+    let dl_lat = phase(
+        "downlink",
+        "ferry downlink latency",
+        downlink_latency(&mut ctx),
+    )
+    .await;
 
     let per_update = |key: &str| {
         let n = e2e.get("updates").and_then(Value::as_f64)?;
@@ -341,12 +386,18 @@ async fn main() {
             "n": s.n, "payload_bytes": s.payload, "devices": s.devices,
             "backlog": s.backlog, "latency_rate": s.rate, "latency_n": s.latency_n,
             "window": s.window, "batch": s.batch, "passes": s.passes,
+            "downlink_n": s.downlink_n, "downlink_devices": s.downlink_devices,
+            "downlink_rate": s.downlink_rate,
+            "downlink_latency_n": s.downlink_latency_n,
         },
         "ceilings": {
             "a_pulsar_crate": a_crate, "a_pulsar_bare": a_bare,
             "b_mqtt": b, "c_sqlite": c, "l_no_store": l,
         },
-        "ferry": { "end_to_end": e2e, "latency": lat, "drain": drain, "resources": resources },
+        "ferry": {
+            "end_to_end": e2e, "latency": lat, "drain": drain, "resources": resources,
+            "downlink": dl, "downlink_latency": dl_lat,
+        },
         "extra": { "c_sqlite_insert_and_delete": cycle, "p_pipeline_without_store": p },
     });
     let rows = rows(&results, &s);

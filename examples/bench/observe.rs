@@ -204,13 +204,15 @@ pub const DROPPED: &str = "ferry_store_records_dropped_total";
 pub const COMMITS: &str = "ferry_store_commit_duration_seconds_count";
 pub const COMMIT_SECONDS: &str = "ferry_store_commit_duration_seconds_sum";
 
-/// A ferry for one phase, its config written by the harness, started and
-/// subscribed; with its pid.
+/// A ferry for one phase, its config written by the harness (with `extra`
+/// appended, for example a `[downlink]` section), started and subscribed;
+/// with its pid.
 pub async fn start_ferry(
     stack: &Stack,
     phase: &str,
     prefix: &str,
     topic: &str,
+    extra: &str,
 ) -> Result<(Ferry, u32), String> {
     let mut ferry = Ferry::new(
         stack,
@@ -218,7 +220,7 @@ pub async fn start_ferry(
         &unique("gw"),
         &format!("{prefix}/+/state"),
         topic,
-        "",
+        extra,
     );
     ferry.start();
     let pid = ferry_pid(&ferry)?;

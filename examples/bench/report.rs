@@ -163,6 +163,7 @@ pub fn rows(r: &Value, s: &Settings) -> Vec<Row> {
             met: "".into(),
         });
     }
+    out.extend(downlink_rows(r, s, b));
     let rss = num(r, &["ferry", "resources", "peak_rss_kb"]);
     out.push(Row {
         figure: "ferry peak RSS (VmHWM), MiB".into(),
@@ -198,6 +199,72 @@ pub fn rows(r: &Value, s: &Settings) -> Vec<Row> {
             .map(|v| met(v <= 3.0 * s.payload as f64))
             .unwrap_or_default(),
     });
+    out
+}
+
+/// The downlink's lines: versions applied per second beside ceiling B (both
+/// are MQTT QoS 1 publishes to one subscriber), versions read per second
+/// (for information), and the latency at the fixed rate beside a plain
+/// Pulsar consumer's of the same messages.
+fn downlink_rows(r: &Value, s: &Settings, b: Option<f64>) -> Vec<Row> {
+    let failed = || "n/a".to_string();
+    let dl = |k: &str| num(r, &["ferry", "downlink", k]);
+    let b_cell = b
+        .map(|v| format!("{} (B)", fmt_rate(v)))
+        .unwrap_or_else(failed);
+    let ratio = |f: Option<f64>| match (f, b) {
+        (Some(f), Some(b)) => format!("{:.0}%", 100.0 * f / b),
+        _ => "".into(),
+    };
+    let (applied, read) = (dl("rate"), dl("read_rate"));
+    let mut out = vec![
+        Row {
+            figure: format!(
+                "downlink: desired versions read from Pulsar and applied as retained MQTT publishes, per s ({} written over {} devices, first write to every device's last version at the subscriber)",
+                fmt_rate(s.downlink_n as f64),
+                fmt_rate(s.downlink_devices as f64)
+            ),
+            ferry: applied.map(fmt_rate).unwrap_or_else(failed),
+            bound: b_cell.clone(),
+            ratio: ratio(applied),
+            target: "≥ 80% of B".into(),
+            met: match (applied, b) {
+                (Some(f), Some(b)) => met(f >= 0.8 * b),
+                _ => "".into(),
+            },
+        },
+        Row {
+            figure: format!(
+                "downlink: desired versions read from Pulsar, per s, same pass (info: {} of them superseded in the store by a newer version before their publish)",
+                dl("superseded").map(fmt_rate).unwrap_or_else(failed)
+            ),
+            ferry: read.map(fmt_rate).unwrap_or_else(failed),
+            bound: b_cell,
+            ratio: ratio(read),
+            target: "".into(),
+            met: "".into(),
+        },
+    ];
+    for (q, key) in [("p50", "p50_ms"), ("p99", "p99_ms")] {
+        let f = num(r, &["ferry", "downlink_latency", key]);
+        let c = num(r, &["ferry", "downlink_latency", "pulsar_consumer", key]);
+        out.push(Row {
+            figure: format!(
+                "downlink latency {q} at {}/s, fleet's write to MQTT subscriber, ms",
+                s.downlink_rate
+            ),
+            ferry: f.map(|v| format!("{v:.1}")).unwrap_or_else(failed),
+            bound: c
+                .map(|v| format!("{v:.1} (plain Pulsar consumer)"))
+                .unwrap_or_else(failed),
+            ratio: match (f, c) {
+                (Some(f), Some(c)) if c > 0.0 => format!("{:.1}×", f / c),
+                _ => "".into(),
+            },
+            target: "".into(),
+            met: "".into(),
+        });
+    }
     out
 }
 
