@@ -21,12 +21,12 @@
 //!
 //! One row changed: applied; none: stale. SQLite (3.24 and later) and
 //! PostgreSQL (9.5 and later) both take this statement as written
-//! ([`UPSERT`]). A PostgreSQL implementation must use it as one statement
-//! too (never a `SELECT` then an `UPDATE`, which two processes can
-//! interleave), keep `record` and `received_ms` as `BIGINT`, `state` as
-//! `TEXT` (or `JSONB`, printing it back unchanged), and report a refused or
-//! unreachable database as [`DbError`] so that the view retries the update.
+//! ([`UPSERT`]): never a `SELECT` then an `UPDATE`, which two processes can
+//! interleave. `record` and `received_ms` are `BIGINT`, `state` `TEXT`; a
+//! refused or unreachable database is a [`DbError`], so that the view
+//! retries the update.
 
+pub mod postgres;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -94,10 +94,12 @@ pub enum Applied {
 
 #[derive(Debug, Error)]
 pub enum DbError {
-    #[error("database {0}: not supported yet (sqlite:<path> only)")]
+    #[error("database {0}: not supported (sqlite:<path> or postgres://...)")]
     Unsupported(String),
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgresql: {0}")]
+    Postgres(#[from] ::postgres::Error),
     #[error("cannot create the database's folder {path}: {source}")]
     Folder {
         path: String,
@@ -120,16 +122,34 @@ pub trait ViewStore: Send {
     fn list(&self) -> Result<Vec<Row>, DbError>;
 }
 
-/// Opens the database `view.database` names (`sqlite:<path>`), creating
-/// its schema if needed.
+/// Opens the database `view.database` names (`sqlite:<path>` or
+/// `postgres://...`), creating its table if needed.
 pub fn open(database: &str) -> Result<Box<dyn ViewStore>, DbError> {
-    match database.strip_prefix("sqlite:") {
-        Some(path) => Ok(Box::new(sqlite::SqliteStore::open(path)?)),
-        None => Err(DbError::Unsupported(
-            database.split("://").next().unwrap_or(database).to_string(),
-        )),
+    if let Some(path) = database.strip_prefix("sqlite:") {
+        return Ok(Box::new(sqlite::SqliteStore::open(path)?));
     }
+    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        return Ok(Box::new(postgres::PostgresStore::open(database)?));
+    }
+    Err(DbError::Unsupported(
+        database.split("://").next().unwrap_or(database).to_string(),
+    ))
 }
+
+/// A row's or an update's gateway, record number and reception time.
+pub type RuleSide = (&'static str, i64, i64);
+
+/// Cases of the apply rule, (row, update), that every implementation is
+/// tested on against [`crate::view::apply::decide`].
+#[doc(hidden)]
+pub const RULE_CASES: [(RuleSide, RuleSide); 6] = [
+    (("a", 5, 100), ("a", 6, 50)),
+    (("a", 5, 100), ("a", 5, 100)),
+    (("a", 5, 100), ("a", 4, 200)),
+    (("a", 5, 100), ("b", 1, 101)),
+    (("a", 5, 100), ("b", 9, 100)),
+    (("a", 5, 100), ("b", 9, 99)),
+];
 
 /// The conditional upsert, in SQL both SQLite and PostgreSQL accept (with
 /// `$n` placeholders, as both do).

@@ -132,16 +132,7 @@ mod tests {
     /// The one statement agrees with the pure rule on every case.
     #[test]
     fn the_upsert_agrees_with_decide() {
-        let cases = [
-            // (row: gateway, record, received_ms), (update: gateway, record, received_ms)
-            (("a", 5, 100), ("a", 6, 50)),
-            (("a", 5, 100), ("a", 5, 100)),
-            (("a", 5, 100), ("a", 4, 200)),
-            (("a", 5, 100), ("b", 1, 101)),
-            (("a", 5, 100), ("b", 9, 100)),
-            (("a", 5, 100), ("b", 9, 99)),
-        ];
-        for ((rg, rr, rm), (ug, ur, um)) in cases {
+        for ((rg, rr, rm), (ug, ur, um)) in super::super::RULE_CASES {
             let mut s = SqliteStore::memory().unwrap();
             assert_eq!(s.apply(&update("d", rg, rr, rm)).unwrap(), Applied::Applied);
             let before = s.get("d").unwrap().unwrap();

@@ -32,18 +32,29 @@ struct Fleet {
 
 impl Fleet {
     async fn new(stack: &'static Stack, test: &str, gateways: &[&str]) -> Fleet {
+        Fleet::with_database(stack, test, gateways, None).await
+    }
+
+    /// A fleet whose view is in `database` (a URL) instead of a SQLite file
+    /// in the test's folder.
+    async fn with_database(
+        stack: &'static Stack,
+        test: &str,
+        gateways: &[&str],
+        database: Option<String>,
+    ) -> Fleet {
         let ns = Namespace::create(stack, test).await;
         let dir = test_dir(test);
         let db = dir.join("view.db");
+        let database = database.unwrap_or_else(|| format!("sqlite:{}", db.display()));
         let (tenant, name) = ns.name.split_once('/').unwrap();
         let mut text = format!(
             "[pulsar]\nservice_url = \"{}\"\nadmin_url = \"http://127.0.0.1:{}\"\n\n\
              [namespace]\ntenant = \"{tenant}\"\nname = \"{name}\"\n\n\
-             [view]\ndatabase = \"sqlite:{}\"\nsubscription = \"view\"\n\
+             [view]\ndatabase = \"{database}\"\nsubscription = \"view\"\n\
              max_attempts = 3\nretry_delay_secs = 1\n",
             stack.service_url(),
             stack.web_port,
-            db.display()
         );
         for g in gateways {
             text.push_str(&format!("\n[[gateways]]\nid = \"{g}\"\n"));
@@ -313,10 +324,45 @@ fn consumed_is_the_sum(c: &Counts) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_views_share_the_devices_and_each_row_ends_on_its_last_update() {
-    const TEST: &str = "view_two";
+    two_views_share(None).await;
+}
+
+/// Several machines share one view in PostgreSQL: the same figures.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_views_share_one_postgresql_view() {
+    let stack = tokio::task::block_in_place(stack);
+    two_views_share(Some(postgres_database(stack, "view_two_pg"))).await;
+}
+
+/// A new database on the stack's PostgreSQL; its URL.
+pub fn postgres_database(stack: &Stack, test: &str) -> String {
+    let name = crate::harness::unique(test).replace('-', "_");
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p"])
+        .arg(stack.postgres_port.to_string())
+        .args(["-U", "ferry", "-d", "ferry", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
+        .expect("run psql (postgresql-client)");
+    assert!(
+        out.status.success(),
+        "the stack's PostgreSQL is required: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stack.postgres_url(&name)
+}
+
+/// 2 gateways x 50 devices x 20 updates through two views sharing the
+/// Key_Shared subscription and the database (`None`: SQLite).
+async fn two_views_share(database: Option<String>) {
+    let test = if database.is_some() {
+        "view_two_pg"
+    } else {
+        "view_two"
+    };
     let stack = tokio::task::block_in_place(stack);
     let gateways = ["gw-a", "gw-b"];
-    let fleet = Fleet::new(stack, TEST, &gateways).await;
+    let fleet = Fleet::with_database(stack, test, &gateways, database).await;
     let views = [fleet.start_view("view-1"), fleet.start_view("view-2")];
     for g in gateways {
         fleet.wait_consumers(&fleet.status_topic(g), 2).await;
@@ -352,17 +398,20 @@ async fn two_views_share_the_devices_and_each_row_ends_on_its_last_update() {
         }
         send_all(&mut p, msgs).await;
     }
-    fleet
-        .wait_db(
-            "100 devices at n = 19",
-            "SELECT count(*) FROM devices WHERE json_extract(state, '$.n') = 19",
-            100,
-        )
-        .await;
+    wait("100 devices at n = 19", Duration::from_secs(120), || {
+        let (code, out, _) = fleet.run(&["list", "--json"]);
+        code == 0
+            && serde_json::from_str::<Value>(&out).is_ok_and(|l| {
+                l.as_array().is_some_and(|rows| {
+                    rows.len() == 100 && rows.iter().all(|r| r["state"]["n"] == 19)
+                })
+            })
+    })
+    .await;
     let [v1, v2] = views;
     let (c1, c2) = (v1.stop(), v2.stop());
-    report(TEST, &format!("view 1: {c1:?}"));
-    report(TEST, &format!("view 2: {c2:?}"));
+    report(test, &format!("view 1: {c1:?}"));
+    report(test, &format!("view 2: {c2:?}"));
     consumed_is_the_sum(&c1);
     consumed_is_the_sum(&c2);
     assert!(c1.applied > 0 && c2.applied > 0, "both views applied some");
@@ -603,4 +652,44 @@ async fn poison_is_dead_lettered_at_once_a_refusal_after_three_attempts_and_repl
         out,
         "device       d1\ngateway      gw-a\nrecord       3\nreceived_ms  103\nstate        {\"n\":2}\n"
     );
+}
+
+/// The one conditional statement agrees with the apply rule in PostgreSQL
+/// too (the SQLite version is a unit test).
+#[test]
+fn the_upsert_agrees_with_decide_in_postgresql() {
+    use ferry_fleet::db::{postgres::PostgresStore, Applied, StateUpdate, ViewStore, RULE_CASES};
+    use ferry_fleet::view::apply::{decide, Decision};
+    let stack = stack();
+    let mut s = PostgresStore::open(&postgres_database(stack, "rule_pg")).unwrap();
+    let update = |device: &str, gateway: &str, record: i64, received_ms: i64| StateUpdate {
+        device: device.into(),
+        gateway: gateway.into(),
+        record,
+        received_ms,
+        state: format!(r#"{{"r":{record}}}"#),
+        topic: format!("persistent://t/n/{gateway}-status"),
+    };
+    for (i, ((rg, rr, rm), (ug, ur, um))) in RULE_CASES.into_iter().enumerate() {
+        let device = format!("d{i}");
+        assert_eq!(
+            s.apply(&update(&device, rg, rr, rm)).unwrap(),
+            Applied::Applied
+        );
+        let before = s.get(&device).unwrap().unwrap();
+        let u = update(&device, ug, ur, um);
+        let got = s.apply(&u).unwrap();
+        let after = s.get(&device).unwrap().unwrap();
+        match decide(&u, Some(&before)) {
+            Decision::Apply => {
+                assert_eq!(got, Applied::Applied, "{u:?} over {before:?}");
+                assert_eq!((after.gateway.as_str(), after.record), (ug, ur));
+            }
+            Decision::Stale => {
+                assert_eq!(got, Applied::Stale, "{u:?} over {before:?}");
+                assert_eq!(after, before);
+            }
+        }
+    }
+    assert_eq!(s.list().unwrap().len(), RULE_CASES.len());
 }
