@@ -316,6 +316,18 @@ fn a_broker_that_forgets_a_producer_it_confirmed_is_told_once_as_an_incident() {
 }
 
 #[test]
+fn deliveries_without_a_batch_count_as_confirmed_too() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    db.insert_batch(&numbered(&l, 5), 100).unwrap();
+    // Deleted in a transaction of its own (no batch went with it).
+    assert_eq!(db.delivered(0, 4, 0).unwrap(), 4);
+    let f = db.resume(0, -1).unwrap().forgotten.expect("forgotten");
+    assert_eq!(f.confirmed, 4);
+}
+
+#[test]
 fn resume_renumbers_when_the_broker_is_ahead_of_a_replaced_store() {
     let dir = Dir::new();
     let l = layout("", "");

@@ -100,6 +100,20 @@ fn state_confirmed_at(dest_id: u64) -> String {
     format!("confirmed_at:{dest_id}")
 }
 
+/// The broker confirmed destination `dest_id`'s records up to `up_to` at
+/// `at` (store clock): every path that deletes delivered records says so.
+fn record_confirmed(
+    tx: &Transaction<'_>,
+    dest_id: u64,
+    up_to: u64,
+    at: u64,
+) -> Result<(), StoreError> {
+    let mut put = tx.prepare_cached(SQL_STATE_PUT)?;
+    put.execute(params![state_confirmed(dest_id), up_to as i64])?;
+    put.execute(params![state_confirmed_at(dest_id), at as i64])?;
+    Ok(())
+}
+
 /// `store_state` name per destination: 1 while the broker's last answer
 /// said deduplication is off ([`Forgotten`]), 0 once it named a record
 /// again (`ferry status` and `ferry check --online` read it).
@@ -320,10 +334,7 @@ impl Db {
         // Deletions first: their room is there for the batch.
         for d in deliveries {
             let (n, bytes) = delete_upto(&tx, &dests[d.dest], d.up_to)?;
-            let id = dests[d.dest].id;
-            let mut put = tx.prepare_cached(SQL_STATE_PUT)?;
-            put.execute(params![state_confirmed(id), d.up_to as i64])?;
-            put.execute(params![state_confirmed_at(id), stored_at as i64])?;
+            record_confirmed(&tx, dests[d.dest].id, d.up_to, stored_at)?;
             dests[d.dest].remove(n, bytes);
             counts.delivered += n as i64;
             counts.resent += d.resent as i64;
@@ -507,8 +518,10 @@ impl Db {
 
     /// Deletes the records of `d` up to `up_to`; returns how many there were.
     pub fn delivered(&mut self, d: DestIx, up_to: u64, resent: u64) -> Result<u64, StoreError> {
+        let at = self.clock.now_ms();
         let tx = self.conn.transaction()?;
         let (n, bytes) = delete_upto(&tx, &self.dests[d], up_to)?;
+        record_confirmed(&tx, self.dests[d].id, up_to, at)?;
         Counts {
             delivered: n as i64,
             resent: resent as i64,
