@@ -74,7 +74,7 @@ pub async fn run(
     cfg: MqttConfig,
     layout: Layout,
     store: StoreHandle,
-    acks: UnboundedReceiver<AckToken>,
+    acks: UnboundedReceiver<Vec<AckToken>>,
     mut accepting: watch::Receiver<Intake>,
     live: crate::status::Live,
     metrics: crate::metrics::Metrics,
@@ -486,10 +486,14 @@ impl AckBarrier {
 
 /// Sends the PUBACK of every committed message of the current connection
 /// (through the current client; none while ingest is paused), and after
-/// them the acknowledgement barrier.
+/// them the acknowledgement barrier. Acks come one batch per commit, so a
+/// barrier follows every ack of each commit it confirms (a commit whose
+/// acks were still arriving when the barrier went out would be confirmed
+/// with some of them unsent: a crash then, and their redeliveries would be
+/// taken for new messages).
 async fn send_acks(
     client: watch::Receiver<Option<AsyncClient>>,
-    mut acks: UnboundedReceiver<AckToken>,
+    mut acks: UnboundedReceiver<Vec<AckToken>>,
     epoch: Arc<AtomicU64>,
     committed: Arc<AtomicU64>,
     barrier: Arc<Mutex<AckBarrier>>,
@@ -507,17 +511,19 @@ async fn send_acks(
             continue;
         };
         let mut next = first;
-        while let Some(a) = next.take().or_else(|| acks.try_recv().ok()) {
-            if a.epoch != epoch.load(Ordering::Acquire) {
-                continue;
-            }
-            committed.store(a.epoch, Ordering::Release);
-            let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
-            p.pkid = a.pkid;
-            // A closed client means its connection is gone; the broker
-            // redelivers the message and it is acked then.
-            if client.ack(&p).await.is_ok() {
-                barrier.lock().expect("barrier lock").acked(a.epoch, a.gen);
+        while let Some(batch) = next.take().or_else(|| acks.try_recv().ok()) {
+            for a in batch {
+                if a.epoch != epoch.load(Ordering::Acquire) {
+                    continue;
+                }
+                committed.store(a.epoch, Ordering::Release);
+                let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+                p.pkid = a.pkid;
+                // A closed client means its connection is gone; the broker
+                // redelivers the message and it is acked then.
+                if client.ack(&p).await.is_ok() {
+                    barrier.lock().expect("barrier lock").acked(a.epoch, a.gen);
+                }
             }
         }
         let send = barrier.lock().expect("barrier lock").send_now();

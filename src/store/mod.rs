@@ -411,11 +411,11 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the store and starts its thread. Acks of committed
-    /// messages are sent to `acks`.
+    /// messages are sent to `acks`, one batch per commit.
     pub fn open(
         cfg: &StoreConfig,
         layout: Layout,
-        acks: tokio::sync::mpsc::UnboundedSender<AckToken>,
+        acks: tokio::sync::mpsc::UnboundedSender<Vec<AckToken>>,
         beat: crate::notify::Beat,
         live: crate::status::Live,
         metrics: crate::metrics::Metrics,

@@ -18,7 +18,7 @@ use crate::layout::DropReason;
 pub(super) struct Worker {
     db: Db,
     rx: mpsc::Receiver<Command>,
-    acks: tokio::sync::mpsc::UnboundedSender<AckToken>,
+    acks: tokio::sync::mpsc::UnboundedSender<Vec<AckToken>>,
     committed: watch::Sender<Vec<u64>>,
     cfg: StoreConfig,
     beat: crate::notify::Beat,
@@ -48,7 +48,7 @@ impl Worker {
     pub(super) fn new(
         db: Db,
         rx: mpsc::Receiver<Command>,
-        acks: tokio::sync::mpsc::UnboundedSender<AckToken>,
+        acks: tokio::sync::mpsc::UnboundedSender<Vec<AckToken>>,
         committed: watch::Sender<Vec<u64>>,
         accepting: watch::Sender<Intake>,
         cfg: StoreConfig,
@@ -240,8 +240,10 @@ impl Worker {
         self.set_rejecting(rejecting);
         self.backpressure();
         self.committed.send_replace(self.db.last_seqs());
-        for a in out.acks {
-            let _ = self.acks.send(a);
+        // One commit's acks travel together: a barrier sent after some of
+        // them must never confirm the commit while others are not out.
+        if !out.acks.is_empty() {
+            let _ = self.acks.send(out.acks);
         }
         if let Some(budget) = self.cfg.max_bytes {
             if self.space.budget_due(self.db.used_bytes()?, budget) {
