@@ -8,14 +8,21 @@
 //! - [`provision`]: what the broker holds against what fleet.toml declares,
 //!   the changes between them (pure), and applying them;
 //! - [`token`]: gateway JWTs (HS256, RS256);
-//! - [`gateway_config`]: a gateway's `ferry.toml`.
+//! - [`gateway_config`]: a gateway's `ferry.toml`;
+//! - [`view`], [`db`]: the latest state of every device;
+//! - [`serve`], [`metrics`]: the view over HTTP (`GET /devices/{id}`,
+//!   `/metrics`);
+//! - [`replay`]: rebuilding the view from the compacted status topics.
 
 pub mod admin;
 pub mod config;
 pub mod db;
 pub mod dlq;
 pub mod gateway_config;
+pub mod metrics;
 pub mod provision;
 pub mod pulsar_client;
+pub mod replay;
+pub mod serve;
 pub mod token;
 pub mod view;

@@ -52,10 +52,32 @@ enum Command {
         config: PathBuf,
     },
     /// Keeps the latest state of every device in the view's database
-    /// (until SIGTERM or SIGINT; then prints its counts).
+    /// (until SIGTERM or SIGINT; then prints its counts), and serves
+    /// `GET /devices/{id}` and `/metrics` (its counts, the lag) meanwhile.
     View {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Where to serve, instead of `[view] listen` (port 0: any).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Serves `GET /devices/{id}` and `/metrics` (the lag) from the view's
+    /// database without consuming (until SIGTERM or SIGINT).
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Where to serve, instead of `[view] listen` (port 0: any).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Rebuilds the view from the compacted status topics (never takes a
+    /// row back); prints what it read, applied and found stale.
+    Replay {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The database to fill, instead of `[view] database`.
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Prints one device's row of the view.
     Get {
@@ -171,7 +193,15 @@ fn run(command: Command) -> Result<ExitCode, ExitCode> {
             })?;
             print!("{text}");
         }
-        Command::View { config } => return Ok(with_config(&config, view)),
+        Command::View { config, listen } => {
+            return Ok(with_config(&config, |c| view(c, listen.as_deref())))
+        }
+        Command::Serve { config, listen } => {
+            return Ok(with_config(&config, |c| serve(c, listen.as_deref())))
+        }
+        Command::Replay { config, database } => {
+            return Ok(with_config(&config, |c| replay(c, database.as_deref())))
+        }
         Command::Get {
             device,
             config,
@@ -225,14 +255,48 @@ fn on_signals() -> anyhow::Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-fn view(config: &FleetConfig) -> anyhow::Result<()> {
+fn view(config: &FleetConfig, listen: Option<&str>) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let stop = on_signals()?;
         let counts = Arc::new(ferry_fleet::view::Counts::default());
+        let server = ferry_fleet::serve::Server::bind(
+            config,
+            listen.unwrap_or(&config.view.listen),
+            Some(counts.clone()),
+        )
+        .await?;
+        tracing::info!(addr = %server.local_addr()?, "view: serving /devices and /metrics");
+        let (server_stop, server_stopped) = watch::channel(false);
+        let serving = tokio::spawn(server.run(server_stopped));
         let r = ferry_fleet::view::run(config, counts.clone(), stop).await;
+        let _ = server_stop.send(true);
+        let _ = serving.await;
         println!("view stopped: {}", counts.snapshot());
         Ok(r?)
     })
+}
+
+fn serve(config: &FleetConfig, listen: Option<&str>) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let stop = on_signals()?;
+        let server =
+            ferry_fleet::serve::Server::bind(config, listen.unwrap_or(&config.view.listen), None)
+                .await?;
+        println!("serving on http://{}", server.local_addr()?);
+        Ok(server.run(stop).await?)
+    })
+}
+
+fn replay(config: &FleetConfig, database: Option<&str>) -> anyhow::Result<()> {
+    let report = runtime()?.block_on(async {
+        let stop = on_signals()?;
+        anyhow::Ok(ferry_fleet::replay::replay(config, database, stop).await?)
+    })?;
+    println!("{report}");
+    if report.interrupted {
+        anyhow::bail!("replay interrupted");
+    }
+    Ok(())
 }
 
 fn open_view(config: &FleetConfig) -> anyhow::Result<Box<dyn ferry_fleet::db::ViewStore>> {

@@ -12,5 +12,7 @@ pub fn fleet_bin() -> std::path::PathBuf {
 }
 
 mod check;
+mod kill;
 mod provision;
+mod serve;
 mod view;

@@ -22,22 +22,22 @@ fn stack() -> &'static Stack {
 }
 
 /// A fleet.toml for one test's namespace, and the view's database.
-struct Fleet {
-    dir: PathBuf,
-    config: PathBuf,
-    db: PathBuf,
-    ns: Namespace,
-    stack: &'static Stack,
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub db: PathBuf,
+    pub ns: Namespace,
+    pub stack: &'static Stack,
 }
 
 impl Fleet {
-    async fn new(stack: &'static Stack, test: &str, gateways: &[&str]) -> Fleet {
+    pub async fn new(stack: &'static Stack, test: &str, gateways: &[&str]) -> Fleet {
         Fleet::with_database(stack, test, gateways, None).await
     }
 
     /// A fleet whose view is in `database` (a URL) instead of a SQLite file
     /// in the test's folder.
-    async fn with_database(
+    pub async fn with_database(
         stack: &'static Stack,
         test: &str,
         gateways: &[&str],
@@ -52,7 +52,7 @@ impl Fleet {
             "[pulsar]\nservice_url = \"{}\"\nadmin_url = \"http://127.0.0.1:{}\"\n\n\
              [namespace]\ntenant = \"{tenant}\"\nname = \"{name}\"\n\n\
              [view]\ndatabase = \"{database}\"\nsubscription = \"view\"\n\
-             max_attempts = 3\nretry_delay_secs = 1\n",
+             max_attempts = 3\nretry_delay_secs = 1\nlisten = \"127.0.0.1:0\"\n",
             stack.service_url(),
             stack.web_port,
         );
@@ -70,12 +70,12 @@ impl Fleet {
         }
     }
 
-    fn status_topic(&self, gateway: &str) -> String {
+    pub fn status_topic(&self, gateway: &str) -> String {
         self.ns.topic(&format!("{gateway}-status"))
     }
 
     /// Runs `ferry-fleet <args> --config fleet.toml`: exit code, stdout, stderr.
-    fn run(&self, args: &[&str]) -> (i32, String, String) {
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(fleet_bin())
             .args(args)
             .arg("--config")
@@ -91,17 +91,24 @@ impl Fleet {
     }
 
     /// The JSON a `--json` command prints (it must succeed).
-    fn json(&self, args: &[&str]) -> Value {
+    pub fn json(&self, args: &[&str]) -> Value {
         let (code, out, err) = self.run(args);
         assert_eq!(code, 0, "{args:?}: {err}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
     }
 
-    fn start_view(&self, name: &str) -> View {
+    pub fn start_view(&self, name: &str) -> View {
+        self.start(name, &["view"])
+    }
+
+    /// Starts `ferry-fleet <args> --config fleet.toml` (a `view` or a
+    /// `serve`), its output in `<name>.out` and `<name>.log`.
+    pub fn start(&self, name: &str, args: &[&str]) -> View {
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
         let child = Command::new(fleet_bin())
-            .args(["view", "--config"])
+            .args(args)
+            .arg("--config")
             .arg(&self.config)
             .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -115,14 +122,14 @@ impl Fleet {
     }
 
     /// A read connection to the view's database.
-    fn db(&self) -> rusqlite::Connection {
+    pub fn db(&self) -> rusqlite::Connection {
         let c = rusqlite::Connection::open(&self.db).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
         c
     }
 
     /// Waits until the view has created its table.
-    async fn wait_for_table(&self) {
+    pub async fn wait_for_table(&self) {
         wait("the view's table", Duration::from_secs(60), || {
             self.db.exists()
                 && self
@@ -139,7 +146,7 @@ impl Fleet {
     }
 
     /// Waits until `sql` (one integer) gives `want`.
-    async fn wait_db(&self, what: &str, sql: &str, want: i64) {
+    pub async fn wait_db(&self, what: &str, sql: &str, want: i64) {
         wait(what, Duration::from_secs(120), || {
             self.db().query_row(sql, [], |r| r.get::<_, i64>(0)).ok() == Some(want)
         })
@@ -147,7 +154,7 @@ impl Fleet {
     }
 
     /// Waits until `topic`'s subscription `view` has `n` consumers.
-    async fn wait_consumers(&self, topic: &str, n: usize) {
+    pub async fn wait_consumers(&self, topic: &str, n: usize) {
         let url = format!(
             "http://127.0.0.1:{}/admin/v2/persistent/{}/stats",
             self.stack.web_port,
@@ -174,7 +181,7 @@ impl Fleet {
         }
     }
 
-    async fn producer(&self, topic: &str) -> Producer<TokioExecutor> {
+    pub async fn producer(&self, topic: &str) -> Producer<TokioExecutor> {
         let pulsar: Pulsar<TokioExecutor> =
             Pulsar::builder(self.stack.service_url(), TokioExecutor)
                 .build()
@@ -189,7 +196,7 @@ impl Fleet {
     }
 }
 
-async fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+pub async fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -199,7 +206,13 @@ async fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 
 /// An update as the agent sends it: key = device, the JSON state, and the
 /// properties `ferry.gateway`, `ferry.record`, `ferry.received_ms`.
-fn update(gateway: &str, device: &str, record: u64, received_ms: u64, payload: &str) -> Message {
+pub fn update(
+    gateway: &str,
+    device: &str,
+    record: u64,
+    received_ms: u64,
+    payload: &str,
+) -> Message {
     Message {
         payload: payload.as_bytes().to_vec(),
         partition_key: Some(device.to_string()),
@@ -217,7 +230,7 @@ fn update(gateway: &str, device: &str, record: u64, received_ms: u64, payload: &
 
 /// Sends every message, in order, and waits for the broker's receipts (100
 /// at a time: the crate refuses more pending sends with `SlowDown`).
-async fn send_all(p: &mut Producer<TokioExecutor>, msgs: Vec<Message>) {
+pub async fn send_all(p: &mut Producer<TokioExecutor>, msgs: Vec<Message>) {
     let mut msgs = msgs.into_iter().peekable();
     while msgs.peek().is_some() {
         let mut receipts = Vec::new();
@@ -232,7 +245,7 @@ async fn send_all(p: &mut Producer<TokioExecutor>, msgs: Vec<Message>) {
 
 /// A `ferry-fleet view` process; killed if the test ends without stopping
 /// it.
-struct View {
+pub struct View {
     child: Option<Child>,
     out: PathBuf,
     log: PathBuf,
@@ -240,12 +253,12 @@ struct View {
 
 /// What a view counted, from the line it prints when it stops.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    consumed: u64,
-    applied: u64,
-    stale: u64,
-    retried: u64,
-    dead_lettered: u64,
+pub struct Counts {
+    pub consumed: u64,
+    pub applied: u64,
+    pub stale: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
 }
 
 fn read_counts(out: &Path, log: &Path) -> Counts {
@@ -276,8 +289,26 @@ fn read_counts(out: &Path, log: &Path) -> Counts {
 }
 
 impl View {
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// SIGTERM, then its counts.
-    fn stop(mut self) -> Counts {
+    pub fn stop(mut self) -> Counts {
+        self.terminate();
+        read_counts(&self.out, &self.log)
+    }
+
+    /// SIGTERM (a `serve`: no counts).
+    pub fn stop_quietly(mut self) {
+        self.terminate();
+    }
+
+    /// SIGTERM; it must exit 0 within 20 s.
+    fn terminate(&mut self) {
         let mut child = self.child.take().unwrap();
         let ok = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -301,7 +332,6 @@ impl View {
             "view exited {status}: {}",
             std::fs::read_to_string(&self.log).unwrap_or_default()
         );
-        read_counts(&self.out, &self.log)
     }
 }
 
@@ -314,7 +344,7 @@ impl Drop for View {
     }
 }
 
-fn consumed_is_the_sum(c: &Counts) {
+pub fn consumed_is_the_sum(c: &Counts) {
     assert_eq!(
         c.consumed,
         c.applied + c.stale + c.retried + c.dead_lettered,
