@@ -86,7 +86,8 @@ pub struct ViewConfig {
     pub max_attempts: u32,
     /// How long an update waits on the retry topic before its next attempt.
     pub retry_delay: Duration,
-    /// Where `serve` listens (`GET /devices/{id}`, `/metrics`).
+    /// Where `view` and `serve` listen (`GET /devices/{id}`, `/metrics`);
+    /// 9465 by default, beside the agent's 9464.
     pub listen: String,
 }
 
@@ -410,11 +411,11 @@ fn check_view(v: &mut Validator, raw: RawView) -> ViewConfig {
     v.check("view.subscription", valid_name(&subscription), NAME_RULE);
     let max_attempts = v.int_in("view.max_attempts", raw.max_attempts, 5, 1, 1000) as u32;
     let retry_delay = v.int_in("view.retry_delay_secs", raw.retry_delay_secs, 10, 0, 86_400);
-    let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:9464".into());
+    let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:9465".into());
     v.check(
         "view.listen",
         listen.parse::<std::net::SocketAddr>().is_ok(),
-        "must be an address and port, such as 127.0.0.1:9464",
+        "must be an address and port, such as 127.0.0.1:9465",
     );
     ViewConfig {
         database,
