@@ -7,6 +7,8 @@
 //! state is published again.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +22,17 @@ use crate::mqtt_events::Events;
 use crate::store::db::Desired;
 use crate::store::{DownlinkCommand, Inbound, StoreError, StoreHandle};
 
-/// Publishes awaiting their PUBACK, at most.
-const WINDOW: usize = 100;
-/// PUBACKs go to the store in batches: after this long, or this many.
-const ACK_WAIT: Duration = Duration::from_millis(20);
-const ACK_BATCH: usize = 200;
+/// Publishes awaiting their PUBACK, at most (rumqttc's in-flight limit and
+/// its request channel are this large, so handing one over never waits).
+const WINDOW: usize = 1_000;
+/// PUBACKs refill the window once this much of it is free (one store query
+/// per this many publishes), or when it is empty.
+const REFILL_STEP: usize = 100;
+/// PUBACKs go to the store in batches, one batch at a time (the next one
+/// gathers while the store commits): at once when this many wait, else
+/// this long after the first.
+const ACK_BATCH: usize = 500;
+const ACK_WAIT: Duration = Duration::from_millis(10);
 /// Without news, the store is asked for work this often anyway.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -40,6 +48,16 @@ pub struct Tracker {
     /// Per device, the highest version handed to the client and not yet
     /// stored as applied: the store hands it out again until then.
     queued: HashMap<String, u64>,
+    /// The store's pending states are read in pages by device; the last
+    /// device looked at (`None`: the next page starts from the first).
+    cursor: Option<String>,
+    /// Whether the current pass through the pending states began at the
+    /// first device (then its end means everything was looked at).
+    from_start: bool,
+    /// Whether the store may hold states to publish that the tracker has
+    /// not looked at: set by news (something stored, the broker forgot, a
+    /// reconnect, the poll), cleared by a pass that ended with room left.
+    more: bool,
 }
 
 impl Tracker {
@@ -49,14 +67,70 @@ impl Tracker {
     }
 
     /// Whether `d` is new to the client (not the same or an older version
-    /// of what is already on its way).
+    /// of what is already on its way); if it is, it is on its way now.
     pub fn take(&mut self, d: &Desired) -> bool {
         if self.queued.get(&d.device).is_some_and(|v| *v >= d.version) {
             return false;
         }
         self.queued.insert(d.device.clone(), d.version);
-        self.awaiting_pkid.push_back(d.clone());
+        // The payload goes to the client, not here.
+        self.awaiting_pkid.push_back(Desired {
+            device: d.device.clone(),
+            version: d.version,
+            payload: Vec::new(),
+        });
         true
+    }
+
+    /// The store may hold something new to publish, maybe before the
+    /// cursor: the pass under way no longer covers everything.
+    pub fn news(&mut self) {
+        self.more = true;
+        self.from_start = false;
+    }
+
+    /// Whether to ask the store for a page now: it may hold more, and the
+    /// window has a refill's worth of room (or is empty: nothing in flight
+    /// would bring a PUBACK to ask again).
+    pub fn wants_page(&self) -> bool {
+        let room = self.room();
+        self.more && room > 0 && (room >= REFILL_STEP || room == WINDOW)
+    }
+
+    /// The page to ask the store for: pending states after which device,
+    /// and how many.
+    pub fn page_request(&mut self) -> (Option<String>, usize) {
+        if self.cursor.is_none() {
+            self.from_start = true;
+        }
+        (self.cursor.clone(), self.room())
+    }
+
+    /// Takes what it can of a page the store answered `page_request` with
+    /// (`asked` at most), in device order, and returns what to publish. The
+    /// cursor moves past what was looked at; a short page is the end of the
+    /// pass: the next starts from the first device, and a pass that began
+    /// there looked at everything (nothing more until news).
+    pub fn page(&mut self, page: Vec<Desired>, asked: usize) -> Vec<Desired> {
+        let end = page.len() < asked;
+        let mut out = Vec::new();
+        for d in page {
+            if self.room() == 0 {
+                return out;
+            }
+            self.cursor = Some(d.device.clone());
+            if self.take(&d) {
+                out.push(d);
+            }
+        }
+        if end && self.room() > 0 {
+            self.cursor = None;
+            if self.from_start {
+                self.more = false;
+            }
+            self.from_start = false;
+        }
+        out
     }
 
     /// The client sent a PUBLISH with `pkid`: the first one awaiting it,
@@ -77,6 +151,11 @@ impl Tracker {
         }
     }
 
+    /// How many acknowledged versions wait to be stored as applied.
+    pub fn acked(&self) -> usize {
+        self.acked.len()
+    }
+
     pub fn take_acked(&mut self) -> Vec<Desired> {
         std::mem::take(&mut self.acked)
     }
@@ -90,6 +169,10 @@ impl Tracker {
         }
     }
 }
+
+/// A batch of acknowledged versions being stored as applied: the batch,
+/// and how many were newly applied.
+type Flush = Pin<Box<dyn Future<Output = Result<(Vec<Desired>, u64), StoreError>> + Send>>;
 
 /// Publishes desired state until shutdown; a broker that is down means
 /// waiting (the store keeps everything); only a store failure ends it.
@@ -121,6 +204,7 @@ pub async fn run(
     let mut poll = tokio::time::interval(POLL);
     let mut beats = tokio::time::interval(crate::notify::BEAT_EVERY);
     let mut flush_at: Option<tokio::time::Instant> = None;
+    let mut flushing: Option<Flush> = None;
     loop {
         let flush_due = async {
             match flush_at {
@@ -128,13 +212,32 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
-        let mut fill = false;
+        let flushed = async {
+            match flushing.as_mut() {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut flush_now = false;
         tokio::select! {
             _ = shutdown.cancelled() => {
+                if let Some(f) = flushing.take() {
+                    let (_, n) = f.await?;
+                    metrics.downlink_applied.inc_by(n);
+                }
                 let acked = t.take_acked();
-                apply(&store, &downlink, ack_stream, &acked, &metrics).await?;
+                let n = apply(&store, &downlink, ack_stream, &acked).await?;
+                metrics.downlink_applied.inc_by(n);
                 let _ = client.try_disconnect();
                 return Ok(());
+            }
+            done = flushed => {
+                flushing = None;
+                let (acked, n) = done?;
+                metrics.downlink_applied.inc_by(n);
+                t.stored(&acked);
+                // What gathered meanwhile goes next if it is a batch.
+                flush_now = t.acked() >= ACK_BATCH;
             }
             ev = events.next() => match ev {
                 None => return Ok(()),
@@ -142,20 +245,27 @@ pub async fn run(
                     connected = true;
                     backoff.reset();
                     if !ack.session_present {
+                        // PUBACKs of the lost session are stored first, so
+                        // they cannot clear the republication asked next.
+                        if let Some(f) = flushing.take() {
+                            let (acked, n) = f.await?;
+                            metrics.downlink_applied.inc_by(n);
+                            t.stored(&acked);
+                        }
+                        let acked = t.take_acked();
+                        let n = apply(&store, &downlink, ack_stream, &acked).await?;
+                        metrics.downlink_applied.inc_by(n);
+                        t.stored(&acked);
+                        flush_at = None;
                         let n = store.downlink(|reply| DownlinkCommand::Forgotten { reply }).await?;
                         tracing::info!(devices = n,
                             "the mqtt broker has no session of the downlink (new, or it lost its state): publishing every device's desired state again");
                     }
-                    fill = true;
+                    t.news();
                 }
                 Some(Ok(Event::Incoming(Packet::PubAck(a)))) => {
                     t.puback(a.pkid);
-                    if flush_at.is_none() {
-                        flush_at = Some(tokio::time::Instant::now() + ACK_WAIT);
-                    }
-                    if t.acked.len() >= ACK_BATCH {
-                        flush_at = Some(tokio::time::Instant::now());
-                    }
+                    flush_now = t.acked() >= ACK_BATCH;
                 }
                 Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => t.sent(pkid),
                 Some(Ok(_)) => {}
@@ -171,34 +281,43 @@ pub async fn run(
                     events.retry();
                 }
             },
-            _ = flush_due => {
-                flush_at = None;
-                let acked = t.take_acked();
-                apply(&store, &downlink, ack_stream, &acked, &metrics).await?;
-                t.stored(&acked);
-                fill = true;
-            }
-            _ = stored.notified() => fill = true,
-            _ = poll.tick() => fill = true,
+            _ = flush_due => flush_now = true,
+            _ = stored.notified() => t.news(),
+            _ = poll.tick() => t.news(),
             _ = beats.tick() => beat.tick(),
         }
-        if fill && connected && t.room() > 0 {
-            let limit = t.room() + t.queued.len();
-            let pending = store
-                .downlink(|reply| DownlinkCommand::Pending { limit, reply })
+        // One batch is stored at a time; while it is, the next gathers
+        // (its completion looks again), else a timer bounds the wait.
+        if flushing.is_none() && t.acked() > 0 {
+            if flush_now {
+                flush_at = None;
+                let acked = t.take_acked();
+                let (store, downlink) = (store.clone(), downlink.clone());
+                flushing = Some(Box::pin(async move {
+                    let n = apply(&store, &downlink, ack_stream, &acked).await?;
+                    Ok((acked, n))
+                }));
+            } else if flush_at.is_none() {
+                flush_at = Some(tokio::time::Instant::now() + ACK_WAIT);
+            }
+        } else {
+            flush_at = None;
+        }
+        while connected && t.wants_page() {
+            let (after, limit) = t.page_request();
+            let page = store
+                .downlink(|reply| DownlinkCommand::Pending {
+                    after,
+                    limit,
+                    reply,
+                })
                 .await?;
-            for d in pending {
-                if t.room() == 0 {
-                    break;
-                }
-                if !t.take(&d) {
-                    continue;
-                }
+            for d in t.page(page, limit) {
                 let topic = downlink.mqtt_topic_for(&d.device);
-                // The request channel holds a window's worth: this waits
-                // only while the event loop is busy.
+                // The request channel holds a window's worth: this never
+                // waits.
                 if client
-                    .publish(topic, QoS::AtLeastOnce, true, d.payload.clone())
+                    .publish(topic, QoS::AtLeastOnce, true, d.payload)
                     .await
                     .is_err()
                 {
@@ -217,21 +336,18 @@ async fn apply(
     downlink: &DownlinkConfig,
     ack_stream: usize,
     acked: &[Desired],
-    metrics: &crate::metrics::Metrics,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     if acked.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let applied_at = crate::status::now_ms();
     let applied: Vec<(Desired, Inbound)> = acked
         .iter()
         .map(|d| (d.clone(), ack_record(downlink, ack_stream, d, applied_at)))
         .collect();
-    let n = store
+    store
         .downlink(|reply| DownlinkCommand::Applied { applied, reply })
-        .await?;
-    metrics.downlink_applied.inc_by(n);
-    Ok(())
+        .await
 }
 
 /// The acknowledgement of one applied version, as a record of the
@@ -312,6 +428,141 @@ mod tests {
         assert_eq!(t.room(), 0);
         t.puback(1);
         assert_eq!(t.room(), 1);
+    }
+
+    /// Pending states as the store lists them: by device, after `after`.
+    fn store_page(pending: &[Desired], after: Option<String>, limit: usize) -> Vec<Desired> {
+        pending
+            .iter()
+            .filter(|d| after.as_ref().map_or(true, |a| d.device > *a))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    fn devices(ds: &[Desired]) -> Vec<&str> {
+        ds.iter().map(|d| d.device.as_str()).collect()
+    }
+
+    #[test]
+    fn a_pass_from_the_first_device_that_leaves_room_ends_the_asking_until_news() {
+        let mut t = Tracker::default();
+        assert!(!t.wants_page(), "nothing asked before news");
+        t.news();
+        assert!(t.wants_page());
+        let store = [d("a", 1), d("b", 1)];
+        let (after, limit) = t.page_request();
+        assert_eq!((after.as_deref(), limit), (None, WINDOW));
+        let out = t.page(store_page(&store, after, limit), limit);
+        assert_eq!(devices(&out), ["a", "b"]);
+        assert!(!t.wants_page(), "everything was looked at");
+        t.news();
+        let (after, limit) = t.page_request();
+        assert_eq!(after, None, "a new pass starts from the first device");
+        assert!(t.page(store_page(&store, after, limit), limit).is_empty());
+        assert!(!t.wants_page());
+    }
+
+    #[test]
+    fn a_full_window_keeps_the_cursor_and_the_next_pass_wraps_around() {
+        let mut t = Tracker::default();
+        t.news();
+        let store: Vec<Desired> = (0..WINDOW + 150)
+            .map(|i| d(&format!("d{i:05}"), 1))
+            .collect();
+        let (after, limit) = t.page_request();
+        let out = t.page(store_page(&store, after, limit), limit);
+        assert_eq!(out.len(), WINDOW);
+        assert_eq!(t.room(), 0);
+        assert!(!t.wants_page());
+        // PUBACKs free a refill's worth.
+        for pkid in 1..=REFILL_STEP as u16 {
+            t.sent(pkid);
+            t.puback(pkid);
+        }
+        assert!(t.wants_page(), "more may wait, and there is room");
+        let (after, limit) = t.page_request();
+        assert_eq!(after.as_deref(), Some("d00999"), "after the last one taken");
+        let out = t.page(store_page(&store, after, limit), limit);
+        assert_eq!(out.len(), REFILL_STEP, "the next ones");
+        assert_eq!(out[0].device, "d01000");
+        // Stored as applied: the store lists the rest, and the first ones
+        // again with a newer version.
+        let acked = t.take_acked();
+        t.stored(&acked);
+        for pkid in REFILL_STEP as u16 + 1..=2 * REFILL_STEP as u16 {
+            t.sent(pkid);
+            t.puback(pkid);
+        }
+        let mut store = store[REFILL_STEP..].to_vec();
+        store.insert(0, d("d00000", 2));
+        t.news();
+        let (after, limit) = t.page_request();
+        assert_eq!(after.as_deref(), Some("d01099"));
+        let out = t.page(store_page(&store, after.clone(), limit), limit);
+        assert_eq!(
+            devices(&out),
+            (1100..1150).map(|i| format!("d{i:05}")).collect::<Vec<_>>()
+        );
+        assert_eq!(t.room(), REFILL_STEP / 2);
+        for pkid in 2 * REFILL_STEP as u16 + 1..=(2 * REFILL_STEP + REFILL_STEP / 2) as u16 {
+            t.sent(pkid);
+            t.puback(pkid);
+        }
+        assert!(
+            t.wants_page(),
+            "the pass began mid-way: it goes on from the first"
+        );
+        assert_eq!(t.page_request().0, None);
+        assert_eq!(
+            refill(&mut t, &store),
+            ["d00000"],
+            "the rest is on its way already"
+        );
+        assert!(!t.wants_page());
+    }
+
+    /// What the applier's loop publishes from `store` while it may.
+    fn refill(t: &mut Tracker, store: &[Desired]) -> Vec<String> {
+        let mut out = Vec::new();
+        while t.wants_page() {
+            let (after, limit) = t.page_request();
+            for d in t.page(store_page(store, after, limit), limit) {
+                out.push(d.device);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn news_during_a_pass_keeps_it_from_counting_as_complete() {
+        let mut t = Tracker::default();
+        t.news();
+        let (after, limit) = t.page_request();
+        let store = [d("b", 1)];
+        // Meanwhile "a" was stored, before the cursor.
+        t.news();
+        t.page(store_page(&store, after, limit), limit);
+        assert!(t.wants_page(), "a pass from the first device looks at it");
+        let store = [d("a", 1), d("b", 1)];
+        let (after, limit) = t.page_request();
+        let out = t.page(store_page(&store, after, limit), limit);
+        assert_eq!(devices(&out), ["a"]);
+        assert!(!t.wants_page());
+    }
+
+    #[test]
+    fn a_refill_waits_for_a_step_of_room_unless_the_window_is_empty() {
+        let mut t = Tracker::default();
+        t.news();
+        assert!(t.wants_page(), "empty window");
+        for i in 0..WINDOW - REFILL_STEP + 1 {
+            assert!(t.take(&d(&format!("d{i}"), 1)));
+        }
+        assert!(!t.wants_page());
+        t.sent(1);
+        t.puback(1);
+        assert!(t.wants_page());
     }
 
     #[test]

@@ -28,10 +28,14 @@ use crate::uplink::{ErrorClass, UplinkError, UplinkSettings};
 const CONSUMER_ID: u64 = 1;
 /// Messages the broker may send ahead of what the store committed.
 const PERMITS: u32 = 1_000;
-/// A batch goes to the store after this many messages, or this long after
-/// its first one.
+/// A batch goes to the store once it holds this many messages, or once
+/// what the connection had already received is taken and this long has
+/// passed since the previous batch was stored: a message after a quiet
+/// spell goes at once, and a busy stream is stored in batches (at most one
+/// commit per gap besides the full ones), leaving the store thread to the
+/// uplink in between.
 const BATCH_MESSAGES: u32 = 200;
-const BATCH_WAIT: Duration = Duration::from_millis(10);
+const BATCH_GAP: Duration = Duration::from_millis(5);
 /// Catching up also ends when the broker has been silent this long with
 /// permits to spare: the rest of the topic was compacted away (a cleared
 /// device's tombstone may be its last message, which a compacted read never
@@ -116,7 +120,6 @@ struct Batch {
     messages: u32,
     /// The position after it.
     last: Option<MessageIdData>,
-    since: Option<Instant>,
 }
 
 impl Reader<'_> {
@@ -192,11 +195,13 @@ impl Reader<'_> {
         conn.push(&proto.flow(CONSUMER_ID, PERMITS));
         conn.flush().await?;
         let mut batch = Batch::default();
+        let mut last_stored: Option<Instant> = None;
         let mut last_heard = Instant::now();
         let mut ping = tokio::time::interval(KEEPALIVE);
         let mut beat = tokio::time::interval(crate::notify::BEAT_EVERY);
         loop {
-            let due = batch.since.map(|t| t + BATCH_WAIT);
+            let due = (batch.messages > 0)
+                .then(|| last_stored.map_or_else(Instant::now, |t| t + BATCH_GAP));
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     if batch.messages > 0 {
@@ -206,8 +211,17 @@ impl Reader<'_> {
                 }
                 frame = conn.read_frame() => {
                     last_heard = Instant::now();
-                    if let Some(event) = step(&mut conn, &mut proto, s, frame?).await? {
-                        self.on_event(event, &mut batch, &position)?;
+                    let mut frame = Some(frame?);
+                    // And what arrived with it.
+                    while let Some(f) = frame {
+                        if let Some(event) = step(&mut conn, &mut proto, s, f).await? {
+                            self.on_event(event, &mut batch, &position)?;
+                        }
+                        frame = if batch.messages < BATCH_MESSAGES {
+                            conn.try_frame()?
+                        } else {
+                            None
+                        };
                     }
                     conn.flush().await?;
                 }
@@ -227,7 +241,8 @@ impl Reader<'_> {
             };
             let quiet = !caught_up && batch.messages == 0 && last_heard.elapsed() >= CATCH_UP_QUIET;
             let full = batch.messages >= BATCH_MESSAGES;
-            let waited = batch.since.is_some_and(|t| t.elapsed() >= BATCH_WAIT);
+            let waited =
+                batch.messages > 0 && last_stored.map_or(true, |t| t.elapsed() >= BATCH_GAP);
             if full || waited || reached || quiet {
                 if reached || quiet {
                     if !caught_up {
@@ -240,6 +255,7 @@ impl Reader<'_> {
                     position = Some(last);
                 }
                 self.store(&mut batch, &position, caught_up).await?;
+                last_stored = Some(Instant::now());
                 if permits > 0 {
                     conn.push(&proto.flow(CONSUMER_ID, permits));
                     conn.flush().await?;
@@ -265,7 +281,6 @@ impl Reader<'_> {
                 ..
             } => {
                 batch.messages += 1;
-                batch.since.get_or_insert_with(Instant::now);
                 let from = batch.last.clone().or_else(|| position.clone());
                 for r in read_message(&message_id, &metadata, &payload) {
                     if from.as_ref().map_or(true, |p| is_after(&r.id, p)) {

@@ -264,8 +264,10 @@ pub enum DownlinkCommand {
         caught_up: bool,
         reply: Reply<DesiredOutcome>,
     },
-    /// Desired states to publish, at most `limit`.
+    /// Desired states to publish, at most `limit`, by device after `after`
+    /// (from the first with `None`).
     Pending {
+        after: Option<String>,
         limit: usize,
         reply: Reply<Vec<Desired>>,
     },

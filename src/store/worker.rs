@@ -655,9 +655,11 @@ impl Worker {
                 }
                 answer(reply, r)
             }
-            DownlinkCommand::Pending { limit, reply } => {
-                answer(reply, self.db.desired_pending(limit))
-            }
+            DownlinkCommand::Pending {
+                after,
+                limit,
+                reply,
+            } => answer(reply, self.db.desired_pending(after.as_deref(), limit)),
             DownlinkCommand::Applied { applied, reply } => {
                 let r = self.db.desired_applied(&applied, max_payload).map(|out| {
                     self.count_shed(&out.shed);

@@ -209,8 +209,15 @@ impl Db {
 
     /// Desired states to publish: versions the local broker has not
     /// acknowledged, and every state it forgot ([`Db::desired_forgotten`]),
-    /// at most `limit`, by device. Nothing while the downlink catches up.
-    pub fn desired_pending(&self, limit: usize) -> Result<Vec<Desired>, StoreError> {
+    /// at most `limit`, by device, after device `after` (from the first
+    /// with `None`): the downlink pages through them, so a page costs what
+    /// it returns (the primary key's index), not the whole table. Nothing
+    /// while the downlink catches up.
+    pub fn desired_pending(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Desired>, StoreError> {
         let caught_up: bool = self
             .conn
             .query_row("SELECT MAX(caught_up) FROM downlink", [], |r| {
@@ -220,18 +227,34 @@ impl Db {
         if !caught_up {
             return Ok(Vec::new());
         }
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT device, version, payload FROM desired
-             WHERE version > applied OR republish != 0 ORDER BY device LIMIT ?1",
-        )?;
-        let rows = stmt.query_map([limit as i64], |r| {
+        let row = |r: &rusqlite::Row<'_>| {
             Ok(Desired {
                 device: r.get(0)?,
                 version: r.get::<_, i64>(1)?.max(0) as u64,
                 payload: r.get(2)?,
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        };
+        let rows = match after {
+            Some(after) => self
+                .conn
+                .prepare_cached(
+                    "SELECT device, version, payload FROM desired
+                     WHERE device > ?1 AND (version > applied OR republish != 0)
+                     ORDER BY device LIMIT ?2",
+                )?
+                .query_map(params![after, limit as i64], row)?
+                .collect::<Result<_, _>>()?,
+            None => self
+                .conn
+                .prepare_cached(
+                    "SELECT device, version, payload FROM desired
+                     WHERE version > applied OR republish != 0
+                     ORDER BY device LIMIT ?1",
+                )?
+                .query_map([limit as i64], row)?
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(rows)
     }
 
     /// The local MQTT broker acknowledged `applied` (PUBACK). Each version

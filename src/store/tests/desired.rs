@@ -15,7 +15,7 @@ fn update(device: &str, version: &str, payload: &str) -> DesiredUpdate {
 }
 
 fn pending(db: &Db) -> Vec<(String, u64, String)> {
-    db.desired_pending(100)
+    db.desired_pending(None, 100)
         .unwrap()
         .into_iter()
         .map(|d| (d.device, d.version, String::from_utf8(d.payload).unwrap()))
@@ -127,7 +127,7 @@ fn applied_versions_get_one_acknowledgement_each_in_the_same_transaction() {
         1024,
     )
     .unwrap();
-    let todo = db.desired_pending(100).unwrap();
+    let todo = db.desired_pending(None, 100).unwrap();
     let out = db.desired_applied(&with_acks(&l, todo), 1024).unwrap();
     assert_eq!(out.stored, 2);
     assert!(pending(&db).is_empty());
@@ -143,7 +143,7 @@ fn applied_versions_get_one_acknowledgement_each_in_the_same_transaction() {
     // again adds no acknowledgement.
     assert_eq!(db.desired_forgotten().unwrap(), 2);
     assert_eq!(pending(&db), [row("a", 1, "a1"), row("b", 7, "b7")]);
-    let again = db.desired_pending(100).unwrap();
+    let again = db.desired_pending(None, 100).unwrap();
     let out = db.desired_applied(&with_acks(&l, again), 1024).unwrap();
     assert_eq!(out.stored, 0);
     assert!(pending(&db).is_empty());
@@ -222,7 +222,7 @@ fn another_desired_topic_is_read_from_its_start_without_going_back_a_version() {
     let mut db = caught_up(&dir, &l);
     db.desired_received(TOPIC, &[update("a", "5", "a5")], b"p1", true, 1024)
         .unwrap();
-    let todo = db.desired_pending(100).unwrap();
+    let todo = db.desired_pending(None, 100).unwrap();
     db.desired_applied(&with_acks(&l, todo), 1024).unwrap();
     let other = "persistent://t/n/desired-2";
     let start = db.downlink_start(other).unwrap();
@@ -236,4 +236,32 @@ fn another_desired_topic_is_read_from_its_start_without_going_back_a_version() {
     db.desired_received(other, &[update("a", "6", "a6")], b"q2", true, 1024)
         .unwrap();
     assert_eq!(pending(&db), [row("a", 6, "a6")]);
+}
+
+#[test]
+fn pending_states_page_by_device_after_the_last_one_handed_out() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = caught_up(&dir, &l);
+    let updates: Vec<_> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|d| update(d, "1", d))
+        .collect();
+    db.desired_received(TOPIC, &updates, b"p1", true, 1024)
+        .unwrap();
+    // "b" applied: no longer pending, skipped by the page.
+    let b = db.desired_pending(Some("a"), 1).unwrap();
+    assert_eq!(b[0].device, "b");
+    db.desired_applied(&with_acks(&l, b), 1024).unwrap();
+    let devices = |after: Option<&str>, limit| -> Vec<String> {
+        db.desired_pending(after, limit)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.device)
+            .collect()
+    };
+    assert_eq!(devices(None, 2), ["a", "c"]);
+    assert_eq!(devices(Some("a"), 2), ["c", "d"]);
+    assert_eq!(devices(Some("d"), 2), ["e"], "a short page: the end");
+    assert!(devices(Some("e"), 2).is_empty());
 }
