@@ -35,6 +35,9 @@ const ACK_BATCH: usize = 500;
 const ACK_WAIT: Duration = Duration::from_millis(10);
 /// Without news, the store is asked for work this often anyway.
 const POLL: Duration = Duration::from_secs(1);
+/// Unsubscribed from (never subscribed) after a session loss: its
+/// UNSUBSCRIBE goes out after every publish the client still held.
+const MARKER_FILTER: &str = "$ferry/downlink-marker";
 
 /// What the applier tracks between the store and the broker.
 #[derive(Default)]
@@ -58,6 +61,12 @@ pub struct Tracker {
     /// not looked at: set by news (something stored, the broker forgot, a
     /// reconnect, the poll), cleared by a pass that ended with room left.
     more: bool,
+    /// The broker lost the session: publishes handed to the client for it
+    /// may still go out (the client sends what was still in its request
+    /// channel), with packet ids that mean nothing to the tracker. Until
+    /// the marker sent after them passes ([`Tracker::marker_passed`]), no
+    /// packet id is taken and nothing new is handed out.
+    stale: bool,
 }
 
 impl Tracker {
@@ -94,7 +103,32 @@ impl Tracker {
     /// would bring a PUBACK to ask again).
     pub fn wants_page(&self) -> bool {
         let room = self.room();
-        self.more && room > 0 && (room >= REFILL_STEP || room == WINDOW)
+        !self.stale && self.more && room > 0 && (room >= REFILL_STEP || room == WINDOW)
+    }
+
+    /// The broker lost the session (a CONNACK without it): what was in
+    /// flight or awaiting its packet id will never be acknowledged in a way
+    /// the tracker can tell apart, so it is forgotten (the store publishes
+    /// every device's state again), and packet ids mean nothing until the
+    /// marker passes. Acknowledged versions stay, to be stored.
+    pub fn session_lost(&mut self) {
+        for d in self
+            .awaiting_pkid
+            .drain(..)
+            .chain(self.in_flight.drain().map(|(_, d)| d))
+        {
+            if self.queued.get(&d.device).is_some_and(|v| *v <= d.version) {
+                self.queued.remove(&d.device);
+            }
+        }
+        self.stale = true;
+        self.news();
+    }
+
+    /// The marker sent after a session loss went out: every publish of the
+    /// lost session did too; packet ids mean what they say again.
+    pub fn marker_passed(&mut self) {
+        self.stale = false;
     }
 
     /// The page to ask the store for: pending states after which device,
@@ -136,7 +170,7 @@ impl Tracker {
     /// The client sent a PUBLISH with `pkid`: the first one awaiting it,
     /// unless it is a retransmission of one already in flight.
     pub fn sent(&mut self, pkid: u16) {
-        if self.in_flight.contains_key(&pkid) {
+        if self.stale || self.in_flight.contains_key(&pkid) {
             return;
         }
         if let Some(d) = self.awaiting_pkid.pop_front() {
@@ -260,6 +294,12 @@ pub async fn run(
                         let n = store.downlink(|reply| DownlinkCommand::Forgotten { reply }).await?;
                         tracing::info!(devices = n,
                             "the mqtt broker has no session of the downlink (new, or it lost its state): publishing every device's desired state again");
+                        // Publishes of the lost session may still go out;
+                        // the marker tells when they all did.
+                        t.session_lost();
+                        if client.unsubscribe(MARKER_FILTER).await.is_err() {
+                            return Ok(());
+                        }
                     }
                     t.news();
                 }
@@ -268,6 +308,7 @@ pub async fn run(
                     flush_now = t.acked() >= ACK_BATCH;
                 }
                 Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => t.sent(pkid),
+                Some(Ok(Event::Outgoing(Outgoing::Unsubscribe(_)))) => t.marker_passed(),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     connected = false;
@@ -563,6 +604,33 @@ mod tests {
         t.sent(1);
         t.puback(1);
         assert!(t.wants_page());
+    }
+
+    #[test]
+    fn after_a_session_loss_packet_ids_mean_nothing_until_the_marker_passes() {
+        let mut t = Tracker::default();
+        assert!(t.take(&d("a", 1)));
+        assert!(t.take(&d("b", 1)));
+        t.sent(7);
+        // The broker lost the session: "a" (in flight) and "b" (awaiting
+        // its packet id) are forgotten and may be handed out again.
+        t.session_lost();
+        assert_eq!(t.room(), WINDOW);
+        assert!(!t.wants_page(), "nothing new before the marker");
+        // The client still sends "b" in the new session; its packet id and
+        // acknowledgement mean nothing.
+        t.sent(1);
+        t.puback(1);
+        t.puback(7);
+        assert_eq!(t.acked(), 0);
+        t.marker_passed();
+        assert!(t.wants_page());
+        assert!(t.take(&d("a", 1)), "handed out again");
+        assert!(t.take(&d("b", 1)));
+        t.sent(2);
+        t.sent(3);
+        t.puback(3);
+        assert_eq!(t.take_acked(), vec![d("b", 1)]);
     }
 
     #[test]
