@@ -12,5 +12,6 @@ pub fn fleet_bin() -> std::path::PathBuf {
 }
 
 mod check;
+mod desire;
 mod provision;
 mod view;
