@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod db;
+pub mod desire;
 pub mod dlq;
 pub mod gateway_config;
 pub mod metrics;

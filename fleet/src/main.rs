@@ -94,6 +94,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Writes a device's desired state (the document on stdin; empty
+    /// clears it) to its gateway's desired topic as its next version,
+    /// exactly once; the same document again writes nothing.
+    Desire {
+        device: String,
+        #[arg(long)]
+        gateway: String,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// The view's dead-letter topic.
     Dlq {
         #[command(subcommand)]
@@ -208,6 +218,14 @@ fn run(command: Command) -> Result<ExitCode, ExitCode> {
             json,
         } => return Ok(with_config(&config, |c| get(c, &device, json))),
         Command::List { config, json } => return Ok(with_config(&config, |c| list(c, json))),
+        Command::Desire {
+            device,
+            gateway,
+            config,
+        } => {
+            let c = load(&config)?;
+            return Ok(desire(&c, &gateway, &device));
+        }
         Command::Dlq {
             command: DlqCommand::List { config, json },
         } => return Ok(with_config(&config, |c| dlq_list(c, json))),
@@ -323,6 +341,36 @@ fn list(config: &FleetConfig, json: bool) -> anyhow::Result<()> {
         print!("{}", ferry_fleet::db::table(&rows));
     }
     Ok(())
+}
+
+/// `desire`: the document from stdin; exit 2 for a gateway not in
+/// fleet.toml or a device id the agent would refuse.
+fn desire(config: &FleetConfig, gateway: &str, device: &str) -> ExitCode {
+    use std::io::Read as _;
+    let mut document = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut document) {
+        eprintln!("desire: cannot read the document from stdin: {e}");
+        return ExitCode::from(1);
+    }
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("desire: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(ferry_fleet::desire::desire(
+        config, gateway, device, document,
+    )) {
+        Ok(outcome) => {
+            println!("{}", outcome.line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("desire: {e}");
+            ExitCode::from(if e.is_usage() { 2 } else { 1 })
+        }
+    }
 }
 
 fn dlq_list(config: &FleetConfig, json: bool) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ pub fn fleet_bin() -> std::path::PathBuf {
 }
 
 mod check;
+mod desire;
 mod kill;
 mod provision;
 mod serve;
