@@ -723,3 +723,74 @@ fn the_upsert_agrees_with_decide_in_postgresql() {
     }
     assert_eq!(s.list().unwrap().len(), RULE_CASES.len());
 }
+
+/// The issue's figure: 10 malformed messages among 1,000 go to the
+/// dead-letter topic at once (retrying cannot change their bytes), exactly
+/// 10, and the other 990 are applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_malformed_among_a_thousand_are_dead_lettered_and_the_rest_applied() {
+    const TEST: &str = "view_malformed";
+    let stack = tokio::task::block_in_place(stack);
+    let fleet = Fleet::new(stack, TEST, &["gw-a"]).await;
+    let topic = fleet.status_topic("gw-a");
+    let view = fleet.start_view("view");
+    fleet.wait_consumers(&topic, 1).await;
+    // 100 devices x 10 updates; every 97th message (10, on 10 devices) is
+    // not JSON.
+    let mut msgs = Vec::new();
+    let mut last = BTreeMap::new();
+    for record in 1..=1_000u64 {
+        let device = format!("d{:03}", record % 100);
+        let n = (record - 1) / 100;
+        if record % 97 == 0 {
+            msgs.push(update("gw-a", &device, record, record, "{not json"));
+        } else {
+            msgs.push(update(
+                "gw-a",
+                &device,
+                record,
+                record,
+                &format!(r#"{{"n":{n}}}"#),
+            ));
+            last.insert(device, (record, n));
+        }
+    }
+    let mut p = fleet.producer(&topic).await;
+    send_all(&mut p, msgs).await;
+    wait("10 dead letters", Duration::from_secs(60), || {
+        let (code, out, _) = fleet.run(&["dlq", "list", "--json"]);
+        code == 0
+            && serde_json::from_str::<Value>(&out)
+                .is_ok_and(|d| d.as_array().is_some_and(|a| a.len() == 10))
+    })
+    .await;
+    wait("990 applied", Duration::from_secs(60), || {
+        let (code, out, _) = fleet.run(&["list", "--json"]);
+        code == 0
+            && serde_json::from_str::<Value>(&out).is_ok_and(|l| {
+                l.as_array().is_some_and(|rows| {
+                    rows.len() == last.len()
+                        && rows.iter().all(|r| {
+                            let d = r["device"].as_str().unwrap_or_default();
+                            last.get(d).is_some_and(|(rec, n)| {
+                                r["record"] == *rec && r["state"]["n"] == *n
+                            })
+                        })
+                })
+            })
+    })
+    .await;
+    let c = view.stop();
+    report(TEST, &format!("{c:?}"));
+    consumed_is_the_sum(&c);
+    assert_eq!(c.consumed, 1_000);
+    assert_eq!((c.applied, c.dead_lettered), (990, 10));
+    assert_eq!((c.stale, c.retried), (0, 0));
+    let dead = fleet.json(&["dlq", "list", "--json"]);
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 10);
+    assert!(dead.iter().all(|d| d["attempts"] == 1
+        && d["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("payload is not JSON"))));
+}
