@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry::config::{TlsConfig, TokenSource, UplinkConfig};
 use ferry::downlink::message::{is_after, is_empty_topic, read_message, VERSION_PROPERTY};
-use ferry::store::db::{desired_reject_reason, DesiredUpdate};
+use ferry::store::db::{desired_reject_reason, parse_version, DesiredUpdate};
 use ferry::uplink::conn::Endpoint;
 use ferry::uplink::frame;
 use ferry::uplink::link::{create_producer, until, within, PRODUCER_ID};
@@ -130,15 +130,6 @@ pub fn fold(current: &mut Option<Current>, device: &str, update: &DesiredUpdate)
         version,
         document: update.payload.to_vec(),
     });
-}
-
-/// A version as the agent reads it: 1 to 2^63 - 1, digits only.
-fn parse_version(v: &str) -> Option<u64> {
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = v.parse().ok()?;
-    (1..=i64::MAX as u64).contains(&n).then_some(n)
 }
 
 /// What a run did.

@@ -92,7 +92,9 @@ pub fn desired_reject_reason(u: &DesiredUpdate, max_payload: usize) -> Option<St
 }
 
 /// A version the store can keep: 1 to 2^63 - 1, digits only.
-fn parse_version(v: &str) -> Option<u64> {
+/// A `version` property as the downlink reads it: 1 to 2^63 - 1, digits
+/// only (`ferry-fleet desire` reads the topic by the same rule).
+pub fn parse_version(v: &str) -> Option<u64> {
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

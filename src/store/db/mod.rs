@@ -29,7 +29,9 @@ mod redelivery;
 pub mod schema;
 mod shedding;
 
-pub use desired::{desired_reject_reason, Desired, DesiredOutcome, DesiredUpdate, DownlinkStart};
+pub use desired::{
+    desired_reject_reason, parse_version, Desired, DesiredOutcome, DesiredUpdate, DownlinkStart,
+};
 pub use horizon::{forgotten_detail, INCIDENT_DEDUP};
 pub use open::{utc_stamp, Damaged};
 pub use shedding::Shed;
