@@ -98,7 +98,7 @@ pub enum DbError {
     Unsupported(String),
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgresql: {0}")]
+    #[error("postgresql: {}", postgres_message(.0))]
     Postgres(#[from] ::postgres::Error),
     #[error("cannot create the database's folder {path}: {source}")]
     Folder {
@@ -110,6 +110,15 @@ pub enum DbError {
         device: String,
         source: serde_json::Error,
     },
+}
+
+/// A PostgreSQL error with the server's own words: the crate's `Display`
+/// says only "db error" for what the server refused.
+fn postgres_message(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {db}"),
+        None => e.to_string(),
+    }
 }
 
 /// The latest state per device. Blocking: call it off the async threads.

@@ -18,16 +18,26 @@ use super::{
     Applied, DbError, Row, StateUpdate, ViewStore, SCHEMA, SELECT_ALL, SELECT_ONE, UPSERT,
 };
 
+/// The advisory lock key under which the schema is created ("ferryvw").
+const SCHEMA_LOCK: i64 = 0x0066_6572_7279_7677;
+
 pub struct PostgresStore {
     /// `None` only while being dropped.
     client: Option<Mutex<Client>>,
 }
 
 impl PostgresStore {
-    /// Connects and creates the table if needed.
+    /// Connects and creates the table if needed. Several views starting
+    /// at once take turns: two concurrent `CREATE TABLE IF NOT EXISTS` in
+    /// PostgreSQL may both find no table and the second then fails on the
+    /// catalog's unique index, so the creation holds a transaction-level
+    /// advisory lock.
     pub fn open(url: &str) -> Result<PostgresStore, DbError> {
         let mut client = Client::connect(url, NoTls)?;
-        client.batch_execute(SCHEMA)?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+        tx.batch_execute(SCHEMA)?;
+        tx.commit()?;
         Ok(PostgresStore {
             client: Some(Mutex::new(client)),
         })

@@ -336,10 +336,26 @@ impl View {
 }
 
 impl Drop for View {
+    /// Kills a view still running; when the test failed, prints what the
+    /// view said first (whether it was still running, its log's end).
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let exited = c.try_wait().ok().flatten();
             let _ = c.kill();
             let _ = c.wait();
+            if std::thread::panicking() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!(
+                    "[view {}] {}; the end of its log:\n{}",
+                    self.log.display(),
+                    match exited {
+                        Some(s) => format!("had exited ({s})"),
+                        None => "was running".to_string(),
+                    },
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
         }
     }
 }
@@ -793,4 +809,31 @@ async fn ten_malformed_among_a_thousand_are_dead_lettered_and_the_rest_applied()
         && d["reason"]
             .as_str()
             .is_some_and(|r| r.starts_with("payload is not JSON"))));
+}
+
+/// Views on several machines start at once on a new database: every one
+/// opens it (the table is created once, the others wait for it).
+#[test]
+fn views_starting_at_once_all_open_a_new_postgresql_view() {
+    use ferry_fleet::db::postgres::PostgresStore;
+    let stack = stack();
+    for round in 0..5 {
+        let url = postgres_database(stack, &format!("open_pg_{round}"));
+        let barrier = std::sync::Barrier::new(8);
+        let failures: Vec<String> = std::thread::scope(|s| {
+            let opens: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        PostgresStore::open(&url).err().map(|e| e.to_string())
+                    })
+                })
+                .collect();
+            opens
+                .into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert!(failures.is_empty(), "round {round}: {failures:?}");
+    }
 }
