@@ -17,6 +17,7 @@
 //!
 //! [`run`] wires them together. See ARCHITECTURE.md for the invariants.
 
+pub mod audit;
 pub mod backoff;
 pub mod check;
 pub mod config;

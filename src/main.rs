@@ -50,6 +50,11 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Read the audit trail: `verify` its chain, or `tail` its last events.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Check a configuration file and list every problem.
     Check {
         #[arg(long, short)]
@@ -57,6 +62,24 @@ enum Command {
         /// Also connect to both brokers and report (for installers).
         #[arg(long)]
         online: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Check every line's number and hash; exits 1 naming the first broken
+    /// line.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the last events, oldest first.
+    Tail {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
     },
 }
 
@@ -80,6 +103,7 @@ fn main() -> ExitCode {
         Command::Check { config, online } => check(&config, online),
         Command::Init { gateway_id, output } => init(&gateway_id, output.as_deref()),
         Command::Status { config, json } => status(&config, json),
+        Command::Audit { action } => audit(action),
         Command::Run { config } => {
             let cfg = match load_with_store(&config) {
                 Ok(c) => c,
@@ -104,6 +128,54 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn audit(action: AuditAction) -> ExitCode {
+    let (AuditAction::Verify { config } | AuditAction::Tail { config, .. }) = &action;
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let dir = &cfg.audit.dir;
+    match action {
+        AuditAction::Verify { .. } => match ferry::audit::verify::verify(dir) {
+            Ok(v) if v.files == 0 => {
+                println!("audit: no audit files in {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                println!(
+                    "audit: intact: {} lines in {} file(s), seq {} to {}{}",
+                    v.lines,
+                    v.files,
+                    v.first_seq,
+                    v.last_seq,
+                    if v.anchored {
+                        " (older files were rotated away; checked from the oldest kept)"
+                    } else {
+                        ""
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(broken) => {
+                eprintln!("audit: BROKEN at {broken}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        AuditAction::Tail { lines, .. } => match ferry::audit::verify::tail(dir, lines) {
+            Ok(out) => {
+                for l in out {
+                    println!("{}", ferry::status::printable(&l));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("audit: cannot read {}: {e}", dir.display());
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
     }
 }
 
@@ -288,7 +360,16 @@ fn run(cfg: ferry::config::Config, path: PathBuf, log: LogHandle) -> anyhow::Res
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    use ferry::audit::{self, Event};
+    audit::install(audit::AuditLog::open(&cfg.audit)?);
+    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+    Event::new("start")
+        .field("version", env!("CARGO_PKG_VERSION"))
+        .field("pid", std::process::id())
+        .field("config", path.display().to_string())
+        .field("config_sha256", audit::chain::sha256_hex(text.as_bytes()))
+        .record();
+    let result = rt.block_on(async {
         let token = CancellationToken::new();
         ferry::shutdown::on_signals(token.clone())?;
         let (reload_tx, reload_rx) = tokio::sync::watch::channel(cfg.clone());
@@ -296,14 +377,27 @@ fn run(cfg: ferry::config::Config, path: PathBuf, log: LogHandle) -> anyhow::Res
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 ferry::notify::notify("RELOADING=1");
+                let new_text = std::fs::read_to_string(&path).unwrap_or_default();
+                let hashes = |e: Event| {
+                    e.field("old_sha256", audit::chain::sha256_hex(text.as_bytes()))
+                        .field("new_sha256", audit::chain::sha256_hex(new_text.as_bytes()))
+                };
                 match ferry::config::load(&path) {
                     Ok(new) => {
+                        hashes(Event::new("reload"))
+                            .field("changed", ferry::config::changed_keys(&text, &new_text))
+                            .field("needs_restart", cfg_restart(&reload_tx, &new))
+                            .record();
+                        text = new_text;
                         if std::env::var_os("RUST_LOG").is_none() {
                             let _ = log.reload(EnvFilter::new(&new.log_level));
                         }
                         let _ = reload_tx.send(new);
                     }
                     Err(e) => {
+                        hashes(Event::new("reload-refused"))
+                            .field("problems", e.errors.len())
+                            .record();
                         tracing::error!("reload refused, keeping the running configuration: {e}")
                     }
                 }
@@ -311,8 +405,28 @@ fn run(cfg: ferry::config::Config, path: PathBuf, log: LogHandle) -> anyhow::Res
             }
         });
         ferry::run(cfg, token, reload_rx).await?;
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    });
+    Event::new("stop")
+        .field("version", env!("CARGO_PKG_VERSION"))
+        .field(
+            "outcome",
+            match &result {
+                Ok(()) => "clean".to_string(),
+                Err(e) => format!("failed: {e}"),
+            },
+        )
+        .record();
+    audit::uninstall();
+    result
+}
+
+/// The parts of a reloaded configuration that only a restart applies.
+fn cfg_restart(
+    current: &tokio::sync::watch::Sender<ferry::config::Config>,
+    new: &ferry::config::Config,
+) -> Vec<&'static str> {
+    current.borrow().needs_restart(new)
 }
 
 /// Logs to stderr at `level` (`RUST_LOG` overrides it). Under systemd

@@ -37,6 +37,7 @@ pub struct Metrics {
 
     pub store_stored: Counter,
     pub store_dead_lettered: Counter,
+    pub store_dead_letters_pruned: Counter,
     pub store_redeliveries_dropped: Counter,
     pub store_retained_unchanged: Counter,
     pub downlink_received: Counter,
@@ -91,6 +92,7 @@ impl Default for Metrics {
             mqtt_reconnects: Counter::default(),
             store_stored: Counter::default(),
             store_dead_lettered: Counter::default(),
+            store_dead_letters_pruned: Counter::default(),
             store_redeliveries_dropped: Counter::default(),
             store_retained_unchanged: Counter::default(),
             downlink_received: Counter::default(),
@@ -213,6 +215,11 @@ impl Metrics {
             "store_dead_letters",
             "Messages moved to the dead-letter table",
             self.store_dead_lettered.clone(),
+        );
+        r.register(
+            "store_dead_letters_pruned",
+            "The oldest dead letters removed to keep the table within store.dead_letters_max, _max_bytes and _max_age_secs (still counted in store_dead_letters)",
+            self.store_dead_letters_pruned.clone(),
         );
         r.register(
             "store_redeliveries_dropped",

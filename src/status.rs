@@ -285,7 +285,16 @@ pub fn render(r: &Report) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     line("counters", counters);
-    line("dead letters", r.dead_letters.to_string());
+    line(
+        "dead letters",
+        match r.dead_letters_pruned {
+            0 => format!("{} kept", r.dead_letters),
+            pruned => format!(
+                "{} kept, {pruned} older pruned (store.dead_letters_max, _max_bytes, _max_age_secs)",
+                r.dead_letters
+            ),
+        },
+    );
     for d in &r.recent_dead_letters {
         line(
             "",
@@ -630,6 +639,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                 }],
                 counters: Vec::new(),
                 dead_letters: 0,
+                dead_letters_pruned: 0,
                 recent_dead_letters: vec![DeadLetter {
                     received_ms: u64::MAX,
                     mqtt_topic: "t".into(),
@@ -700,6 +710,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             }],
             counters: vec![(evil.into(), 1)],
             dead_letters: 1,
+            dead_letters_pruned: 4,
             recent_dead_letters: vec![DeadLetter {
                 received_ms: 1,
                 mqtt_topic: evil.into(),
@@ -731,7 +742,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             table.contains(r"a\x1b]0;owned\x07b\x1b[2J\u{9b}31m\u{202e}c\x0dd\x7f"),
             "{table}"
         );
-        assert!(table.contains("dead letters"));
+        assert!(table.contains("1 kept, 4 older pruned"), "{table}");
         let json = render_json(&r);
         assert!(!json.chars().any(bad), "{json:?}");
         let back: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -96,6 +96,21 @@ pub struct Config {
     /// Desired state from the fleet down to the devices; `None`: off. When
     /// on, `streams` ends with the acknowledgement stream ([`ACK_STREAM`]).
     pub downlink: Option<DownlinkConfig>,
+    /// The audit trail of security events.
+    pub audit: AuditConfig,
+}
+
+/// The audit trail (`[audit]`): where its files are, how large each grows
+/// and how many are kept; whether journald gets the events too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Default: `audit/` beside the store file.
+    pub dir: PathBuf,
+    pub max_file_bytes: u64,
+    pub keep_files: usize,
+    /// Also to journald (`journalctl -t ferry-audit`) when its socket is
+    /// there.
+    pub journald: bool,
 }
 
 /// Where Prometheus scrapes ferry.
@@ -184,6 +199,32 @@ pub struct StoreConfig {
     /// state. `None`: only the disk's size.
     pub max_bytes: Option<u64>,
     pub durability: Durability,
+    /// How many dead letters are kept, for how long: the oldest go first.
+    pub dead_letters: DeadLetterLimits,
+}
+
+/// The bounds of the dead-letter table (`store.dead_letters_*`): past any
+/// of them the oldest dead letters are pruned; the lifetime counters keep
+/// counting them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterLimits {
+    /// Dead letters kept, at most (0: none kept, only counted).
+    pub max_count: u64,
+    /// Payload bytes kept in dead letters, at most.
+    pub max_bytes: u64,
+    /// The longest a dead letter is kept (by the wall clock it was
+    /// received at).
+    pub max_age: Duration,
+}
+
+impl Default for DeadLetterLimits {
+    fn default() -> Self {
+        DeadLetterLimits {
+            max_count: DEFAULT_DEAD_LETTERS_MAX as u64,
+            max_bytes: DEFAULT_DEAD_LETTERS_MAX_BYTES as u64,
+            max_age: Duration::from_secs(DEFAULT_DEAD_LETTERS_MAX_AGE_SECS as u64),
+        }
+    }
 }
 
 /// When a commit reaches the disk, which decides what a power cut can lose.
@@ -255,8 +296,60 @@ impl Config {
         if self.downlink != new.downlink {
             out.push("downlink");
         }
+        if self.audit != new.audit {
+            out.push("audit");
+        }
         out
     }
+}
+
+/// The dotted key paths whose values differ between two configuration
+/// texts (added, removed or changed; `streams[1].topic` for arrays), sorted;
+/// never the values. A text that does not parse counts as empty.
+pub fn changed_keys(old: &str, new: &str) -> Vec<String> {
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&p, v, out);
+                }
+            }
+            toml::Value::Array(a) if a.iter().any(|v| v.is_table()) => {
+                for (i, v) in a.iter().enumerate() {
+                    flatten(&format!("{prefix}[{i}]"), v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let keys = |text: &str| {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(v) = text.parse::<toml::Table>() {
+            flatten("", &toml::Value::Table(v), &mut out);
+        }
+        out
+    };
+    let (a, b) = (keys(old), keys(new));
+    let mut changed: Vec<String> = a
+        .iter()
+        .filter(|(k, v)| b.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
+        .collect();
+    changed.sort();
+    changed.dedup();
+    changed
 }
 
 /// Reads and validates a configuration file.
@@ -291,6 +384,12 @@ pub const DEFAULT_MAX_IN_FLIGHT_BYTES: i64 = 4 * 1024 * 1024;
 
 /// The store file's default budget.
 pub const DEFAULT_STORE_MAX_BYTES: i64 = 512 * 1024 * 1024;
+
+/// The dead-letter table's default bounds: 1,000 letters, 16 MiB of
+/// payloads, 7 days.
+pub const DEFAULT_DEAD_LETTERS_MAX: i64 = 1000;
+pub const DEFAULT_DEAD_LETTERS_MAX_BYTES: i64 = 16 * 1024 * 1024;
+pub const DEFAULT_DEAD_LETTERS_MAX_AGE_SECS: i64 = 7 * 24 * 3600;
 
 /// Upper bounds of the open-ended limits, far above any gateway's need and
 /// far below where arithmetic on them (milliseconds, sums, tenths) could
@@ -346,5 +445,48 @@ mod tests {
         assert_eq!(c.streams[0].subscriptions[0].device_id_level, 1);
         assert_eq!(c.streams[0].name, "status");
         assert_eq!(c.streams[0].overflow, Overflow::Coalesce);
+        assert_eq!(c.store.dead_letters, DeadLetterLimits::default());
+        assert_eq!(c.store.dead_letters.max_count, 1000);
+        let dir = c.store.path.parent().unwrap().join("audit");
+        assert_eq!(
+            c.audit,
+            AuditConfig {
+                dir,
+                max_file_bytes: 1024 * 1024,
+                keep_files: 10,
+                journald: true
+            }
+        );
+    }
+
+    #[test]
+    fn dead_letter_and_audit_bounds_are_checked_with_their_key_paths() {
+        let bad = format!("{GOOD}\n[audit]\nmax_file_bytes = 10\nkeep_files = 0\n").replace(
+            "[store]\n",
+            "[store]\ndead_letters_max = -1\ndead_letters_max_age_secs = 0\n",
+        );
+        let errors = parse(&bad).unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "store.dead_letters_max",
+                "store.dead_letters_max_age_secs",
+                "audit.max_file_bytes",
+                "audit.keep_files"
+            ],
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn changed_keys_names_every_key_that_differs_never_a_value() {
+        let old = "a = 1\n[store]\npath = \"x\"\n[[streams]]\nname = \"s\"\ntopic = \"t1\"\n";
+        let new = "a = 1\nb = \"secret\"\n[store]\npath = \"y\"\n[[streams]]\nname = \"s\"\ntopic = \"t2\"\n";
+        assert_eq!(
+            changed_keys(old, new),
+            ["b", "store.path", "streams[0].topic"]
+        );
+        assert!(changed_keys(old, old).is_empty());
     }
 }

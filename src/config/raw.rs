@@ -21,6 +21,16 @@ pub struct RawConfig {
     pub uplink: Option<RawUplink>,
     pub metrics: Option<RawMetrics>,
     pub downlink: Option<RawDownlink>,
+    pub audit: Option<RawAudit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub dir: Option<String>,
+    pub max_file_bytes: Option<i64>,
+    pub keep_files: Option<i64>,
+    pub journald: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +117,9 @@ pub struct RawStore {
     pub max_bytes: Option<i64>,
     pub durability: Option<String>,
     pub sync_interval_ms: Option<i64>,
+    pub dead_letters_max: Option<i64>,
+    pub dead_letters_max_bytes: Option<i64>,
+    pub dead_letters_max_age_secs: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +156,7 @@ impl RawConfig {
             uplink: take_section(t, "uplink", e),
             metrics: take_section(t, "metrics", e),
             downlink: take_section(t, "downlink", e),
+            audit: take_section(t, "audit", e),
         };
         unknown_keys(&table, &mut errors);
         if errors.is_empty() {

@@ -7,12 +7,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawAuth, RawConfig, RawMetrics, RawMqtt, RawPulsar, RawStore, RawTls, RawUplink};
+use super::raw::{
+    RawAudit, RawAuth, RawConfig, RawMetrics, RawMqtt, RawPulsar, RawStore, RawTls, RawUplink,
+};
 use super::streams::streams;
 use super::{
-    Config, ConfigError, Durability, MetricsConfig, MqttConfig, PulsarConfig, StoreConfig,
-    TlsConfig, TokenSource, UplinkConfig, DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_STORE_MAX_BYTES,
-    MAX_PAYLOAD_BYTES, MAX_SIZE_BYTES,
+    AuditConfig, Config, ConfigError, DeadLetterLimits, Durability, MetricsConfig, MqttConfig,
+    PulsarConfig, StoreConfig, TlsConfig, TokenSource, UplinkConfig, DEFAULT_DEAD_LETTERS_MAX,
+    DEFAULT_DEAD_LETTERS_MAX_AGE_SECS, DEFAULT_DEAD_LETTERS_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DEFAULT_STORE_MAX_BYTES, MAX_AGE_SECS, MAX_PAYLOAD_BYTES, MAX_SIZE_BYTES,
 };
 
 /// What a gateway id, client id or stream name may be.
@@ -37,6 +40,7 @@ impl RawConfig {
         let pulsar = pulsar(&mut v, raw_pulsar);
         let streams = streams(&mut v, short_subs, short_topic, self.streams);
         let store = store(&mut v, self.store.unwrap_or_default());
+        let audit = audit(&mut v, self.audit.unwrap_or_default(), &store.path);
         let uplink = uplink(&mut v, self.uplink.unwrap_or_default());
         let metrics = metrics(&mut v, self.metrics.unwrap_or_default());
         let mut streams = streams;
@@ -56,6 +60,7 @@ impl RawConfig {
             uplink,
             metrics,
             downlink,
+            audit,
         })
     }
 }
@@ -339,6 +344,29 @@ fn store(v: &mut Validator, raw: RawStore) -> StoreConfig {
         MAX_SIZE_BYTES,
     );
     let durability = durability(v, raw.durability.as_deref(), raw.sync_interval_ms);
+    let dead_letters = DeadLetterLimits {
+        max_count: v.int_in(
+            "store.dead_letters_max",
+            raw.dead_letters_max,
+            DEFAULT_DEAD_LETTERS_MAX,
+            0,
+            1_000_000,
+        ) as u64,
+        max_bytes: v.int_in(
+            "store.dead_letters_max_bytes",
+            raw.dead_letters_max_bytes,
+            DEFAULT_DEAD_LETTERS_MAX_BYTES,
+            0,
+            MAX_SIZE_BYTES,
+        ) as u64,
+        max_age: Duration::from_secs(v.int_in(
+            "store.dead_letters_max_age_secs",
+            raw.dead_letters_max_age_secs,
+            DEFAULT_DEAD_LETTERS_MAX_AGE_SECS,
+            1,
+            MAX_AGE_SECS,
+        ) as u64),
+    };
     StoreConfig {
         path: PathBuf::from(path.unwrap_or_default()),
         max_payload_bytes: max_payload_bytes as usize,
@@ -346,6 +374,35 @@ fn store(v: &mut Validator, raw: RawStore) -> StoreConfig {
         commit_max_batch: commit_max_batch as usize,
         max_bytes: (max_bytes > 0).then_some(max_bytes as u64),
         durability,
+        dead_letters,
+    }
+}
+
+/// `[audit]`: its folder defaults to `audit/` beside the store file.
+fn audit(v: &mut Validator, raw: RawAudit, store_path: &std::path::Path) -> AuditConfig {
+    let dir = match raw.dir {
+        Some(d) => {
+            v.check("audit.dir", !d.trim().is_empty(), "must not be empty");
+            PathBuf::from(d)
+        }
+        None => store_path
+            .parent()
+            .unwrap_or(std::path::Path::new(""))
+            .join("audit"),
+    };
+    let max_file_bytes = v.int_in(
+        "audit.max_file_bytes",
+        raw.max_file_bytes,
+        1024 * 1024,
+        1024,
+        1 << 30,
+    );
+    let keep_files = v.int_in("audit.keep_files", raw.keep_files, 10, 1, 10_000);
+    AuditConfig {
+        dir,
+        max_file_bytes: max_file_bytes as u64,
+        keep_files: keep_files as usize,
+        journald: raw.journald.unwrap_or(true),
     }
 }
 

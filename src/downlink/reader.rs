@@ -72,6 +72,7 @@ pub async fn run(
             Err(e) => e,
         };
         let class = e.class();
+        e.audit(&settings.topic);
         if class == ErrorClass::Fatal {
             return Err(e);
         }

@@ -93,7 +93,11 @@ pub struct Report {
     pub time_to_drain_seconds: Option<f64>,
     pub streams: Vec<StreamReport>,
     pub counters: Vec<(String, i64)>,
+    /// Dead letters kept.
     pub dead_letters: u64,
+    /// Dead letters pruned over the store's life to keep the table within
+    /// `store.dead_letters_*` (the oldest first).
+    pub dead_letters_pruned: u64,
     pub recent_dead_letters: Vec<DeadLetter>,
     /// The most recent first.
     pub incidents: Vec<Incident>,
@@ -259,6 +263,10 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         .query_map([], |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()?;
     let rate = agent.as_ref().map(|a| a.drain_rate).unwrap_or(0.0);
+    let dead_letters_pruned = counters
+        .iter()
+        .find(|(k, _)| k == "dead_letters_pruned")
+        .map_or(0, |(_, v)| (*v).max(0) as u64);
     Ok(Report {
         store: path.display().to_string(),
         running,
@@ -273,6 +281,7 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         streams,
         counters,
         dead_letters: dead as u64,
+        dead_letters_pruned,
         recent_dead_letters: recent,
         incidents,
         downlink,

@@ -1,8 +1,9 @@
-use super::db::{Db, SEQ_MAX};
+use super::db::{now_ms, Db, Pruned, SEQ_MAX};
 use super::*;
 use crate::config::{parse, Durability};
 use crate::layout::{DropReason, Layout};
 
+mod dead_letters;
 mod desired;
 
 /// A config with one state stream (`devices/+/state`) and one events

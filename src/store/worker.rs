@@ -28,6 +28,10 @@ pub(super) struct Worker {
     last_snapshot: Option<Instant>,
     last_sync: Instant,
     last_age_check: Option<Instant>,
+    /// When the dead letters were last pruned for their age.
+    last_prune: Option<Instant>,
+    /// When what was shed last went to the audit trail.
+    last_shed_audit: Option<Instant>,
     /// Recent deliveries (when, how many) for the drain rate.
     deliveries: VecDeque<(Instant, u64)>,
     /// Messages neither stored nor acknowledged yet.
@@ -39,6 +43,13 @@ pub(super) struct Worker {
     /// Deliveries whose deletion failed on a full disk, retried later.
     undelivered: Vec<Delivery>,
 }
+
+/// How often dead letters are pruned for their age (and at start, and
+/// after a reload); a new dead letter prunes in its own commit.
+const DEAD_LETTER_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Records shed go to the audit trail summed over this long.
+const SHED_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
 /// The window the drain rate is averaged over.
 const RATE_WINDOW: Duration = Duration::from_secs(30);
@@ -57,6 +68,8 @@ impl Worker {
         live: crate::status::Live,
         metrics: crate::metrics::Metrics,
     ) -> Worker {
+        let mut db = db;
+        db.set_dead_letter_limits(cfg.dead_letters);
         let streams = db.layout().streams.len();
         Worker {
             db,
@@ -71,6 +84,8 @@ impl Worker {
             last_snapshot: None,
             last_sync: Instant::now(),
             last_age_check: None,
+            last_prune: None,
+            last_shed_audit: None,
             deliveries: VecDeque::new(),
             held: HoldBack::new(streams),
             accepting,
@@ -222,6 +237,7 @@ impl Worker {
             .observe(began.elapsed().as_secs_f64());
         m.store_stored.inc_by(out.stored);
         m.store_dead_lettered.inc_by(out.dead_lettered);
+        m.store_dead_letters_pruned.inc_by(out.pruned.letters);
         m.store_redeliveries_dropped.inc_by(out.redelivered);
         m.store_retained_unchanged.inc_by(out.retained_unchanged);
         self.count_shed(&out.shed);
@@ -456,6 +472,19 @@ impl Worker {
                 }
             }
         }
+        if every(&mut self.last_shed_audit, SHED_AUDIT_EVERY) {
+            // What was shed this minute: one audit event, not one per record.
+            crate::audit::flush_shed();
+        }
+        if every(&mut self.last_prune, DEAD_LETTER_PRUNE_EVERY) {
+            match self.db.prune_dead_letters() {
+                Ok(p) => {
+                    self.metrics.store_dead_letters_pruned.inc_by(p.letters);
+                }
+                Err(StoreError::DiskFull) => {}
+                Err(e) => return Err(e),
+            }
+        }
         if let Durability::Interval(period) = self.cfg.durability {
             if now.duration_since(self.last_sync) >= period {
                 self.last_sync = now;
@@ -603,6 +632,9 @@ impl Worker {
                     self.cfg.commit_max_batch = cfg.commit_max_batch;
                     self.cfg.max_payload_bytes = cfg.max_payload_bytes;
                     self.cfg.max_bytes = cfg.max_bytes;
+                    self.cfg.dead_letters = cfg.dead_letters;
+                    self.db.set_dead_letter_limits(cfg.dead_letters);
+                    self.last_prune = None;
                     self.held.resize(layout.streams.len());
                     self.db.set_layout(layout);
                     freed = true;
@@ -652,6 +684,7 @@ impl Worker {
                     m.downlink_received.inc_by(updates.len() as u64);
                     m.downlink_stale.inc_by(out.stale);
                     m.downlink_dead_lettered.inc_by(out.dead_lettered);
+                    m.store_dead_letters_pruned.inc_by(out.pruned.letters);
                 }
                 answer(reply, r)
             }
@@ -679,10 +712,12 @@ fn count_shed(metrics: &crate::metrics::Metrics, db: &Db, shed: &Shed) {
     let layout = db.layout();
     for (s, n) in &shed.superseded {
         metrics.superseded(&layout.streams[*s].name).inc_by(*n);
+        crate::audit::shed(&layout.streams[*s].name, "superseded", *n);
     }
     for ((s, reason), n) in &shed.dropped {
         metrics
             .dropped(&layout.streams[*s].name, reason.as_str())
             .inc_by(*n);
+        crate::audit::shed(&layout.streams[*s].name, reason.as_str(), *n);
     }
 }

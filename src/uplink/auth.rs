@@ -108,7 +108,14 @@ pub fn read(source: &TokenSource) -> Result<Secret, AuthError> {
     if token.is_empty() {
         return Err(AuthError::Empty(describe(source)));
     }
-    Ok(Secret(token))
+    let secret = Secret(token);
+    crate::audit::token_read(
+        &describe(source),
+        secret.expose(),
+        secret.role(),
+        secret.expires_at(),
+    );
+    Ok(secret)
 }
 
 /// Reads the token on tokio's blocking threads, never on the async ones,

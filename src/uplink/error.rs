@@ -105,6 +105,47 @@ fn role_suffix(role: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+impl UplinkError {
+    /// Records a security event for this error, if it is one (the broker
+    /// refused the token or the topic, TLS failed, the token could not be
+    /// read), at most once per [`crate::audit::REFUSAL_EVERY`] per topic and
+    /// kind: a refusal repeats at every reconnect.
+    pub fn audit(&self, topic: &str) {
+        use crate::audit::Event;
+        let role = |r: &Option<String>| r.clone().map_or(serde_json::Value::Null, Into::into);
+        let event = match self {
+            UplinkError::AuthRejected { message, role: r } => Event::new("auth-refused")
+                .field("role", role(r))
+                .field("message", message.as_str()),
+            UplinkError::NotAuthorized {
+                topic: refused,
+                role: r,
+                message,
+                access,
+            } => Event::new("authorization-refused")
+                .field("refused_topic", refused.as_str())
+                .field("role", role(r))
+                .field("access", access.to_string())
+                .field("message", message.as_str()),
+            UplinkError::Tls { addr, failure } => Event::new("tls-failure")
+                .field("addr", addr.as_str())
+                .field("reason", failure.to_string()),
+            UplinkError::TlsSetup(_)
+            | UplinkError::TlsDowngrade { .. }
+            | UplinkError::TlsNotConfigured { .. }
+            | UplinkError::Transport(ConnError::TlsMismatch { .. }) => {
+                Event::new("tls-failure").field("reason", self.to_string())
+            }
+            UplinkError::Token(e) => Event::new("token-unreadable").field("reason", e.to_string()),
+            _ => return,
+        };
+        let key = format!("{}:{topic}", event.kind());
+        event
+            .field("topic", topic)
+            .record_at_most_every(key, crate::audit::REFUSAL_EVERY);
+    }
+}
+
 /// What an error means for the uplink loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

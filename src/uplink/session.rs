@@ -102,6 +102,7 @@ pub(super) async fn run(
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Err(e) => {
                 let class = e.class();
+                e.audit(&uplink.settings.topic);
                 if class == ErrorClass::Fatal {
                     return Err(e);
                 }

@@ -150,3 +150,56 @@ async fn an_oversized_payload_is_dead_lettered_and_the_updates_behind_it_flow() 
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
+
+/// Dead letters cannot fill the disk: past `store.dead_letters_max` the
+/// oldest go, the lifetime counter keeps counting, `ferry status` says how
+/// many were pruned, and the updates around them all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_past_their_bound_are_pruned_oldest_first_and_still_counted() {
+    let (stack, _shared) = Stack::shared().await;
+    let Scenario {
+        topic,
+        prefix,
+        mut ferry,
+    } = Scenario::new(stack, "dl_prune").await;
+    ferry.add_settings("store", "max_payload_bytes = 1024\ndead_letters_max = 3");
+    ferry.start_subscribed().await;
+
+    let mut devices = Devices::connect(stack, &prefix, 10).await;
+    devices.publish_rounds(0, 5).await;
+    let poison: Vec<String> = (0..7)
+        .map(|i| devices.topic(&format!("dev-{i:04}")))
+        .collect();
+    for t in &poison {
+        devices.publish_raw(t, vec![b'x'; 5000]).await;
+    }
+    devices.publish_rounds(5, 10).await;
+    ferry.wait_drained(100, Duration::from_secs(60)).await;
+
+    let c = ferry.counters();
+    report("dl_prune", &format!("counters: {c:?}"));
+    assert_eq!(c.get("dead_lettered").copied(), Some(7));
+    assert_eq!(c.get("dead_letters_pruned").copied(), Some(4));
+    assert_eq!(c.get("dead_letters_pruned_bytes").copied(), Some(4 * 5000));
+    let status = ferry.status_json();
+    assert_eq!(status["dead_letters"], 3, "{status}");
+    assert_eq!(status["dead_letters_pruned"], 4, "{status}");
+    // The three kept are the newest, most recent first.
+    let recent: Vec<&str> = status["recent_dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["mqtt_topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(recent, [&poison[6], &poison[5], &poison[4]]);
+    assert!(
+        ferry.status(false).contains("3 kept, 4 older pruned"),
+        "{}",
+        ferry.status(false)
+    );
+
+    let msgs = read_topic(stack, &topic, false, 100, Duration::from_secs(30)).await;
+    assert_eq!(tally(&msgs, &devices.ids, 10), exact(100));
+    devices.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}

@@ -4,6 +4,7 @@
 //! module. The harness starts the broker stack once with
 //! `tests/stack/stack up` and fails, never skips, when it cannot.
 
+mod audit;
 mod bad_input;
 mod clock;
 mod downlink;

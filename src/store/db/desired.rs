@@ -46,6 +46,8 @@ pub struct DesiredOutcome {
     pub stored: u64,
     pub stale: u64,
     pub dead_lettered: u64,
+    /// Old dead letters pruned to make room (`store.dead_letters_*`).
+    pub pruned: super::Pruned,
 }
 
 /// Where the downlink resumes reading.
@@ -154,6 +156,7 @@ impl Db {
     ) -> Result<DesiredOutcome, StoreError> {
         let now = now_ms();
         let mut out = DesiredOutcome::default();
+        let mut stale = Vec::new();
         let tx = self.conn.transaction()?;
         for u in updates {
             if let Some(reason) = desired_reject_reason(u, max_payload) {
@@ -177,8 +180,14 @@ impl Db {
                 .prepare_cached("SELECT version FROM desired WHERE device = ?1")?
                 .query_row([device], |r| r.get(0))
                 .optional()?;
-            if held.is_some_and(|h| h.max(0) as u64 >= version) {
+            if let Some(held) = held.filter(|h| (*h).max(0) as u64 >= version) {
                 out.stale += 1;
+                stale.push(
+                    crate::audit::Event::new("desired-stale")
+                        .field("device", device)
+                        .field("version", version)
+                        .field("held", held.max(0)),
+                );
                 continue;
             }
             tx.prepare_cached(
@@ -197,6 +206,9 @@ impl Db {
              WHERE topic = ?1",
             params![topic, position, caught_up as i64],
         )?;
+        if out.dead_lettered > 0 {
+            out.pruned = super::dead_letters::prune(&tx, &self.dead_letter_limits, now)?;
+        }
         add_counters(
             &tx,
             &[
@@ -206,6 +218,9 @@ impl Db {
             ],
         )?;
         tx.commit()?;
+        for e in stale {
+            e.record();
+        }
         Ok(out)
     }
 
@@ -270,6 +285,7 @@ impl Db {
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
         let mut newly = Vec::new();
+        let mut events = Vec::new();
         for (d, ack) in applied {
             let had: Option<i64> = self
                 .conn
@@ -278,10 +294,15 @@ impl Db {
                 .optional()?;
             if had.is_some_and(|a| (a.max(0) as u64) < d.version) {
                 newly.push(ack.clone());
+                events.push(
+                    crate::audit::Event::new("desired-applied")
+                        .field("device", d.device.as_str())
+                        .field("version", d.version),
+                );
             }
         }
         let republished = applied.len() - newly.len();
-        self.commit_with(&[], &[], &newly, max_payload, |tx| {
+        let out = self.commit_with(&[], &[], &newly, max_payload, |tx| {
             for (d, _) in applied {
                 tx.prepare_cached(
                     "UPDATE desired SET applied = MAX(applied, ?2),
@@ -297,7 +318,11 @@ impl Db {
                     ("desired_republished", republished as i64),
                 ],
             )
-        })
+        })?;
+        for e in events {
+            e.record();
+        }
+        Ok(out)
     }
 
     /// Versions read and not yet acknowledged by the local broker (the

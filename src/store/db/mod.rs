@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
 
+mod dead_letters;
 mod desired;
 mod horizon;
 mod open;
@@ -36,13 +37,15 @@ pub use horizon::{forgotten_detail, INCIDENT_DEDUP};
 pub use open::{utc_stamp, Damaged};
 pub use shedding::Shed;
 
+use dead_letters::{dead_letter, dead_letter_raw};
+pub use dead_letters::{Pruned, DEAD_LETTER_KEEP_BYTES};
 use redelivery::{forget_seen, remember, save_state, screen, Acks, Screened};
 use shedding::{write_shed, Pressure};
 
 use super::{
     AckToken, Forgotten, Guarded, Inbound, Record, RecordProps, ResumeOutcome, StoreError,
 };
-use crate::config::{Durability, Overflow};
+use crate::config::{DeadLetterLimits, Durability, Overflow};
 use crate::layout::{self, DestIx, DropReason, Layout, Role, StreamSpec, Usage};
 
 const SEQ_BITS: u32 = 48;
@@ -55,14 +58,8 @@ pub const SEQ_MAX: u64 = (1 << SEQ_BITS) - 1;
 /// [`SEQ_MAX`].
 pub const SEQ_LIMIT: u64 = 1 << 47;
 
-/// How much of a dead letter's payload is kept.
-pub const DEAD_LETTER_KEEP_BYTES: usize = 64 * 1024;
-
 const SQL_INSERT: &str = "INSERT INTO outbox (key, device, received_ms, payload, props, stored_at)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-const SQL_DEAD_LETTER: &str =
-    "INSERT INTO dead_letters (received_ms, mqtt_topic, reason, size, payload)
-     VALUES (?1, ?2, ?3, ?4, ?5)";
 const SQL_FETCH: &str = "SELECT key, device, received_ms, payload, props FROM outbox
      WHERE key > ?1 AND key <= ?2 ORDER BY key LIMIT ?3";
 const SQL_DELETE_UPTO: &str =
@@ -210,6 +207,8 @@ pub struct BatchOutcome {
     pub shed: Shed,
     /// Records deleted after the broker's receipt.
     pub delivered: u64,
+    /// Old dead letters pruned to make room (`store.dead_letters_*`).
+    pub pruned: Pruned,
 }
 
 /// The broker confirmed every record of `dest` up to `up_to`.
@@ -250,6 +249,8 @@ pub struct Db {
     store_id: u64,
     /// `<store>.horizons`, see [`Db::recall_horizons`].
     horizons_file: PathBuf,
+    /// The bounds of the dead-letter table.
+    dead_letter_limits: DeadLetterLimits,
 }
 
 /// Whether an SQLite error means the disk (or the file system's quota) is
@@ -389,6 +390,9 @@ impl Db {
         }
         write_numbers(&tx, &self.dests, &mut dests)?;
         more(&tx)?;
+        if counts.dead_lettered > 0 {
+            out.pruned = dead_letters::prune(&tx, &self.dead_letter_limits, now)?;
+        }
         counts.write(&tx)?;
         write_shed(&tx, &self.layout, &out.shed)?;
         save_state(&tx, &self.acks, gen, stored_at)?;
@@ -579,7 +583,12 @@ impl Db {
     }
 
     /// Records an event that `ferry status` shows.
+    /// It goes to the audit trail as well (event = its kind).
     pub fn incident(&self, kind: &str, detail: &str) -> Result<(), StoreError> {
+        crate::audit::Event::new("store-incident")
+            .field("kind", kind)
+            .field("detail", detail)
+            .record();
         self.conn
             .execute(SQL_INCIDENT, params![now_ms() as i64, kind, detail])?;
         Ok(())
@@ -719,40 +728,6 @@ fn reject_full(spec: &StreamSpec, dests: &[Dest], msg: &Inbound) -> bool {
     let u = stream_usage(spec, dests);
     let len = msg.payload.len() as u64;
     u.records > 0 && spec.limits.full_for(u, len * spec.dests.len() as u64)
-}
-
-/// Keeps a message that can never be forwarded in `dead_letters` (at most
-/// [`DEAD_LETTER_KEEP_BYTES`] of its payload).
-fn dead_letter(
-    tx: &Transaction<'_>,
-    msg: &Inbound,
-    reason: &str,
-    now: u64,
-) -> Result<(), StoreError> {
-    dead_letter_raw(tx, &msg.mqtt_topic, reason, msg.size(), &msg.payload, now)?;
-    tracing::warn!(mqtt_topic = %msg.mqtt_topic.escape_debug(), size = msg.size(), %reason, "message dead-lettered");
-    Ok(())
-}
-
-/// A dead letter from `source` (an MQTT topic, or a Pulsar topic and key)
-/// of `size` bytes, of which at most [`DEAD_LETTER_KEEP_BYTES`] are kept.
-fn dead_letter_raw(
-    tx: &Transaction<'_>,
-    source: &str,
-    reason: &str,
-    size: u64,
-    payload: &[u8],
-    now: u64,
-) -> Result<(), StoreError> {
-    let keep = &payload[..payload.len().min(DEAD_LETTER_KEEP_BYTES)];
-    tx.prepare_cached(SQL_DEAD_LETTER)?.execute(params![
-        now as i64,
-        source,
-        reason,
-        size as i64,
-        keep
-    ])?;
-    Ok(())
 }
 
 /// Why a message can never be forwarded, if it cannot.

@@ -234,6 +234,7 @@ impl Db {
             store_id: 0,
             horizons_file: PathBuf::from(format!("{}.horizons", path.display())),
             layout,
+            dead_letter_limits: Default::default(),
         };
         damage_or!(db.map_destinations());
         for i in 0..db.dests.len() {

@@ -376,6 +376,56 @@ listen = "127.0.0.1:{metrics_port}"
         serde_json::from_str(&self.status(true)).unwrap()
     }
 
+    /// Runs `ferry audit <args>` on this ferry's config: exit code and
+    /// everything it printed.
+    pub fn audit(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = Command::new(ferry_bin())
+            .arg("audit")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run ferry audit");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    /// The audit trail's folder (the default: `audit/` beside the store).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.store.parent().unwrap().join("audit")
+    }
+
+    /// Every audit event in the trail's files, oldest first.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(self.audit_dir()) {
+            Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+            Err(_) => return Vec::new(),
+        };
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .collect()
+    }
+
+    /// The audit events named `kind`, oldest first.
+    pub fn audit_events_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.audit_events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
+    }
+
     /// Runs `ferry check --online` on this ferry's config: exit code and
     /// everything it printed.
     pub fn check_online(&self) -> (Option<i32>, String) {
