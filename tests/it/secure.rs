@@ -228,6 +228,19 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
     )
     .await;
     report("tlsfail", &format!("wrong CA: {line}"));
+    let tls = ferry.audit_events_of("tls-failure");
+    assert_eq!(
+        tls.len(),
+        1,
+        "one audit event, however often it retried: {tls:?}"
+    );
+    assert!(
+        tls[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not signed by a trusted CA"),
+        "{tls:?}"
+    );
 
     // Hostname mismatch: the certificate names localhost only.
     let Granted {
@@ -256,6 +269,15 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
     )
     .await;
     report("tlsfail", &format!("hostname mismatch: {line}"));
+    let tls = ferry.audit_events_of("tls-failure");
+    assert_eq!(tls.len(), 1, "{tls:?}");
+    assert!(
+        tls[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("hostname mismatch"),
+        "{tls:?}"
+    );
 
     // Expired token: the token file is re-read at every connection.
     let Granted {
@@ -287,6 +309,123 @@ async fn wrong_ca_hostname_mismatch_and_expired_token_each_say_why_and_recover()
         line.contains("the token expired"),
         "the message says the token expired: {line}"
     );
+    let refused = ferry.audit_events_of("auth-refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["role"], role.as_str());
+    // The expired token was read, then the fresh one: a rotation.
+    assert_eq!(ferry.audit_events_of("token-read").len(), 1);
+    assert_eq!(ferry.audit_events_of("token-rotated").len(), 1);
+}
+
+/// Every token ferry reads is in the audit trail by its fingerprint, never
+/// by its value: 3 rotations during a stream give 3 rotation events with 3
+/// new fingerprints, and no token is written anywhere in ferry's folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rotations_are_audited_by_fingerprint_and_no_token_is_written_anywhere() {
+    let (stack, _shared) = Stack::shared().await;
+    let secure = tokio::task::block_in_place(Secure::get);
+    let ns = secure.namespace("auditrot").await;
+    let Granted {
+        topic,
+        role,
+        prefix,
+        mut ferry,
+    } = secure
+        .granted_ferry(stack, &ns, "device-status", "auditrot", false)
+        .await;
+    let path = ferry.token_path();
+    // Tokens live 10 s; each new one is written 3 s before the one in use
+    // expires, and the broker (checking every 5 s) then challenges ferry,
+    // which reads the file again: a rotation without a refusal.
+    let ttl = 10;
+    let mut tokens = vec![secure.token(&role, Some(ttl))];
+    let mut expires = std::time::Instant::now() + SECS(ttl as u64);
+    write_secret(&path, &tokens[0]);
+    ferry.start_ready().await;
+    let mut devices = Devices::connect(stack, &prefix, 10).await;
+    let mut round = 0;
+    for rotation in 1..=3usize {
+        while std::time::Instant::now() + SECS(3) < expires {
+            devices.publish_rounds(round, round + 1).await;
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let t = secure.token(&role, Some(ttl));
+        expires = std::time::Instant::now() + SECS(ttl as u64);
+        write_secret(&path, &t);
+        tokens.push(t);
+        let deadline = std::time::Instant::now() + SECS(30);
+        while ferry.audit_events_of("token-rotated").len() < rotation {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rotation {rotation} not audited; log:\n{}",
+                ferry.log_text()
+            );
+            devices.publish_rounds(round, round + 1).await;
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    ferry.wait_drained(round as i64 * 10, SECS(60)).await;
+    assert_eq!(ferry.terminate(), Some(0));
+
+    let read = ferry.audit_events_of("token-read");
+    let rotated = ferry.audit_events_of("token-rotated");
+    let fps = |es: &[serde_json::Value]| -> Vec<String> {
+        es.iter().map(|e| e["fingerprint"].to_string()).collect()
+    };
+    report(
+        "auditrot",
+        &format!(
+            "{round} rounds; token read {:?}, rotated {:?}",
+            fps(&read),
+            fps(&rotated)
+        ),
+    );
+    assert_eq!(read.len(), 1);
+    assert_eq!(rotated.len(), 3);
+    assert_eq!(ferry.audit_events_of("auth-refused").len(), 0);
+    let fingerprints: Vec<&str> = read
+        .iter()
+        .chain(&rotated)
+        .map(|e| e["fingerprint"].as_str().unwrap())
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = fingerprints.iter().collect();
+    assert_eq!(distinct.len(), 4, "{fingerprints:?}");
+    for (i, e) in rotated.iter().enumerate() {
+        assert_eq!(e["previous_fingerprint"], fingerprints[i]);
+        assert_eq!(e["subject"], role.as_str());
+        assert!(e["expires_at"].as_str().is_some(), "{e}");
+    }
+    // No token (nor its signature) in any file ferry wrote.
+    let mut files = vec![ferry.dir.clone()];
+    let mut checked = 0;
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        if p == path {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for t in &tokens {
+            let signature = t.rsplit('.').next().unwrap();
+            assert!(!text.contains(signature), "a token in {}", p.display());
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "store, log, config and audit files checked: {checked}"
+    );
+    let msgs = read_secure_topic(secure, &topic, round as usize * 10, SECS(30)).await;
+    assert_eq!(
+        tally(&msgs, &devices.ids, round),
+        exact(round as usize * 10)
+    );
+    devices.disconnect().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
