@@ -204,7 +204,6 @@ pub async fn run(
         let now = now_ms();
         let route = retry::route_failure(
             parsed.failed_before,
-            &failure,
             config.view.max_attempts,
             config.view.retry_delay,
             now,

@@ -1,24 +1,23 @@
 //! Where an update goes when it cannot be applied, and the copies that
 //! carry it there: pure functions, no I/O.
 //!
-//! ## Transient and permanent failures
+//! ## Every failure is retried, then dead-lettered
 //!
-//! - **Transient** (the database refused or is unreachable): the update
-//!   goes to the retry topic, delivered again [`crate::config::ViewConfig`]
-//!   `retry_delay` later (`deliver_at_time`; the broker holds it back, which
-//!   it does on Shared and Key_Shared subscriptions), its failed attempts
-//!   counted in `ferry.view.attempts`. After `max_attempts` attempts in all
-//!   it goes to the dead-letter topic. The broker releases a delayed
-//!   message up to its `delayedDeliveryTickTimeMillis` (1 s by default)
-//!   early unless `isDelayedDeliveryDeliverAtTimeStrict=true`: with a 1 s
-//!   delay on the test stack the three attempts came about 0.1 s apart; the
-//!   default delay (10 s) is barely affected.
-//! - **Permanent** ([`Poison`]: no key, payload not JSON, a missing or
-//!   broken `ferry.record` / `ferry.gateway`): straight to the dead-letter
-//!   topic after its first attempt. Trying again cannot change the bytes,
-//!   and retrying would only hold a copy in the retry topic for
-//!   `max_attempts × retry_delay`. (Issue 13 sends both kinds through the
-//!   retries first; this is a deliberate departure.)
+//! Whether the database refused the update ([`Failure::Transient`]) or the
+//! message cannot be read ([`Poison`]: no key, payload not JSON, a missing
+//! or broken `ferry.record` / `ferry.gateway`), the update goes to the
+//! retry topic, delivered again [`crate::config::ViewConfig`] `retry_delay`
+//! later (`deliver_at_time`; the broker holds it back, which it does on
+//! Shared and Key_Shared subscriptions), its failed attempts counted in
+//! `ferry.view.attempts`. After `max_attempts` attempts in all it goes to
+//! the dead-letter topic. This is Pulsar's own dead-letter policy (a
+//! redelivery count, whatever the failure): a message only this view
+//! version cannot read gets the same chances as a refusal, at the cost of a
+//! copy in the retry topic for `max_attempts × retry_delay`. The broker
+//! releases a delayed message up to its `delayedDeliveryTickTimeMillis`
+//! (1 s by default) early unless `isDelayedDeliveryDeliverAtTimeStrict=true`:
+//! with a 1 s delay on the test stack the three attempts came about 0.1 s
+//! apart; the default delay (10 s) is barely affected.
 //!
 //! Each copy keeps the original key, payload and properties, and adds the
 //! topic the update was first published on and the reason of the last
@@ -60,21 +59,21 @@ pub enum Route {
 }
 
 /// Decides where an update goes whose attempt number `failed_before + 1`
-/// just failed.
+/// just failed (whatever the failure: see the module's doc).
 pub fn route_failure(
     failed_before: u32,
-    failure: &Failure,
     max_attempts: u32,
     retry_delay: Duration,
     now_ms: i64,
 ) -> Route {
     let attempts = failed_before.saturating_add(1);
-    match failure {
-        Failure::Transient(_) if attempts < max_attempts => Route::Retry {
+    if attempts < max_attempts {
+        Route::Retry {
             attempts,
             deliver_at_ms: now_ms.saturating_add(retry_delay.as_millis() as i64),
-        },
-        _ => Route::DeadLetter { attempts },
+        }
+    } else {
+        Route::DeadLetter { attempts }
     }
 }
 
@@ -171,42 +170,27 @@ mod tests {
     const MIN: Duration = Duration::from_secs(60);
 
     #[test]
-    fn a_transient_failure_is_retried_until_the_last_attempt() {
-        let db = Failure::Transient("database is locked".into());
+    fn a_failure_is_retried_until_the_last_attempt() {
         assert_eq!(
-            route_failure(0, &db, 3, MIN, 1_000),
+            route_failure(0, 3, MIN, 1_000),
             Route::Retry {
                 attempts: 1,
                 deliver_at_ms: 61_000
             }
         );
         assert_eq!(
-            route_failure(1, &db, 3, MIN, 5),
+            route_failure(1, 3, MIN, 5),
             Route::Retry {
                 attempts: 2,
                 deliver_at_ms: 60_005
             }
         );
         assert_eq!(
-            route_failure(2, &db, 3, MIN, 5),
+            route_failure(2, 3, MIN, 5),
             Route::DeadLetter { attempts: 3 }
         );
         assert_eq!(
-            route_failure(0, &db, 1, MIN, 5),
-            Route::DeadLetter { attempts: 1 }
-        );
-    }
-
-    #[test]
-    fn poison_goes_straight_to_the_dead_letter_topic() {
-        let p = Failure::Poison(Poison::NoKey);
-        assert_eq!(
-            route_failure(0, &p, 5, MIN, 0),
-            Route::DeadLetter { attempts: 1 }
-        );
-        // A replayed poison message fails again, and again goes straight.
-        assert_eq!(
-            route_failure(0, &p, 5, MIN, 0),
+            route_failure(0, 1, MIN, 5),
             Route::DeadLetter { attempts: 1 }
         );
     }

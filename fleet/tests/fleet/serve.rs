@@ -60,7 +60,8 @@ async fn a_running_view_serves_rows_counts_and_lag() {
     fleet.wait_consumers(&topic, 1).await;
 
     // d1: records 1, 2, 3; d2: record 4; d1's record 2 again (stale); a
-    // message without its record number (dead-lettered at once).
+    // message without its record number (dead-lettered after its third
+    // attempt: two retries).
     let mut p = fleet.producer(&topic).await;
     let mut msgs: Vec<_> = (1..=3)
         .map(|r| update("gw-a", "d1", r, 100 + r, &format!(r#"{{"n":{}}}"#, r - 1)))
@@ -73,15 +74,15 @@ async fn a_running_view_serves_rows_counts_and_lag() {
     send_all(&mut p, msgs).await;
 
     let lag = format!("ferry_fleet_view_lag_messages{{topic=\"{topic}\"}}");
-    let m = scrape_until(&base, "6 consumed and no lag", |m| {
-        m.get("ferry_fleet_view_consumed_total") == Some(&6.0) && m.get(&lag) == Some(&0.0)
+    let m = scrape_until(&base, "8 consumed and no lag", |m| {
+        m.get("ferry_fleet_view_consumed_total") == Some(&8.0) && m.get(&lag) == Some(&0.0)
     })
     .await;
     let want: BTreeMap<String, f64> = [
-        ("ferry_fleet_view_consumed_total", 6.0),
+        ("ferry_fleet_view_consumed_total", 8.0),
         ("ferry_fleet_view_applied_total", 4.0),
         ("ferry_fleet_view_stale_total", 1.0),
-        ("ferry_fleet_view_retried_total", 0.0),
+        ("ferry_fleet_view_retried_total", 2.0),
         ("ferry_fleet_view_dead_lettered_total", 1.0),
         (lag.as_str(), 0.0),
     ]
@@ -134,10 +135,10 @@ async fn a_running_view_serves_rows_counts_and_lag() {
     assert_eq!(
         c,
         Counts {
-            consumed: 6,
+            consumed: 8,
             applied: 4,
             stale: 1,
-            retried: 0,
+            retried: 2,
             dead_lettered: 1
         }
     );

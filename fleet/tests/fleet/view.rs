@@ -551,7 +551,8 @@ async fn redeliveries_and_older_records_never_take_a_row_back() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn poison_is_dead_lettered_at_once_a_refusal_after_three_attempts_and_replay_applies_it() {
+async fn poison_and_a_refusal_are_dead_lettered_after_three_attempts_and_replay_applies_the_refusal(
+) {
     const TEST: &str = "view_dlq";
     let stack = tokio::task::block_in_place(stack);
     let fleet = Fleet::new(stack, TEST, &["gw-a"]).await;
@@ -583,8 +584,8 @@ async fn poison_is_dead_lettered_at_once_a_refusal_after_three_attempts_and_repl
     )
     .await;
     let started = Instant::now();
-    // Both on the dead-letter topic: the poison at once, the refusal after
-    // its third attempt (two retries, 1 s apart).
+    // Both on the dead-letter topic after their third attempt (two
+    // retries, 1 s apart).
     let deadline = Instant::now() + Duration::from_secs(60);
     let dead = loop {
         let dead = fleet.json(&["dlq", "list", "--json"]);
@@ -599,6 +600,7 @@ async fn poison_is_dead_lettered_at_once_a_refusal_after_three_attempts_and_repl
         &format!("2 dead letters within {:?}", started.elapsed()),
     );
     let mut dead = dead.as_array().unwrap().clone();
+    dead.sort_by_key(|d| d["device"].as_str().unwrap_or_default().to_string());
     for d in &mut dead {
         let when = d.as_object_mut().unwrap().remove("failed_ms").unwrap();
         assert!(when.as_i64().unwrap() > 1_600_000_000_000, "{when}");
@@ -611,7 +613,7 @@ async fn poison_is_dead_lettered_at_once_a_refusal_after_three_attempts_and_repl
                 "gateway": "gw-a",
                 "record": "2",
                 "reason": "payload is not JSON: expected ident at line 1 column 2",
-                "attempts": 1,
+                "attempts": 3,
                 "topic": topic,
             },
             {
@@ -661,14 +663,14 @@ async fn poison_is_dead_lettered_at_once_a_refusal_after_three_attempts_and_repl
         fleet.json(&["get", "refused", "--json"]),
         json!({"device": "refused", "gateway": "gw-a", "record": 5, "received_ms": 105, "state": {"n": 0}})
     );
-    // The poison message fails again and is back, alone.
+    // The poison message fails again, three times, and is back, alone.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let dead = fleet.json(&["dlq", "list", "--json"]);
         let dead = dead.as_array().unwrap();
         if dead.len() == 1 {
             assert_eq!(dead[0]["device"], "d1");
-            assert_eq!(dead[0]["attempts"], 1);
+            assert_eq!(dead[0]["attempts"], 3);
             break;
         }
         assert!(
@@ -680,14 +682,15 @@ async fn poison_is_dead_lettered_at_once_a_refusal_after_three_attempts_and_repl
     let c = view.stop();
     report(TEST, &format!("{c:?}"));
     consumed_is_the_sum(&c);
-    // 6 status messages, 2 retries, 2 replayed.
+    // 6 status messages, 2 x 2 retries, 2 replayed, the poison's 2 retries
+    // after its replay.
     assert_eq!(
         c,
         Counts {
-            consumed: 10,
+            consumed: 14,
             applied: 5,
             stale: 0,
-            retried: 2,
+            retried: 6,
             dead_lettered: 3
         }
     );
@@ -740,9 +743,9 @@ fn the_upsert_agrees_with_decide_in_postgresql() {
     assert_eq!(s.list().unwrap().len(), RULE_CASES.len());
 }
 
-/// The figure: 10 malformed messages among 1,000 go to the
-/// dead-letter topic at once (retrying cannot change their bytes), exactly
-/// 10, and the other 990 are applied.
+/// The figure: 10 malformed messages among 1,000, each tried 3
+/// times (`max_attempts`), then exactly 10 on the dead-letter topic; the
+/// other 990 applied.
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_malformed_among_a_thousand_are_dead_lettered_and_the_rest_applied() {
     const TEST: &str = "view_malformed";
@@ -799,13 +802,14 @@ async fn ten_malformed_among_a_thousand_are_dead_lettered_and_the_rest_applied()
     let c = view.stop();
     report(TEST, &format!("{c:?}"));
     consumed_is_the_sum(&c);
-    assert_eq!(c.consumed, 1_000);
+    // Each malformed one tried 3 times (max_attempts): 2 retries each.
+    assert_eq!(c.consumed, 1_000 + 10 * 2);
     assert_eq!((c.applied, c.dead_lettered), (990, 10));
-    assert_eq!((c.stale, c.retried), (0, 0));
+    assert_eq!((c.stale, c.retried), (0, 20));
     let dead = fleet.json(&["dlq", "list", "--json"]);
     let dead = dead.as_array().unwrap();
     assert_eq!(dead.len(), 10);
-    assert!(dead.iter().all(|d| d["attempts"] == 1
+    assert!(dead.iter().all(|d| d["attempts"] == 3
         && d["reason"]
             .as_str()
             .is_some_and(|r| r.starts_with("payload is not JSON"))));
