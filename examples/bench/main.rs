@@ -89,6 +89,7 @@ mod bare;
 mod ceilings;
 mod downlink;
 mod ferry_phases;
+mod fleet;
 mod mqtt;
 mod observe;
 mod pulsar_crate;
@@ -137,6 +138,8 @@ struct Settings {
     downlink_rate: u64,
     /// Desired updates in the downlink's latency line.
     downlink_latency_n: u64,
+    /// Devices in `ferry-fleet replay`'s line.
+    replay_devices: u64,
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -166,6 +169,7 @@ impl Settings {
             downlink_devices: env_num("BENCH_DOWNLINK_DEVICES", 1000).max(1) as usize,
             downlink_rate: env_num("BENCH_DOWNLINK_RATE", 100).max(1),
             downlink_latency_n: env_num("BENCH_DOWNLINK_LATENCY_N", 1000),
+            replay_devices: env_num("BENCH_REPLAY_DEVICES", 100_000).max(1),
         }
     }
 }
@@ -244,7 +248,7 @@ fn best_of(passes: Vec<Value>) -> Value {
 
 /// Runs one phase, saying what it does and how it went.
 /// `BENCH_ONLY` (a comma-separated list of keys: a, b, c, cycle, p, l, e2e,
-/// latency, drain, downlink) runs only those phases.
+/// latency, drain, downlink, fleet) runs only those phases.
 async fn phase(
     key: &str,
     name: &str,
@@ -362,6 +366,20 @@ async fn main() {
     )
     .await;
 
+    let fleet_view = phase(
+        "fleet",
+        "ferry-fleet view on SQLite and PostgreSQL",
+        fleet::fleet_view(&mut ctx),
+    )
+    .await;
+    let replay_devices = s.replay_devices;
+    let fleet_replay = phase(
+        "fleet",
+        "ferry-fleet replay",
+        fleet::fleet_replay(&mut ctx, replay_devices),
+    )
+    .await;
+
     let per_update = |key: &str| {
         let n = e2e.get("updates").and_then(Value::as_f64)?;
         e2e.get(key).and_then(Value::as_f64).map(|v| v / n)
@@ -389,6 +407,7 @@ async fn main() {
             "downlink_n": s.downlink_n, "downlink_devices": s.downlink_devices,
             "downlink_rate": s.downlink_rate,
             "downlink_latency_n": s.downlink_latency_n,
+            "replay_devices": s.replay_devices,
         },
         "ceilings": {
             "a_pulsar_crate": a_crate, "a_pulsar_bare": a_bare,
@@ -398,6 +417,7 @@ async fn main() {
             "end_to_end": e2e, "latency": lat, "drain": drain, "resources": resources,
             "downlink": dl, "downlink_latency": dl_lat,
         },
+        "fleet": { "view": fleet_view, "replay": fleet_replay },
         "extra": { "c_sqlite_insert_and_delete": cycle, "p_pipeline_without_store": p },
     });
     let rows = rows(&results, &s);

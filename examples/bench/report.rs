@@ -164,6 +164,7 @@ pub fn rows(r: &Value, s: &Settings) -> Vec<Row> {
         });
     }
     out.extend(downlink_rows(r, s, b));
+    out.extend(fleet_rows(r, s));
     let rss = num(r, &["ferry", "resources", "peak_rss_kb"]);
     out.push(Row {
         figure: "ferry peak RSS (VmHWM), MiB".into(),
@@ -198,6 +199,51 @@ pub fn rows(r: &Value, s: &Settings) -> Vec<Row> {
         met: w
             .map(|v| met(v <= 3.0 * s.payload as f64))
             .unwrap_or_default(),
+    });
+    out
+}
+
+/// ferry-fleet's lines: the view's apply rate on SQLite and PostgreSQL
+/// beside the raw consume rate of the same topic, and replay's time.
+fn fleet_rows(r: &Value, s: &Settings) -> Vec<Row> {
+    let failed = || "n/a".to_string();
+    let raw = num(r, &["fleet", "view", "raw_consume_rate"]);
+    let mut out = Vec::new();
+    for (db, key) in [("SQLite", "sqlite"), ("PostgreSQL", "postgres")] {
+        let rate = num(r, &["fleet", "view", key, "rate"]);
+        out.push(Row {
+            figure: format!(
+                "ferry-fleet view on {db}: updates applied per s ({} updates over {} devices, one view)",
+                fmt_rate(s.n as f64),
+                s.devices
+            ),
+            ferry: rate.map(fmt_rate).unwrap_or_else(failed),
+            bound: raw
+                .map(|v| format!("{} (raw consume)", fmt_rate(v)))
+                .unwrap_or_else(failed),
+            ratio: match (rate, raw) {
+                (Some(f), Some(c)) => format!("{:.0}%", 100.0 * f / c),
+                _ => "".into(),
+            },
+            target: "≥ 70% of raw consume".into(),
+            met: match (rate, raw) {
+                (Some(f), Some(c)) => met(f >= 0.7 * c),
+                _ => "".into(),
+            },
+        });
+    }
+    out.push(Row {
+        figure: format!(
+            "ferry-fleet replay of {} devices into an empty SQLite view, s",
+            fmt_rate(s.replay_devices as f64)
+        ),
+        ferry: num(r, &["fleet", "replay", "seconds"])
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(failed),
+        bound: "".into(),
+        ratio: "".into(),
+        target: "".into(),
+        met: "".into(),
     });
     out
 }
