@@ -26,15 +26,20 @@ use crate::uplink::{ErrorClass, UplinkError, UplinkSettings};
 
 /// The reader's consumer on its connection.
 const CONSUMER_ID: u64 = 1;
-/// Messages the broker may send ahead of what the store committed.
-const PERMITS: u32 = 1_000;
+/// Messages the broker may send ahead of what the store committed: several
+/// batches, so that the broker keeps sending while a batch commits.
+const PERMITS: u32 = 4_000;
 /// A batch goes to the store once it holds this many messages, or once
 /// what the connection had already received is taken and this long has
 /// passed since the previous batch was stored: a message after a quiet
 /// spell goes at once, and a busy stream is stored in batches (at most one
 /// commit per gap besides the full ones), leaving the store thread to the
 /// uplink in between.
-const BATCH_MESSAGES: u32 = 200;
+const BATCH_MESSAGES: u32 = 1_000;
+/// A batch also goes to the store once its payloads reach this many bytes:
+/// what the reader holds in memory is bounded by bytes, not by what the
+/// fleet writes (a desired document may be as large as a Pulsar message).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
 const BATCH_GAP: Duration = Duration::from_millis(5);
 /// Catching up also ends when the broker has been silent this long with
 /// permits to spare: the rest of the topic was compacted away (a cleared
@@ -117,10 +122,18 @@ struct Reader<'a> {
 #[derive(Default)]
 struct Batch {
     updates: Vec<DesiredUpdate>,
+    /// Payload bytes of `updates`.
+    bytes: usize,
     /// Messages (entries) it covers: the permits to give back once stored.
     messages: u32,
     /// The position after it.
     last: Option<MessageIdData>,
+}
+
+impl Batch {
+    fn is_full(&self) -> bool {
+        self.messages >= BATCH_MESSAGES || self.bytes >= BATCH_BYTES
+    }
 }
 
 impl Reader<'_> {
@@ -218,7 +231,7 @@ impl Reader<'_> {
                         if let Some(event) = step(&mut conn, &mut proto, s, f).await? {
                             self.on_event(event, &mut batch, &position)?;
                         }
-                        frame = if batch.messages < BATCH_MESSAGES {
+                        frame = if !batch.is_full() {
                             conn.try_frame()?
                         } else {
                             None
@@ -241,7 +254,7 @@ impl Reader<'_> {
                 _ => false,
             };
             let quiet = !caught_up && batch.messages == 0 && last_heard.elapsed() >= CATCH_UP_QUIET;
-            let full = batch.messages >= BATCH_MESSAGES;
+            let full = batch.is_full();
             let waited =
                 batch.messages > 0 && last_stored.map_or(true, |t| t.elapsed() >= BATCH_GAP);
             if full || waited || reached || quiet {
@@ -285,6 +298,7 @@ impl Reader<'_> {
                 let from = batch.last.clone().or_else(|| position.clone());
                 for r in read_message(&message_id, &metadata, &payload) {
                     if from.as_ref().map_or(true, |p| is_after(&r.id, p)) {
+                        batch.bytes += r.update.payload.len();
                         batch.updates.push(r.update);
                     }
                 }
