@@ -365,3 +365,48 @@ pub async fn downlink_latency(ctx: &mut Ctx) -> Result<Value, String> {
         "pulsar_consumer": consumer,
     }))
 }
+
+/// Downlink throughput on a backlog, the pipeline's own speed: with ferry
+/// stopped (caught up on the topic before), the fleet writes
+/// `BENCH_DOWNLINK_N` updates, one version each to as many devices, so that
+/// none is superseded and the writer's own rate does not count; then ferry
+/// starts. Timed from its start until the subscriber holds every device's
+/// version: desired updates read from Pulsar, stored, published retained
+/// at QoS 1, PUBACKed, recorded and acknowledged to the fleet, per second.
+pub async fn downlink_backlog(ctx: &mut Ctx) -> Result<Value, String> {
+    let (n, window) = (ctx.s.downlink_n, ctx.s.window);
+    let devices = device_ids(n as usize);
+    let Setup {
+        mut ferry,
+        desired,
+        prefix,
+        ..
+    } = start(ctx, "bench-downlink-backlog").await?;
+    ferry.terminate();
+    let fleet = write_all(&ctx.pulsar, &desired, &devices, n, window, ctx.s.payload).await?;
+    let (sub, seen) = watch(ctx.stack, &prefix, last_versions(&devices, n)).await;
+    let started = Instant::now();
+    ferry.start();
+    let pid = ferry_pid(&ferry)?;
+    let before = proc_sample(pid)?;
+    let limit = Duration::from_secs(120 + n / 200);
+    let end = wait_done(ctx, &ferry, "downlink-backlog", &seen, limit).await?;
+    let after = proc_sample(pid)?;
+    ctx.peaks.insert("downlink-backlog".into(), after.hwm_kb);
+    ferry.terminate();
+    let _ = sub.disconnect().await;
+    clear_retained(ctx.stack, &prefix, &devices).await;
+    let secs = end.duration_since(started).as_secs_f64();
+    let s = seen.lock().unwrap();
+    Ok(json!({
+        "rate": n as f64 / secs,
+        "seconds": secs,
+        "written": n,
+        "devices": devices.len(),
+        "fleet_seconds": fleet.as_secs_f64(),
+        "subscriber_received": s.count,
+        "subscriber_went_down": s.went_down,
+        "cpu_seconds": after.cpu_s - before.cpu_s,
+        "write_bytes": after.write_bytes - before.write_bytes,
+    }))
+}

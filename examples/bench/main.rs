@@ -359,6 +359,12 @@ async fn main() {
         downlink_throughput(&mut ctx),
     )
     .await;
+    let dl_backlog = phase(
+        "downlink",
+        "ferry downlink, a backlog of desired updates",
+        downlink_backlog(&mut ctx),
+    )
+    .await;
     let dl_lat = phase(
         "downlink",
         "ferry downlink latency",
@@ -415,7 +421,7 @@ async fn main() {
         },
         "ferry": {
             "end_to_end": e2e, "latency": lat, "drain": drain, "resources": resources,
-            "downlink": dl, "downlink_latency": dl_lat,
+            "downlink": dl, "downlink_backlog": dl_backlog, "downlink_latency": dl_lat,
         },
         "fleet": { "view": fleet_view, "replay": fleet_replay },
         "extra": { "c_sqlite_insert_and_delete": cycle, "p_pipeline_without_store": p },

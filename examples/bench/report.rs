@@ -263,21 +263,33 @@ fn downlink_rows(r: &Value, s: &Settings, b: Option<f64>) -> Vec<Row> {
         _ => "".into(),
     };
     let (applied, read) = (dl("rate"), dl("read_rate"));
+    let backlog = num(r, &["ferry", "downlink_backlog", "rate"]);
     let mut out = vec![
         Row {
             figure: format!(
-                "downlink: desired versions read from Pulsar and applied as retained MQTT publishes, per s ({} written over {} devices, first write to every device's last version at the subscriber)",
+                "downlink: a backlog of {} desired updates (one per device) from Pulsar to retained MQTT publishes, per s, from ferry's start",
+                fmt_rate(s.downlink_n as f64),
+            ),
+            ferry: backlog.map(fmt_rate).unwrap_or_else(failed),
+            bound: b_cell.clone(),
+            ratio: ratio(backlog),
+            target: "≥ 80% of B".into(),
+            met: match (backlog, b) {
+                (Some(f), Some(b)) => met(f >= 0.8 * b),
+                _ => "".into(),
+            },
+        },
+        Row {
+            figure: format!(
+                "downlink, live (info): desired versions read from Pulsar and applied as retained MQTT publishes, per s ({} written over {} devices while ferry runs, first write to every device's last version at the subscriber)",
                 fmt_rate(s.downlink_n as f64),
                 fmt_rate(s.downlink_devices as f64)
             ),
             ferry: applied.map(fmt_rate).unwrap_or_else(failed),
             bound: b_cell.clone(),
             ratio: ratio(applied),
-            target: "≥ 80% of B".into(),
-            met: match (applied, b) {
-                (Some(f), Some(b)) => met(f >= 0.8 * b),
-                _ => "".into(),
-            },
+            target: "".into(),
+            met: "".into(),
         },
         Row {
             figure: format!(
