@@ -161,22 +161,6 @@ async fn view_rate(
     }
 }
 
-/// A new database on the stack's PostgreSQL; its URL.
-fn postgres_database(stack: &Stack) -> Result<String, String> {
-    let name = unique("bench_view").replace('-', "_");
-    let out = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p"])
-        .arg(stack.postgres_port.to_string())
-        .args(["-U", "ferry", "-d", "ferry", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output()
-        .map_err(|e| format!("psql: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(stack.postgres_url(&name))
-}
-
 /// The view's lines: raw consume, view on SQLite, view on PostgreSQL.
 pub async fn fleet_view(ctx: &mut Ctx) -> Result<Value, String> {
     let n = ctx.s.n;
@@ -197,7 +181,14 @@ pub async fn fleet_view(ctx: &mut Ctx) -> Result<Value, String> {
         n,
     )
     .await?;
-    let postgres = view_rate(ctx, &dir, &ns, &postgres_database(ctx.stack)?, n).await?;
+    let postgres = view_rate(
+        ctx,
+        &dir,
+        &ns,
+        &ctx.stack.new_postgres_database("bench_view")?,
+        n,
+    )
+    .await?;
     Ok(json!({
         "updates": n,
         "devices": ctx.s.devices,

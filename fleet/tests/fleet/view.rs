@@ -382,20 +382,9 @@ async fn two_views_share_one_postgresql_view() {
 
 /// A new database on the stack's PostgreSQL; its URL.
 pub fn postgres_database(stack: &Stack, test: &str) -> String {
-    let name = crate::harness::unique(test).replace('-', "_");
-    let out = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p"])
-        .arg(stack.postgres_port.to_string())
-        .args(["-U", "ferry", "-d", "ferry", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output()
-        .expect("run psql (postgresql-client)");
-    assert!(
-        out.status.success(),
-        "the stack's PostgreSQL is required: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stack.postgres_url(&name)
+    stack
+        .new_postgres_database(test)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// 2 gateways x 50 devices x 20 updates through two views sharing the

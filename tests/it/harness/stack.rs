@@ -76,13 +76,34 @@ impl Stack {
         format!("pulsar://127.0.0.1:{}", self.pulsar_port)
     }
 
-    /// The admin REST API of this broker.
     /// The URL of database `db` on the stack's PostgreSQL.
     #[allow(dead_code)]
     pub fn postgres_url(&self, db: &str) -> String {
         format!("postgres://ferry@127.0.0.1:{}/{db}", self.postgres_port)
     }
 
+    /// A new database named after `name` (made unique) on the stack's
+    /// PostgreSQL (with `psql`, from postgresql-client); its URL.
+    #[allow(dead_code)]
+    pub fn new_postgres_database(&self, name: &str) -> Result<String, String> {
+        let db = super::unique(name).replace('-', "_");
+        let out = std::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p"])
+            .arg(self.postgres_port.to_string())
+            .args(["-U", "ferry", "-d", "ferry", "-c"])
+            .arg(format!("CREATE DATABASE {db}"))
+            .output()
+            .map_err(|e| format!("run psql (postgresql-client): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "the stack's PostgreSQL is required: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(self.postgres_url(&db))
+    }
+
+    /// The admin REST API of this broker.
     pub fn admin_api(&self) -> Admin {
         Admin::new(self.web_port, None)
     }
