@@ -222,6 +222,11 @@ pub async fn start_ferry(
         topic,
         extra,
     );
+    // `BENCH_COMMIT_WAIT_MS` sets ferry's group-commit wait (its default
+    // otherwise).
+    if let Ok(ms) = std::env::var("BENCH_COMMIT_WAIT_MS") {
+        ferry.add_settings("store", &format!("commit_max_wait_ms = {ms}"));
+    }
     ferry.start();
     let pid = ferry_pid(&ferry)?;
     ferry

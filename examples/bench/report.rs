@@ -163,6 +163,24 @@ pub fn rows(r: &Value, s: &Settings) -> Vec<Row> {
             met: "".into(),
         });
     }
+    let lat_cpu = num(r, &["ferry", "latency", "cpu_us_per_update"]);
+    let lat_bytes = num(r, &["ferry", "latency", "write_bytes_per_update"]);
+    out.push(Row {
+        figure: format!(
+            "ferry at {}/s (info): CPU µs and bytes written to disk per update",
+            s.rate
+        ),
+        ferry: match (lat_cpu, lat_bytes) {
+            (Some(c), Some(b)) => format!("{c:.1} µs, {b:.0} bytes"),
+            _ => failed(),
+        },
+        bound: format!("{} (payload)", s.payload),
+        ratio: lat_bytes
+            .map(|b| format!("{:.1}×", b / s.payload as f64))
+            .unwrap_or_default(),
+        target: "".into(),
+        met: "".into(),
+    });
     out.extend(downlink_rows(r, s, b));
     out.extend(fleet_rows(r, s));
     let rss = num(r, &["ferry", "resources", "peak_rss_kb"]);

@@ -190,7 +190,10 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Larger payloads go to the dead-letter table instead of the store.
     pub max_payload_bytes: usize,
-    /// Group commit: the longest a received message waits for companions.
+    /// Group commit: commits begin at least this far apart, each taking
+    /// what arrived meanwhile; a message after a quiet spell (the previous
+    /// commit began longer ago) commits at once. 0: as soon as the queue is
+    /// empty (more commits and page writes under load).
     pub commit_max_wait: Duration,
     /// Group commit: the most messages in one transaction.
     pub commit_max_batch: usize,

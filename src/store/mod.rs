@@ -30,7 +30,8 @@
 //! # Lifecycle of a record
 //!
 //! 1. [`Command::Insert`] arrives from ingest. The store thread gathers
-//!    inserts for up to `commit_max_wait` (group commit), gives each a record
+//!    inserts until `commit_max_wait` after the previous commit began (group
+//!    commit: at once after a quiet spell, batches under load), gives each a record
 //!    number per destination and commits them in one transaction. A stream
 //!    over its limits sheds by its policy in that same transaction; a
 //!    `reject` stream over its limits holds the message back instead

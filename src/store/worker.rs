@@ -28,6 +28,9 @@ pub(super) struct Worker {
     last_snapshot: Option<Instant>,
     last_sync: Instant,
     last_age_check: Option<Instant>,
+    /// When the last group commit began (the next waits for companions
+    /// until `commit_max_wait` after it).
+    last_commit: Option<Instant>,
     /// When the dead letters were last pruned for their age.
     last_prune: Option<Instant>,
     /// When what was shed last went to the audit trail.
@@ -84,6 +87,7 @@ impl Worker {
             last_snapshot: None,
             last_sync: Instant::now(),
             last_age_check: None,
+            last_commit: None,
             last_prune: None,
             last_shed_audit: None,
             deliveries: VecDeque::new(),
@@ -123,7 +127,10 @@ impl Worker {
                 crate::notify::hang_forever("store");
             }
             // Wait for the first command (waking to tick the beat), then
-            // gather more (group commit).
+            // gather more (group commit) until `commit_max_wait` after the
+            // previous commit began: after a quiet spell that moment has
+            // passed and the message commits at once; under load commits
+            // stay that far apart, each taking what arrived meanwhile.
             let first = match self.rx.recv_timeout(crate::notify::BEAT_EVERY) {
                 Ok(c) => c,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -134,7 +141,10 @@ impl Worker {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             };
-            let deadline = Instant::now() + self.cfg.commit_max_wait;
+            let now = Instant::now();
+            let deadline = self
+                .last_commit
+                .map_or(now, |t| (t + self.cfg.commit_max_wait).max(now));
             let mut closed = false;
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
@@ -204,6 +214,7 @@ impl Worker {
     /// `new` in arrival order, in one transaction; releases the acks of what
     /// was committed.
     fn commit(&mut self, new: Vec<Inbound>, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
+        self.last_commit = Some(Instant::now());
         if self.space.backing_off(Instant::now()) {
             // Nothing new fits now; try again on the next tick.
             for m in new {

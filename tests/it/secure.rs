@@ -372,7 +372,9 @@ async fn token_rotations_are_audited_by_fingerprint_and_no_token_is_written_anyw
     let read = ferry.audit_events_of("token-read");
     let rotated = ferry.audit_events_of("token-rotated");
     let fps = |es: &[serde_json::Value]| -> Vec<String> {
-        es.iter().map(|e| e["fingerprint"].to_string()).collect()
+        es.iter()
+            .map(|e| e["fingerprint"].as_str().unwrap_or_default().to_string())
+            .collect()
     };
     report(
         "auditrot",
