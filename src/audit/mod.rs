@@ -373,13 +373,5 @@ pub fn token_read(source: &str, token: &str, subject: Option<String>, expires_at
     e.record();
 }
 
-/// The SHA-256 of a file (a configuration), or why it could not be read.
-pub fn file_hash(path: &Path) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => chain::sha256_hex(&bytes),
-        Err(e) => format!("unreadable: {e}"),
-    }
-}
-
 #[cfg(test)]
 mod tests;
