@@ -218,9 +218,7 @@ impl Db {
             ],
         )?;
         tx.commit()?;
-        for e in stale {
-            e.record();
-        }
+        crate::audit::Event::record_all(stale);
         Ok(out)
     }
 
@@ -319,9 +317,7 @@ impl Db {
                 ],
             )
         })?;
-        for e in events {
-            e.record();
-        }
+        crate::audit::Event::record_all(events);
         Ok(out)
     }
 
