@@ -20,7 +20,7 @@ use pulsar::{ConsumerOptions, SubType};
 use serde_json::{json, Value};
 
 use crate::bare::{raw_pump, RawProducer};
-use crate::harness::{ferry_bin, free_port, unique, Namespace, Stack};
+use crate::harness::{ferry_bin, free_port, scrape_port, unique, Namespace, Stack};
 use crate::{Ctx, Settings};
 
 /// The `ferry-fleet` binary beside `ferry`.
@@ -95,17 +95,10 @@ async fn raw_consume(ctx: &Ctx, topic: &str, n: u64) -> Result<f64, String> {
     Ok((n - 1) as f64 / secs.max(1e-9))
 }
 
-/// One counter of a view's `/metrics`.
+/// What a view consumed so far, from its `/metrics`.
 async fn consumed(port: u16) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("ferry_fleet_view_consumed_total "))
-        .and_then(|v| v.trim().parse().ok())
+    let m = scrape_port(port).await?;
+    m.get("ferry_fleet_view_consumed_total").copied()
 }
 
 struct Process(Child);

@@ -132,15 +132,8 @@ fn replay_figures(line: &str) -> [u64; 4] {
 }
 
 async fn scrape_applied(port: u16) -> Option<u64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("ferry_fleet_view_applied_total "))
-        .and_then(|v| v.parse().ok())
+    let m = crate::harness::scrape_port(port).await?;
+    m.get("ferry_fleet_view_applied_total").map(|v| *v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread")]

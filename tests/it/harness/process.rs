@@ -449,22 +449,29 @@ listen = "127.0.0.1:{metrics_port}"
 
     /// [`Ferry::scrape`], or `None` while the endpoint does not answer.
     pub async fn try_scrape(&self) -> Option<BTreeMap<String, f64>> {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| !l.starts_with('#') && !l.is_empty())
-                .filter_map(|l| {
-                    let (k, v) = l.rsplit_once(' ')?;
-                    Some((k.to_string(), v.parse().ok()?))
-                })
-                .collect(),
-        )
+        scrape_port(self.metrics_port).await
     }
+}
+
+/// Scrapes `http://127.0.0.1:<port>/metrics` (ferry's, or a `ferry-fleet
+/// view`'s): each sample line as (name with labels, value); `None` while
+/// the endpoint does not answer.
+pub async fn scrape_port(port: u16) -> Option<BTreeMap<String, f64>> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect(),
+    )
 }
 
 impl Drop for Ferry {
