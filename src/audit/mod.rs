@@ -335,20 +335,6 @@ impl Event {
         }
     }
 
-    /// Appends several events to the process's trail in one write (see
-    /// [`AuditLog::record_many`]), if there is one.
-    pub fn record_all(events: Vec<Event>) {
-        if events.is_empty() {
-            return;
-        }
-        let mut guard = LOG.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(log) = guard.as_mut() {
-            if let Err(e) = log.record_many(events.iter().map(|e| (e.kind, &e.fields))) {
-                tracing::warn!(error = %e, events = events.len(), "audit events not written");
-            }
-        }
-    }
-
     /// Like [`Event::record`], but at most once per `every` for `key` (a
     /// refusal repeated at every reconnect is recorded once per period).
     pub fn record_at_most_every(self, key: String, every: Duration) {

@@ -119,6 +119,21 @@ async fn a_hundred_devices_get_version_one_retained_and_a_hundred_acks_arrive() 
     );
     side.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
+    // The audit trail names each applied version once, a commit's worth
+    // per line.
+    let mut audited: Vec<(String, u64)> = ferry
+        .audit_events()
+        .iter()
+        .filter(|e| e["event"] == "desired-applied")
+        .flat_map(|e| {
+            let pairs = e["applied"].as_array().unwrap().clone();
+            assert_eq!(e["count"].as_u64(), Some(pairs.len() as u64));
+            pairs
+        })
+        .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
+        .collect();
+    audited.sort();
+    assert_eq!(audited, want);
 }
 
 /// Every device's versions, as a subscriber saw them, never go down.

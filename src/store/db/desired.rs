@@ -182,12 +182,7 @@ impl Db {
                 .optional()?;
             if let Some(held) = held.filter(|h| (*h).max(0) as u64 >= version) {
                 out.stale += 1;
-                stale.push(
-                    crate::audit::Event::new("desired-stale")
-                        .field("device", device)
-                        .field("version", version)
-                        .field("held", held.max(0)),
-                );
+                stale.push(serde_json::json!([device, version, held.max(0)]));
                 continue;
             }
             tx.prepare_cached(
@@ -218,7 +213,12 @@ impl Db {
             ],
         )?;
         tx.commit()?;
-        crate::audit::Event::record_all(stale);
+        if !stale.is_empty() {
+            crate::audit::Event::new("desired-stale")
+                .field("count", stale.len())
+                .field("stale", stale)
+                .record();
+        }
         Ok(out)
     }
 
@@ -233,8 +233,9 @@ impl Db {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Desired>, StoreError> {
-        let caught_up: bool = self
-            .conn
+        // One read transaction for both queries, not one each.
+        let tx = self.conn.unchecked_transaction()?;
+        let caught_up: bool = tx
             .query_row("SELECT MAX(caught_up) FROM downlink", [], |r| {
                 r.get::<_, Option<i64>>(0)
             })?
@@ -250,8 +251,7 @@ impl Db {
             })
         };
         let rows = match after {
-            Some(after) => self
-                .conn
+            Some(after) => tx
                 .prepare_cached(
                     "SELECT device, version, payload FROM desired
                      WHERE device > ?1 AND (version > applied OR republish != 0)
@@ -259,8 +259,7 @@ impl Db {
                 )?
                 .query_map(params![after, limit as i64], row)?
                 .collect::<Result<_, _>>()?,
-            None => self
-                .conn
+            None => tx
                 .prepare_cached(
                     "SELECT device, version, payload FROM desired
                      WHERE version > applied OR republish != 0
@@ -283,24 +282,22 @@ impl Db {
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
         let mut newly = Vec::new();
-        let mut events = Vec::new();
+        let mut versions = Vec::new();
+        // One read transaction for the lookups, not one each.
+        let tx = self.conn.transaction()?;
         for (d, ack) in applied {
-            let had: Option<i64> = self
-                .conn
+            let had: Option<i64> = tx
                 .prepare_cached("SELECT applied FROM desired WHERE device = ?1")?
                 .query_row([&d.device], |r| r.get(0))
                 .optional()?;
             if had.is_some_and(|a| (a.max(0) as u64) < d.version) {
                 newly.push(ack.clone());
-                events.push(
-                    crate::audit::Event::new("desired-applied")
-                        .field("device", d.device.as_str())
-                        .field("version", d.version),
-                );
+                versions.push(serde_json::json!([d.device, d.version]));
             }
         }
+        tx.commit()?;
         let republished = applied.len() - newly.len();
-        let out = self.commit_with(&[], &[], &newly, max_payload, |tx| {
+        let out = self.commit_with(&[], &[], &newly, Origin::Ferry, max_payload, |tx| {
             for (d, _) in applied {
                 tx.prepare_cached(
                     "UPDATE desired SET applied = MAX(applied, ?2),
@@ -317,7 +314,12 @@ impl Db {
                 ],
             )
         })?;
-        crate::audit::Event::record_all(events);
+        if !versions.is_empty() {
+            crate::audit::Event::new("desired-applied")
+                .field("count", versions.len())
+                .field("applied", versions)
+                .record();
+        }
         Ok(out)
     }
 

@@ -39,7 +39,7 @@ pub use shedding::Shed;
 
 use dead_letters::{dead_letter, dead_letter_raw};
 pub use dead_letters::{Pruned, DEAD_LETTER_KEEP_BYTES};
-use redelivery::{forget_seen, remember, save_state, screen, Acks, Screened};
+use redelivery::{forget_seen, remember, save_state, screen, Acks, Origin, Screened};
 use shedding::{write_shed, Pressure};
 
 use super::{
@@ -311,7 +311,9 @@ impl Db {
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
-        self.commit_with(deliveries, forget, batch, max_payload, |_| Ok(()))
+        self.commit_with(deliveries, forget, batch, Origin::Mqtt, max_payload, |_| {
+            Ok(())
+        })
     }
 
     /// [`Db::commit_batch`], with `more` written in the same transaction.
@@ -320,6 +322,7 @@ impl Db {
         deliveries: &[Delivery],
         forget: &[u16],
         batch: &[Inbound],
+        origin: Origin,
         max_payload: usize,
         more: impl FnOnce(&Transaction<'_>) -> Result<(), StoreError>,
     ) -> Result<BatchOutcome, StoreError> {
@@ -347,7 +350,13 @@ impl Db {
             if !msg.counted {
                 counts.received += 1;
             }
-            let (topic, digest) = match screen(&tx, &self.acks, msg)? {
+            let screened = match origin {
+                Origin::Mqtt => screen(&tx, &self.acks, msg)?,
+                Origin::Ferry => Screened::Made,
+            };
+            // What `screen` will need to know it again (nothing for what
+            // ferry made: no broker sends it again).
+            let seen = match screened {
                 Screened::Redelivered => {
                     counts.redelivered += 1;
                     out.acks.extend(msg.ack);
@@ -358,11 +367,12 @@ impl Db {
                     out.acks.extend(msg.ack);
                     continue;
                 }
-                Screened::New { topic, digest } => (topic, digest),
+                Screened::New { topic, digest } => Some((topic, digest)),
+                Screened::Made => None,
             };
             if let Some(reason) = dead_letter_reason(msg, max_payload) {
                 dead_letter(&tx, msg, &reason, now)?;
-                remember(&tx, &self.acks, msg, gen, topic, digest)?;
+                remember(&tx, &self.acks, msg, gen, seen)?;
                 counts.dead_lettered += 1;
                 out.acks.extend(msg.ack);
                 continue;
@@ -378,7 +388,7 @@ impl Db {
                 out.parked.push(i);
                 continue;
             }
-            remember(&tx, &self.acks, msg, gen, topic, digest)?;
+            remember(&tx, &self.acks, msg, gen, seen)?;
             insert_record(&tx, &self.layout, &mut dests, s, msg, now, stored_at)?;
             counts.stored += 1;
             out.acks.extend(msg.ack);

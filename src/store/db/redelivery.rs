@@ -69,6 +69,20 @@ pub(super) enum Screened {
     /// New: to be stored (or dead-lettered); the topic's key and the
     /// payload's digest for [`remember`].
     New { topic: i64, digest: i64 },
+    /// Made by ferry itself (the downlink's acknowledgements), never sent
+    /// by a broker: nothing to tell apart, nothing to remember.
+    Made,
+}
+
+/// Where the records of a commit come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// The MQTT broker: screened for what it sends again, and remembered.
+    Mqtt,
+    /// Ferry itself: neither (a row per device in `topic_last` would be
+    /// one random page written per record, and rows no broker ever asks
+    /// about).
+    Ferry,
 }
 
 /// Tells a message the broker sends again from a new one.
@@ -89,15 +103,18 @@ pub(super) fn screen(
 }
 
 /// Remembers a message that commit `gen` stores or dead-letters, so that
-/// [`screen`] knows it again.
+/// [`screen`] knows it again; `seen` is what [`Screened::New`] held (`None`
+/// for what ferry made).
 pub(super) fn remember(
     tx: &Transaction<'_>,
     acks: &Acks,
     msg: &Inbound,
     gen: u64,
-    topic: i64,
-    digest: i64,
+    seen: Option<(i64, i64)>,
 ) -> Result<(), StoreError> {
+    let Some((topic, digest)) = seen else {
+        return Ok(());
+    };
     if msg.pkid != 0 {
         seen_put(tx, acks, msg, gen)?;
     }

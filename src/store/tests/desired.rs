@@ -162,6 +162,40 @@ fn applied_versions_get_one_acknowledgement_each_in_the_same_transaction() {
     assert_eq!(pending(&db), [row("a", 2, "a2")]);
 }
 
+/// The acknowledgements are ferry's own records: no broker sends them
+/// again, so nothing is remembered of them for screening (a row per device
+/// in `topic_last` was a page written per acknowledgement), and an MQTT
+/// message on the same topic is screened as before.
+#[test]
+fn acknowledgements_leave_nothing_behind_for_redelivery_screening() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = caught_up(&dir, &l);
+    let updates: Vec<_> = (0..50)
+        .map(|i| update(&format!("d{i}"), "1", "x"))
+        .collect();
+    db.desired_received(TOPIC, &updates, b"p1", true, 1024)
+        .unwrap();
+    let todo = db.desired_pending(None, 100).unwrap();
+    let out = db.desired_applied(&with_acks(&l, todo), 1024).unwrap();
+    assert_eq!(out.stored, 50);
+    let rows = |db: &Db| -> i64 {
+        db.conn()
+            .query_row("SELECT COUNT(*) FROM topic_last", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(rows(&db), 0);
+    // A retained MQTT message on an acknowledgement's topic: stored, and
+    // the same state again is known as unchanged.
+    let mut retained = msg(&l, "devices/d0/alarm", b"d0:1", 0, false);
+    retained.retain = true;
+    let out = db.insert_batch(&[retained.clone()], 1024).unwrap();
+    assert_eq!(out.stored, 1);
+    assert_eq!(rows(&db), 1);
+    let out = db.insert_batch(&[retained], 1024).unwrap();
+    assert_eq!((out.stored, out.retained_unchanged), (0, 1));
+}
+
 #[test]
 fn bad_desired_state_is_dead_lettered_with_its_reason_and_the_rest_goes_on() {
     let dir = Dir::new();
