@@ -139,7 +139,7 @@ impl RawProducer {
 
     /// Takes one whole frame off the read buffer, if there is one; answers
     /// PINGs.
-    fn take_command(&mut self) -> Result<Option<BaseCommand>, String> {
+    fn take_command(&mut self) -> Result<Option<Box<BaseCommand>>, String> {
         let Some(f) = frame::decode(&mut self.rbuf).map_err(|e| format!("decode: {e}"))? else {
             return Ok(None);
         };
@@ -165,7 +165,7 @@ impl RawProducer {
     async fn read_command(&mut self) -> Result<BaseCommand, String> {
         loop {
             if let Some(c) = self.take_command()? {
-                return Ok(c);
+                return Ok(*c);
             }
             self.fill().await?;
         }

@@ -382,12 +382,12 @@ mod tests {
         assert!(conn.pending_write());
         conn.flush().await.unwrap();
         assert!(!conn.pending_write());
-        assert_eq!(conn.read_frame().await.unwrap().command, ping);
+        assert_eq!(*conn.read_frame().await.unwrap().command, ping);
         let next = match conn.try_frame().unwrap() {
             Some(f) => f,
             None => conn.read_frame().await.unwrap(),
         };
-        assert_eq!(next.command, ping);
+        assert_eq!(*next.command, ping);
         drop(conn);
         echo.await.unwrap();
     }

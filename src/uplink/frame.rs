@@ -33,7 +33,9 @@ pub enum FrameError {
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
-    pub command: BaseCommand,
+    /// Boxed: a `BaseCommand` holds every command type inline (4.4 KB), and
+    /// a frame is moved through several layers on its way in.
+    pub command: Box<BaseCommand>,
     pub payload: Option<(MessageMetadata, Bytes)>,
 }
 
@@ -103,7 +105,10 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     if cmd_len > frame.len() {
         return Err(FrameError::Malformed("command size beyond frame"));
     }
-    let command = BaseCommand::decode(frame.split_to(cmd_len))
+    // Decoded where it stays (see `Frame::command`).
+    let mut command = Box::<BaseCommand>::default();
+    command
+        .merge(frame.split_to(cmd_len))
         .map_err(|e| FrameError::Protobuf(e.to_string()))?;
     if frame.is_empty() {
         return Ok(Some(Frame {
@@ -228,7 +233,7 @@ mod tests {
             }
         }
         assert_eq!(frames.len(), 2);
-        assert_eq!(frames[0].command, ping);
+        assert_eq!(*frames[0].command, ping);
         assert_eq!(frames[0].payload, None);
         let (m, p) = frames[1].payload.clone().unwrap();
         assert_eq!((m, p.to_vec()), (metadata, payload));

@@ -186,7 +186,7 @@ mod tests {
                 while let Some(f) = frame::decode(&mut buf).unwrap() {
                     let mut out = BytesMut::new();
                     let c = f.command.clone();
-                    let _ = seen.send(f.command);
+                    let _ = seen.send(*f.command);
                     if c.connect.is_some() {
                         std::fs::write(&token_file, rotated).unwrap();
                         let ping = command(Type::Ping, |r| r.ping = Some(proto::CommandPing {}));

@@ -13,7 +13,7 @@ const P: u64 = 1;
 
 fn frame(command: BaseCommand) -> Frame {
     Frame {
-        command,
+        command: Box::new(command),
         payload: None,
     }
 }
@@ -569,14 +569,14 @@ fn a_message_is_handed_over_with_its_id_and_metadata() {
     );
     p.handle(success(id)).unwrap();
     let message = |consumer_id, payload: Option<(MessageMetadata, Bytes)>| Frame {
-        command: command(Type::Message, |c| {
+        command: Box::new(command(Type::Message, |c| {
             c.message = Some(proto::CommandMessage {
                 consumer_id,
                 message_id: message_id(5),
                 redelivery_count: Some(2),
                 ..Default::default()
             })
-        }),
+        })),
         payload,
     };
     let metadata = MessageMetadata {

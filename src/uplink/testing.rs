@@ -91,7 +91,7 @@ pub async fn answer_lookups<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Un
         while let Some(f) = frame::decode(&mut buf).unwrap() {
             let mut out = BytesMut::new();
             let c = f.command.clone();
-            let _ = seen.send(f.command);
+            let _ = seen.send(*f.command);
             if c.connect.is_some() {
                 let reply = command(Type::Connected, |r| {
                     r.connected = Some(proto::CommandConnected {
@@ -255,7 +255,7 @@ pub async fn produce_badly(
     let mut buf = BytesMut::new();
     loop {
         while let Ok(Some(f)) = frame::decode(&mut buf) {
-            let c = f.command;
+            let c = *f.command;
             let mut out = BytesMut::new();
             let mut stop_reading = false;
             if c.connect.is_some() {
