@@ -94,14 +94,12 @@ impl RawProducer {
 
     /// Queues one SEND with ferry's key, event time and properties.
     pub fn send(&mut self, seq: u64, device: &str, mqtt_topic: &str, payload: &[u8]) {
-        let cmd = command(Type::Send, |c| {
-            c.send = Some(proto::CommandSend {
-                producer_id: RAW_PRODUCER_ID,
-                sequence_id: seq,
-                num_messages: Some(1),
-                ..Default::default()
-            })
-        });
+        let cmd = proto::CommandSend {
+            producer_id: RAW_PRODUCER_ID,
+            sequence_id: seq,
+            num_messages: Some(1),
+            ..Default::default()
+        };
         let now_ms = now_us() / 1000;
         let kv = |k: &str, v: String| KeyValue {
             key: k.into(),
@@ -121,7 +119,7 @@ impl RawProducer {
             ],
             ..Default::default()
         };
-        frame::encode_with_payload(&cmd, &meta, payload, &mut self.wbuf);
+        frame::encode_send(&cmd, &meta, payload, &mut self.wbuf);
         self.in_flight.push_back((seq, Instant::now()));
     }
 

@@ -266,7 +266,7 @@ async fn run_once(
         }],
         ..Default::default()
     };
-    frame::encode_with_payload(&send, &metadata, document, &mut conn.wbuf);
+    frame::encode_send(&send, &metadata, document, &mut conn.wbuf);
     conn.flush().await?;
     let receipt = until(&mut conn, &mut proto, s, |e| match e {
         Event::Receipt {

@@ -425,17 +425,15 @@ impl Protocol {
         sequence_id: u64,
         bytes: usize,
         now: Instant,
-    ) -> Option<BaseCommand> {
+    ) -> Option<proto::CommandSend> {
         let p = self.producers.get_mut(&producer_id)?;
         p.window.on_send(sequence_id, bytes, now);
-        Some(command(Type::Send, |c| {
-            c.send = Some(proto::CommandSend {
-                producer_id,
-                sequence_id,
-                num_messages: Some(1),
-                ..Default::default()
-            })
-        }))
+        Some(proto::CommandSend {
+            producer_id,
+            sequence_id,
+            num_messages: Some(1),
+            ..Default::default()
+        })
     }
 
     /// Counts and returns the resends of `producer_id` since the last call.

@@ -333,7 +333,7 @@ fn producer_success_without_a_number_means_the_broker_holds_none() {
 fn send_receipts_confirm_in_order_and_a_receipt_not_in_flight_is_an_error() {
     let mut p = producing();
     let t0 = Instant::now();
-    let send = p.send(P, 1, 100, t0).unwrap().send.unwrap();
+    let send = p.send(P, 1, 100, t0).unwrap();
     assert_eq!((send.producer_id, send.sequence_id), (P, 1));
     assert_eq!(send.num_messages, Some(1));
     p.send(P, 2, 100, t0).unwrap();

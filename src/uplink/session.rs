@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use pulsar::proto::{BaseCommand, KeyValue, MessageMetadata};
+use pulsar::proto::{CommandSend, KeyValue, MessageMetadata};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -326,7 +326,7 @@ impl Uplink {
                     .proto
                     .send(PRODUCER_ID, seq, bytes, Instant::now())
                     .expect("the producer is added when the session is made");
-                encode_send(&self.settings, send, rec, &mut conn.wbuf);
+                encode_record(&self.settings, send, rec, &mut conn.wbuf);
                 self.metrics.sent.inc();
             }
             // Write what is pending; the beat ticks only when bytes move.
@@ -490,9 +490,10 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Appends the SEND frame of one record (`send`, from the protocol state) (taken by value: its strings move
-/// into the metadata instead of being copied).
-fn encode_send(s: &UplinkSettings, send: BaseCommand, rec: Record, dst: &mut BytesMut) {
+/// Appends the SEND frame of one record (`send`, from the protocol state;
+/// the record taken by value: its strings move into the metadata instead
+/// of being copied).
+fn encode_record(s: &UplinkSettings, send: CommandSend, rec: Record, dst: &mut BytesMut) {
     let kv = |k: &str, v: String| KeyValue {
         key: k.into(),
         value: v,
@@ -514,7 +515,7 @@ fn encode_send(s: &UplinkSettings, send: BaseCommand, rec: Record, dst: &mut Byt
         ],
         ..Default::default()
     };
-    frame::encode_with_payload(&send, &metadata, &rec.payload, dst);
+    frame::encode_send(&send, &metadata, &rec.payload, dst);
 }
 
 #[cfg(test)]
