@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::harness::{
     document, downlink_section, unique, DeviceSide, Ferry, Fleet, Publisher, Stack,
 };
-use crate::mqtt::subscribe;
+use crate::mqtt::{subscribe, Publisher as MqttPublisher};
 use crate::observe::*;
 use crate::pulsar_crate::{arrivals, latency_summary, quantile, raw_producer};
 use crate::{device_ids, now_us, payload, Ctx};
@@ -366,6 +366,90 @@ pub async fn downlink_latency(ctx: &mut Ctx) -> Result<Value, String> {
     }))
 }
 
+/// Waits until the subscriber saw every device reach its last version.
+async fn wait_seen(seen: &Mutex<Seen>, what: &str, limit: Duration) -> Result<Instant, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(at) = seen.lock().unwrap().done_at {
+            return Ok(at);
+        }
+        if Instant::now() > deadline {
+            let s = seen.lock().unwrap();
+            return Err(format!("{what}: {} of the devices complete", s.complete));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Ceiling B_r, the downlink's MQTT leg alone: one client publishes
+/// `BENCH_DOWNLINK_N` retained QoS 1 messages, one to each device's desired
+/// topic, 1,000 awaiting their PUBACK at most (ferry's applier's window), and
+/// the same subscriber as ferry's lines receives them. Retained publishes to
+/// as many topics cost Mosquitto more than ceiling B's plain ones.
+pub async fn ceiling_b_retained(ctx: &mut Ctx) -> Result<Value, String> {
+    let n = ctx.s.downlink_n;
+    let devices = device_ids(n as usize);
+    let prefix = unique("bench-b-retained");
+    let (sub, seen) = watch(ctx.stack, &prefix, last_versions(&devices, n)).await;
+    let started = Instant::now();
+    let mut p = MqttPublisher::with_inflight(ctx.stack, "bench-b-retained", 1000).await;
+    for d in &devices {
+        p.publish_as(
+            format!("{prefix}/{d}/desired"),
+            payload(d, 1, ctx.s.payload),
+            true,
+        )
+        .await?;
+    }
+    let end = wait_seen(&seen, "ceiling B_r", Duration::from_secs(120 + n / 200)).await;
+    p.disconnect().await;
+    let _ = sub.disconnect().await;
+    clear_retained(ctx.stack, &prefix, &devices).await;
+    let secs = end?.duration_since(started).as_secs_f64();
+    Ok(json!({ "rate": n as f64 / secs, "seconds": secs, "devices": n }))
+}
+
+/// How long a plain Pulsar consumer (the `pulsar` crate's, non-durable,
+/// from the earliest message, no acknowledgements, as ferry's reader)
+/// takes to receive `n` messages of `topic`.
+async fn plain_read(pulsar: &Pulsar<TokioExecutor>, topic: &str, n: u64) -> Result<f64, String> {
+    use futures::StreamExt;
+    use pulsar::consumer::{ConsumerOptions, InitialPosition};
+    let started = Instant::now();
+    let mut consumer: pulsar::Consumer<Vec<u8>, TokioExecutor> = pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription(unique("bench-plain-read"))
+        .with_subscription_type(pulsar::SubType::Exclusive)
+        .with_options(ConsumerOptions {
+            initial_position: InitialPosition::Earliest,
+            durable: Some(false),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .map_err(|e| format!("plain consumer: {e}"))?;
+    let mut got = 0u64;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(30), consumer.next()).await {
+            Ok(Some(Ok(_))) => got += 1,
+            other => {
+                return Err(format!(
+                    "plain consumer: {got} of {n} messages, then {}",
+                    match other {
+                        Ok(Some(Err(e))) => e.to_string(),
+                        Ok(None) => "the end of the stream".into(),
+                        _ => "30 s of silence".into(),
+                    }
+                ))
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let _ = consumer.close().await;
+    Ok(secs)
+}
+
 /// Downlink throughput on a backlog, the pipeline's own speed: with ferry
 /// stopped (caught up on the topic before), the fleet writes
 /// `BENCH_DOWNLINK_N` updates, one version each to as many devices, so that
@@ -384,6 +468,12 @@ pub async fn downlink_backlog(ctx: &mut Ctx) -> Result<Value, String> {
     } = start(ctx, "bench-downlink-backlog").await?;
     ferry.terminate();
     let fleet = write_all(&ctx.pulsar, &desired, &devices, n, window, ctx.s.payload).await?;
+    // Ceiling D, the Pulsar leg alone: the same backlog on a topic of its
+    // own (neither read is served from what the other put in the broker's
+    // cache), read by a plain consumer.
+    let plain = ctx.topic("bench-downlink-backlog-plain");
+    write_all(&ctx.pulsar, &plain, &devices, n, window, ctx.s.payload).await?;
+    let plain_secs = plain_read(&ctx.pulsar, &plain, n).await;
     let (sub, seen) = watch(ctx.stack, &prefix, last_versions(&devices, n)).await;
     let started = Instant::now();
     ferry.start();
@@ -401,6 +491,8 @@ pub async fn downlink_backlog(ctx: &mut Ctx) -> Result<Value, String> {
     Ok(json!({
         "rate": n as f64 / secs,
         "seconds": secs,
+        "plain_read_rate": plain_secs.as_ref().ok().map(|s| n as f64 / s),
+        "plain_read_error": plain_secs.err(),
         "written": n,
         "devices": devices.len(),
         "fleet_seconds": fleet.as_secs_f64(),

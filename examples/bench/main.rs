@@ -353,6 +353,12 @@ async fn main() {
         ferry_drain(&mut ctx),
     )
     .await;
+    let b_retained = phase(
+        "downlink",
+        "ceiling B_r, retained MQTT publishes to one topic per device",
+        ceiling_b_retained(&mut ctx),
+    )
+    .await;
     let dl = phase(
         "downlink",
         "ferry downlink, desired updates to retained MQTT publishes",
@@ -417,7 +423,7 @@ async fn main() {
         },
         "ceilings": {
             "a_pulsar_crate": a_crate, "a_pulsar_bare": a_bare,
-            "b_mqtt": b, "c_sqlite": c, "l_no_store": l,
+            "b_mqtt": b, "c_sqlite": c, "l_no_store": l, "b_retained": b_retained,
         },
         "ferry": {
             "end_to_end": e2e, "latency": lat, "drain": drain, "resources": resources,

@@ -27,9 +27,14 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn connect(stack: &Stack, name: &str) -> Publisher {
+        Publisher::with_inflight(stack, name, 200).await
+    }
+
+    /// The same, with `inflight` publishes awaiting their PUBACK at most.
+    pub async fn with_inflight(stack: &Stack, name: &str, inflight: u16) -> Publisher {
         let mut opts = MqttOptions::new(unique(name), "127.0.0.1", stack.mqtt_port);
         opts.set_keep_alive(Duration::from_secs(30))
-            .set_inflight(200)
+            .set_inflight(inflight)
             .set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         nodelay(&mut eventloop);
@@ -60,8 +65,18 @@ impl Publisher {
     }
 
     pub async fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        self.publish_as(topic, payload, false).await
+    }
+
+    /// A QoS 1 publish, retained if `retain`.
+    pub async fn publish_as(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), String> {
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await
             .map_err(|e| format!("publish: {e}"))?;
         self.published += 1;

@@ -321,6 +321,36 @@ fn downlink_rows(r: &Value, s: &Settings, b: Option<f64>) -> Vec<Row> {
             met: "".into(),
         },
     ];
+    // What bounds the backlog line besides B: each leg of the downlink
+    // alone, measured in the same run.
+    let b_r = num(r, &["ceilings", "b_retained", "rate"]);
+    let d = num(r, &["ferry", "downlink_backlog", "plain_read_rate"]);
+    for (figure, bound, label) in [
+        (
+            "downlink backlog (info) against ceiling B_r: the same retained QoS 1 publishes, one topic per device, 1,000 in flight, by one MQTT client to one subscriber",
+            b_r,
+            "B_r",
+        ),
+        (
+            "downlink backlog (info) against ceiling D: the same backlog (another topic) read by a plain Pulsar consumer",
+            d,
+            "D",
+        ),
+    ] {
+        out.push(Row {
+            figure: figure.into(),
+            ferry: backlog.map(fmt_rate).unwrap_or_else(failed),
+            bound: bound
+                .map(|v| format!("{} ({label})", fmt_rate(v)))
+                .unwrap_or_else(failed),
+            ratio: match (backlog, bound) {
+                (Some(f), Some(b)) => format!("{:.0}%", 100.0 * f / b),
+                _ => "".into(),
+            },
+            target: "".into(),
+            met: "".into(),
+        });
+    }
     for (q, key) in [("p50", "p50_ms"), ("p99", "p99_ms")] {
         let f = num(r, &["ferry", "downlink_latency", key]);
         let c = num(r, &["ferry", "downlink_latency", "pulsar_consumer", key]);
