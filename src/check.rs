@@ -98,27 +98,18 @@ async fn probe_reader(s: &UplinkSettings) -> Result<String, String> {
 }
 
 async fn probe_reader_inner(s: &UplinkSettings) -> Result<String, uplink::UplinkError> {
-    use uplink::link::{until, within};
-    use uplink::protocol::{Event, SubscribeOptions};
+    use uplink::link::subscribe;
+    use uplink::protocol::SubscribeOptions;
+
     let mut proto = uplink::Protocol::new(s.auth.is_some(), &s.topic).for_reading();
     let mut conn = uplink::connect_to_topic(s, &mut proto).await?;
-    let (request_id, cmd) = proto.subscribe_with(
-        1,
-        &s.topic,
-        SubscribeOptions {
-            name: format!("ferry-{}-desired-check", s.gateway_id),
-            durable: false,
-            read_compacted: true,
-            ..SubscribeOptions::default()
-        },
-    );
-    conn.push(&cmd);
-    conn.flush().await?;
-    let subscribed = until(&mut conn, &mut proto, s, |e| match e {
-        Event::Subscribed { request_id: id, .. } if id == request_id => Some(()),
-        _ => None,
-    });
-    within(s.operation_timeout(), "subscribe", subscribed).await?;
+    let options = SubscribeOptions {
+        name: format!("ferry-{}-desired-check", s.gateway_id),
+        durable: false,
+        read_compacted: true,
+        ..SubscribeOptions::default()
+    };
+    subscribe(&mut conn, &mut proto, s, 1, options).await?;
     Ok(format!(
         "broker {}; reader accepted on {} (the downlink)",
         conn.endpoint, s.topic

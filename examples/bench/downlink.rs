@@ -147,7 +147,7 @@ async fn watch(
 /// metrics meanwhile; returns when that happened.
 async fn wait_done(
     ctx: &mut Ctx,
-    ferry: &Ferry,
+    ferry: Option<&Ferry>,
     phase: &str,
     seen: &Mutex<Seen>,
     limit: Duration,
@@ -164,7 +164,9 @@ async fn wait_done(
                 s.complete, s.count
             ));
         }
-        ctx.sampler.poll(ferry, phase).await;
+        if let Some(ferry) = ferry {
+            ctx.sampler.poll(ferry, phase).await;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -256,7 +258,7 @@ pub async fn downlink_throughput(ctx: &mut Ctx) -> Result<Value, String> {
         async move { write_all(&pulsar, &desired, &devices, n, window, size).await }
     });
     let limit = Duration::from_secs(120 + n / 200);
-    let end = wait_done(ctx, &ferry, "downlink", &seen, limit).await;
+    let end = wait_done(ctx, Some(&ferry), "downlink", &seen, limit).await;
     let fleet = writing.await.map_err(|e| e.to_string())?;
     let end = end?;
     let fleet = fleet?;
@@ -341,7 +343,7 @@ pub async fn downlink_latency(ctx: &mut Ctx) -> Result<Value, String> {
         }
     });
     let limit = Duration::from_secs(60 + n / rate);
-    let end = wait_done(ctx, &ferry, "downlink latency", &seen, limit).await;
+    let end = wait_done(ctx, Some(&ferry), "downlink latency", &seen, limit).await;
     let late = writing.await.map_err(|e| e.to_string())?;
     end?;
     let consumer = latency_summary(&reading.await.map_err(|e| e.to_string())?);
@@ -366,21 +368,6 @@ pub async fn downlink_latency(ctx: &mut Ctx) -> Result<Value, String> {
     }))
 }
 
-/// Waits until the subscriber saw every device reach its last version.
-async fn wait_seen(seen: &Mutex<Seen>, what: &str, limit: Duration) -> Result<Instant, String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(at) = seen.lock().unwrap().done_at {
-            return Ok(at);
-        }
-        if Instant::now() > deadline {
-            let s = seen.lock().unwrap();
-            return Err(format!("{what}: {} of the devices complete", s.complete));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Ceiling B_r, the downlink's MQTT leg alone: one client publishes
 /// `BENCH_DOWNLINK_N` retained QoS 1 messages, one to each device's desired
 /// topic, 1,000 awaiting their PUBACK at most (ferry's applier's window), and
@@ -401,7 +388,8 @@ pub async fn ceiling_b_retained(ctx: &mut Ctx) -> Result<Value, String> {
         )
         .await?;
     }
-    let end = wait_seen(&seen, "ceiling B_r", Duration::from_secs(120 + n / 200)).await;
+    let limit = Duration::from_secs(120 + n / 200);
+    let end = wait_done(ctx, None, "ceiling B_r", &seen, limit).await;
     p.disconnect().await;
     let _ = sub.disconnect().await;
     clear_retained(ctx.stack, &prefix, &devices).await;
@@ -480,7 +468,7 @@ pub async fn downlink_backlog(ctx: &mut Ctx) -> Result<Value, String> {
     let pid = ferry_pid(&ferry)?;
     let before = proc_sample(pid)?;
     let limit = Duration::from_secs(120 + n / 200);
-    let end = wait_done(ctx, &ferry, "downlink-backlog", &seen, limit).await?;
+    let end = wait_done(ctx, Some(&ferry), "downlink-backlog", &seen, limit).await?;
     let after = proc_sample(pid)?;
     ctx.peaks.insert("downlink-backlog".into(), after.hwm_kb);
     ferry.terminate();

@@ -42,7 +42,7 @@ use ferry::downlink::message::{is_after, is_empty_topic, read_message, VERSION_P
 use ferry::store::db::{desired_reject_reason, parse_version, DesiredUpdate};
 use ferry::uplink::conn::Endpoint;
 use ferry::uplink::frame;
-use ferry::uplink::link::{create_producer, until, within, PRODUCER_ID};
+use ferry::uplink::link::{create_producer, subscribe, until, within, PRODUCER_ID};
 use ferry::uplink::producer::Receipt;
 use ferry::uplink::protocol::SubscribeOptions;
 use ferry::uplink::{connect_to_topic, ErrorClass, Event, Protocol, UplinkError, UplinkSettings};
@@ -285,26 +285,16 @@ async fn run_once(
 async fn read_current(s: &UplinkSettings, device: &str) -> Result<Option<Current>, UplinkError> {
     let mut proto = Protocol::new(s.auth.is_some(), &s.topic).for_reading();
     let mut conn = connect_to_topic(s, &mut proto).await?;
-    let (request_id, cmd) = proto.subscribe_with(
-        CONSUMER_ID,
-        &s.topic,
-        SubscribeOptions {
-            name: format!("{}-{}", s.producer_name, std::process::id()),
-            sub_type: SubType::Exclusive,
-            durable: false,
-            start: None,
-            read_compacted: true,
-            earliest: true,
-            consumer_name: Some(s.producer_name.clone()),
-        },
-    );
-    conn.push(&cmd);
-    conn.flush().await?;
-    let subscribed = until(&mut conn, &mut proto, s, |e| match e {
-        Event::Subscribed { request_id: id, .. } if id == request_id => Some(()),
-        _ => None,
-    });
-    within(s.operation_timeout(), "subscribe", subscribed).await?;
+    let options = SubscribeOptions {
+        name: format!("{}-{}", s.producer_name, std::process::id()),
+        sub_type: SubType::Exclusive,
+        durable: false,
+        start: None,
+        read_compacted: true,
+        earliest: true,
+        consumer_name: Some(s.producer_name.clone()),
+    };
+    subscribe(&mut conn, &mut proto, s, CONSUMER_ID, options).await?;
     let (request_id, cmd) = proto.last_message_id(CONSUMER_ID);
     conn.push(&cmd);
     conn.flush().await?;

@@ -18,7 +18,7 @@ use super::message::{decode_position, encode_position, is_after, is_empty_topic,
 use crate::backoff::Backoff;
 use crate::store::db::DesiredUpdate;
 use crate::store::{DownlinkCommand, StoreHandle};
-use crate::uplink::link::{step, until, within};
+use crate::uplink::link::{step, subscribe, until, within};
 use crate::uplink::lookup::connect_to_topic;
 use crate::uplink::protocol::{Event, Protocol, SubscribeOptions};
 use crate::uplink::session::bounded;
@@ -151,26 +151,16 @@ impl Reader<'_> {
                 })
                 .await?;
             let position = start.position.as_deref().and_then(decode_position);
-            let (request_id, cmd) = proto.subscribe_with(
-                CONSUMER_ID,
-                &s.topic,
-                SubscribeOptions {
-                    name: self.subscription.to_string(),
-                    sub_type: SubType::Exclusive,
-                    durable: false,
-                    start: position.clone(),
-                    read_compacted: true,
-                    earliest: true,
-                    consumer_name: Some(self.subscription.to_string()),
-                },
-            );
-            conn.push(&cmd);
-            conn.flush().await?;
-            let subscribed = until(&mut conn, &mut proto, s, |e| match e {
-                Event::Subscribed { request_id: id, .. } if id == request_id => Some(()),
-                _ => None,
-            });
-            within(s.operation_timeout(), "subscribe", subscribed).await?;
+            let options = SubscribeOptions {
+                name: self.subscription.to_string(),
+                sub_type: SubType::Exclusive,
+                durable: false,
+                start: position.clone(),
+                read_compacted: true,
+                earliest: true,
+                consumer_name: Some(self.subscription.to_string()),
+            };
+            subscribe(&mut conn, &mut proto, s, CONSUMER_ID, options).await?;
             // A store that never read the topic to its end reads up to where
             // it ends now before anything is published.
             let target = if start.caught_up {

@@ -179,16 +179,17 @@ mod tests {
         (command, metadata, b"{\"t\":21.5}".to_vec())
     }
 
+    /// [`send_frame`] framed by [`encode_send`].
+    fn encoded(command: &BaseCommand, metadata: &MessageMetadata, payload: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        encode_send(command.send.as_ref().unwrap(), metadata, payload, &mut buf);
+        buf
+    }
+
     #[test]
     fn sizes_and_checksum_follow_the_spec() {
         let (command, metadata, payload) = send_frame();
-        let mut buf = BytesMut::new();
-        encode_send(
-            command.send.as_ref().unwrap(),
-            &metadata,
-            &payload,
-            &mut buf,
-        );
+        let buf = encoded(&command, &metadata, &payload);
         let cmd_len = command.encoded_len();
         let meta_len = metadata.encoded_len();
         assert_eq!(
@@ -214,13 +215,7 @@ mod tests {
     #[test]
     fn a_send_is_written_as_the_base_command_it_is() {
         let (command, metadata, payload) = send_frame();
-        let mut buf = BytesMut::new();
-        encode_send(
-            command.send.as_ref().unwrap(),
-            &metadata,
-            &payload,
-            &mut buf,
-        );
+        let buf = encoded(&command, &metadata, &payload);
         let cmd_len = command.encoded_len();
         assert_eq!(&buf[8..8 + cmd_len], &command.encode_to_vec()[..]);
     }
@@ -228,13 +223,7 @@ mod tests {
     #[test]
     fn the_pulsar_crate_decodes_our_send_frame() {
         let (command, metadata, payload) = send_frame();
-        let mut buf = BytesMut::new();
-        encode_send(
-            command.send.as_ref().unwrap(),
-            &metadata,
-            &payload,
-            &mut buf,
-        );
+        let mut buf = encoded(&command, &metadata, &payload);
         let msg = pulsar::message::Codec
             .decode(&mut buf)
             .unwrap()
@@ -256,12 +245,7 @@ mod tests {
         };
         let mut all = BytesMut::new();
         encode_command(&ping, &mut all);
-        encode_send(
-            command.send.as_ref().unwrap(),
-            &metadata,
-            &payload,
-            &mut all,
-        );
+        all.extend_from_slice(&encoded(&command, &metadata, &payload));
         // Feed one byte at a time: nothing decodes until a frame is whole.
         let mut buf = BytesMut::new();
         let mut frames = Vec::new();
@@ -281,13 +265,7 @@ mod tests {
     #[test]
     fn a_corrupted_payload_is_refused() {
         let (command, metadata, payload) = send_frame();
-        let mut buf = BytesMut::new();
-        encode_send(
-            command.send.as_ref().unwrap(),
-            &metadata,
-            &payload,
-            &mut buf,
-        );
+        let mut buf = encoded(&command, &metadata, &payload);
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
         assert_eq!(decode(&mut buf), Err(FrameError::Checksum));

@@ -11,7 +11,7 @@ use super::conn::{Conn, Endpoint};
 use super::error::UplinkError;
 use super::frame::Frame;
 use super::producer::ProducerState;
-use super::protocol::{Event, Handled, Protocol};
+use super::protocol::{Event, Handled, Protocol, SubscribeOptions};
 use super::settings::UplinkSettings;
 
 /// Opens a connection to `endpoint` (`proxy_to`: asks the Pulsar proxy
@@ -158,6 +158,25 @@ pub async fn create_producer(
             return Ok(last_sequence_id);
         }
     }
+}
+
+/// Subscribes consumer `consumer_id` to `s.topic` with `options` and waits
+/// (within the operation timeout) for the broker's SUCCESS.
+pub async fn subscribe(
+    conn: &mut Conn,
+    proto: &mut Protocol,
+    s: &UplinkSettings,
+    consumer_id: u64,
+    options: SubscribeOptions,
+) -> Result<(), UplinkError> {
+    let (request_id, cmd) = proto.subscribe_with(consumer_id, &s.topic, options);
+    conn.push(&cmd);
+    conn.flush().await?;
+    let subscribed = until(conn, proto, s, |e| match e {
+        Event::Subscribed { request_id: id, .. } if id == request_id => Some(()),
+        _ => None,
+    });
+    within(s.operation_timeout(), "subscribe", subscribed).await
 }
 
 #[cfg(test)]
