@@ -174,63 +174,37 @@ impl AuditLog {
         self.tip.seq
     }
 
-    /// Appends one event.
+    /// Appends one event, in one write; the chain moves on only once the
+    /// line reached the file.
     pub fn record(&mut self, kind: &str, fields: &Map<String, Value>) -> std::io::Result<()> {
-        self.record_many([(kind, fields)])
-    }
-
-    /// Appends events in order with one write per file they land in (a
-    /// commit's worth of downlink events costs one syscall, not one each).
-    /// The chain moves on only with what reached the file.
-    pub fn record_many<'a>(
-        &mut self,
-        events: impl IntoIterator<Item = (&'a str, &'a Map<String, Value>)>,
-    ) -> std::io::Result<()> {
-        let mut buf: Vec<u8> = Vec::new();
-        let mut tip = self.tip.clone();
-        let mut lines = Vec::new();
-        for (kind, fields) in events {
-            let seq = tip.seq + 1;
-            let line = chain::line(seq, crate::store::db::now_ms(), kind, fields, &tip.hash);
-            let len = line.len() as u64 + 1;
-            let written = self.file.as_ref().map(|(_, n)| n + buf.len() as u64);
-            if written.map_or(true, |n| n > 0 && n + len > self.max_file_bytes) {
-                self.append(&mut buf, &mut lines, &tip)?;
-                self.rotate(seq)?;
-            }
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
-            tip = Tip {
-                seq,
-                hash: chain::sha256_hex(line.as_bytes()),
-            };
-            lines.push(line);
-        }
-        self.append(&mut buf, &mut lines, &tip)
-    }
-
-    /// Writes `buf` (the `lines`, ending at `tip`) to the current file in one
-    /// write; then the chain stands at `tip` and journald gets the lines.
-    fn append(
-        &mut self,
-        buf: &mut Vec<u8>,
-        lines: &mut Vec<String>,
-        tip: &Tip,
-    ) -> std::io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
+        let seq = self.tip.seq + 1;
+        let line = chain::line(
+            seq,
+            crate::store::db::now_ms(),
+            kind,
+            fields,
+            &self.tip.hash,
+        );
+        let len = line.len() as u64 + 1;
+        let full = self
+            .file
+            .as_ref()
+            .map_or(true, |(_, n)| *n > 0 && n + len > self.max_file_bytes);
+        if full {
+            self.rotate(seq)?;
         }
         let (file, n) = self.file.as_mut().expect("opened by rotate");
-        file.write_all(buf)?;
-        *n += buf.len() as u64;
-        buf.clear();
-        self.tip = tip.clone();
+        let mut bytes = line.clone().into_bytes();
+        bytes.push(b'\n');
+        file.write_all(&bytes)?;
+        *n += len;
+        self.tip = Tip {
+            seq,
+            hash: chain::sha256_hex(line.as_bytes()),
+        };
         if let Some(j) = &self.journal {
-            for l in lines.iter() {
-                j.send(l);
-            }
+            j.send(&line);
         }
-        lines.clear();
         Ok(())
     }
 

@@ -86,26 +86,6 @@ fn rotation_keeps_the_chain_across_files_and_removes_the_oldest() {
 }
 
 #[test]
-fn events_written_together_rotate_and_chain_like_events_written_one_by_one() {
-    let dir = Dir::new("many");
-    let mut log = AuditLog::open(&dir.cfg(600, 100)).unwrap();
-    let details: Vec<Map<String, Value>> = (0..20).map(detail).collect();
-    log.record_many(details.iter().map(|d| ("test", d)))
-        .unwrap();
-    log.record("after", &detail(99)).unwrap();
-    drop(log);
-    assert!(dir.names().len() >= 5, "{:?}", dir.names());
-    for (_, p) in files(&dir.0).unwrap() {
-        assert!(std::fs::metadata(&p).unwrap().len() <= 600, "{p:?}");
-    }
-    let v = verify(&dir.0).unwrap();
-    assert_eq!(
-        (v.first_seq, v.last_seq, v.lines, v.anchored),
-        (1, 21, 21, false)
-    );
-}
-
-#[test]
 fn one_byte_edited_in_an_old_line_is_named_by_file_and_line() {
     let dir = Dir::new("edit");
     let mut log = AuditLog::open(&dir.cfg(1 << 20, 10)).unwrap();
