@@ -8,6 +8,13 @@
 //! numbers (the Pulsar `sequence_id` of its producer), its own backlog in
 //! the store and its own uplink session.
 //!
+//! Ingest keeps one MQTT session per [`Layout::sessions`]: session 0 carries
+//! every stream whose overflow is not `reject`, and each `reject` stream has
+//! a session of its own, so that the messages it holds back (unacknowledged,
+//! filling the broker's in-flight window for that session) never stall the
+//! other streams. No filter of one session overlaps a filter of another
+//! (the configuration refuses it), so no message is received twice.
+//!
 //! [`Limits::over`] and [`Limits::shed_target`] decide when a stream is over
 //! its limits and how much drop-oldest frees; the store applies them.
 
@@ -182,12 +189,72 @@ impl Layout {
             .collect()
     }
 
+    /// The MQTT session of a stream's messages: 0, or a `reject` stream's own.
+    pub fn session_of(&self, stream: usize) -> usize {
+        if self.streams[stream].overflow != Overflow::Reject {
+            return 0;
+        }
+        self.streams[..=stream]
+            .iter()
+            .filter(|s| s.overflow == Overflow::Reject)
+            .count()
+    }
+
+    /// The MQTT sessions ingest keeps, session 0 first: each with its client
+    /// id (`client_id` for session 0, `<client_id>-<stream>` for a `reject`
+    /// stream's) and the filters it subscribes to.
+    pub fn sessions(&self, client_id: &str) -> Vec<SessionSpec> {
+        let mut out = vec![SessionSpec {
+            client_id: client_id.to_string(),
+            filters: Vec::new(),
+        }];
+        for s in &self.streams {
+            let filters = s.subscriptions.iter().map(|sub| sub.filter.clone());
+            if s.overflow == Overflow::Reject {
+                out.push(SessionSpec {
+                    client_id: format!("{client_id}-{}", s.name),
+                    filters: filters.collect(),
+                });
+            } else {
+                out[0].filters.extend(filters);
+            }
+        }
+        out
+    }
+
     /// The destinations of the status topics (they drain first).
     pub fn first_to_drain(&self) -> Vec<DestIx> {
         (0..self.dests.len())
             .filter(|d| self.dests[*d].role.drains_first())
             .collect()
     }
+}
+
+/// One MQTT session of ingest (see [`Layout::sessions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSpec {
+    pub client_id: String,
+    pub filters: Vec<String>,
+}
+
+/// Whether some topic matches both filters: level by level, `+` matches
+/// any one level and `#` the rest (the level above it included); no
+/// wildcard at the first level matches a topic that starts with `$`.
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let a: Vec<&str> = a.split('/').collect();
+    let b: Vec<&str> = b.split('/').collect();
+    let wild = |l: &str| l == "+" || l == "#";
+    if (wild(a[0]) && b[0].starts_with('$')) || (wild(b[0]) && a[0].starts_with('$')) {
+        return false;
+    }
+    for i in 0.. {
+        match (a.get(i).copied(), b.get(i).copied()) {
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            (Some(x), Some(y)) if x == y || x == "+" || y == "+" => {}
+            _ => return false,
+        }
+    }
+    unreachable!()
 }
 
 /// Whether an MQTT topic matches a filter (`+` one level, `#` the rest).
@@ -334,6 +401,63 @@ subscriptions = [{ filter = "devices/+/alarm/#", device_id_level = 1 },
         )
         .unwrap();
         Layout::new(&c.streams)
+    }
+
+    #[test]
+    fn each_reject_stream_has_a_session_of_its_own() {
+        let mut l = layout();
+        assert_eq!(l.sessions("gw").len(), 1);
+        l.streams[1].overflow = Overflow::Reject;
+        l.streams.push(StreamSpec {
+            name: "other".into(),
+            ..l.streams[0].clone()
+        });
+        let sessions = l.sessions("ferry-gw");
+        assert_eq!(
+            sessions,
+            [
+                SessionSpec {
+                    client_id: "ferry-gw".into(),
+                    filters: vec!["devices/+/state".into(), "devices/+/state".into()],
+                },
+                SessionSpec {
+                    client_id: "ferry-gw-alarms".into(),
+                    filters: vec!["devices/+/alarm/#".into(), "zigbee2mqtt/#".into()],
+                },
+            ]
+        );
+        assert_eq!(
+            (0..3).map(|s| l.session_of(s)).collect::<Vec<_>>(),
+            [0, 1, 0]
+        );
+    }
+
+    #[test]
+    fn filters_overlap_when_some_topic_matches_both() {
+        for (a, b) in [
+            ("a/b", "a/b"),
+            ("a/+", "a/b"),
+            ("+/b", "a/+"),
+            ("a/#", "a"),
+            ("#", "x/y/z"),
+            ("a/+/c/#", "+/b/+"),
+            ("$SYS/#", "$SYS/broker"),
+            ("+/+", "a/"),
+        ] {
+            assert!(filters_overlap(a, b), "{a} {b}");
+            assert!(filters_overlap(b, a), "{b} {a}");
+        }
+        for (a, b) in [
+            ("a/b", "a/c"),
+            ("a/+", "a"),
+            ("a/+", "a/b/c"),
+            ("a/b/#", "a/c/#"),
+            ("#", "$SYS/broker"),
+            ("+/broker", "$SYS/broker"),
+        ] {
+            assert!(!filters_overlap(a, b), "{a} {b}");
+            assert!(!filters_overlap(b, a), "{b} {a}");
+        }
     }
 
     #[test]

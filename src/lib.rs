@@ -79,9 +79,15 @@ pub async fn run(
         }
         metrics.declare_stream(&s.name, &policies);
     }
+    let sessions: Vec<String> = layout
+        .sessions(&config.mqtt.client_id)
+        .into_iter()
+        .map(|s| s.client_id)
+        .collect();
     let store = store::Store::open(
         &config.store,
         layout.clone(),
+        &sessions,
         ack_tx,
         health.beat("store"),
         live.clone(),

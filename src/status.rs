@@ -453,6 +453,7 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             device,
             dup: false,
             pkid: 0,
+            session: 0,
             ack: None,
             counted: false,
             guarded: None,

@@ -168,7 +168,7 @@ pub fn ceiling_c(dir: &Path, s: &Settings, batch: usize, delete: bool) -> Result
         let (mut db, _) =
             Db::open(&path, layout.clone(), config.store.durability).map_err(|e| e.to_string())?;
         // Ingest's first connection to the MQTT broker.
-        db.new_connection(1, false);
+        db.new_connection(0, 1, false);
         let max_payload = config.store.max_payload_bytes;
         let devices = device_ids(s.devices);
         let started = Instant::now();
@@ -192,8 +192,10 @@ pub fn ceiling_c(dir: &Path, s: &Settings, batch: usize, delete: bool) -> Result
                         device,
                         dup: false,
                         pkid,
+                        session: 0,
                         ack: Some(AckToken {
                             pkid,
+                            session: 0,
                             epoch: 1,
                             gen: 0,
                         }),

@@ -284,6 +284,16 @@ impl Config {
         if routes(self) != routes(new) {
             out.push("streams (names, subscriptions, topics)");
         }
+        let rejecting = |c: &Config| -> Vec<bool> {
+            c.streams
+                .iter()
+                .map(|s| s.overflow == Overflow::Reject)
+                .collect()
+        };
+        if rejecting(self) != rejecting(new) {
+            // Each reject stream has an MQTT session of its own.
+            out.push("streams (which have overflow = \"reject\")");
+        }
         if self.store.path != new.store.path {
             out.push("store.path");
         }

@@ -30,12 +30,39 @@ pub(super) fn streams(
         },
     };
     let mut out: Vec<StreamConfig> = Vec::new();
+    let mut at = Vec::new();
     let mut topics = Destinations::default();
     for (keys, s) in list {
         let stream = stream(v, &keys, s, &out, &mut topics);
         out.push(stream);
+        at.push(keys);
     }
+    apart(v, &at, &out);
     out
+}
+
+/// A `reject` stream has an MQTT session of its own (see
+/// [`crate::layout::Layout::sessions`]): a message both its filters and
+/// another session's match would be received, and stored, twice.
+fn apart(v: &mut Validator, keys: &[Keys], streams: &[StreamConfig]) {
+    for (j, b) in streams.iter().enumerate() {
+        for (i, a) in streams[..j].iter().enumerate() {
+            if a.overflow != Overflow::Reject && b.overflow != Overflow::Reject {
+                continue;
+            }
+            for sa in a.subscriptions.iter().enumerate() {
+                for (y, sb) in b.subscriptions.iter().enumerate() {
+                    if crate::layout::filters_overlap(&sa.1.filter, &sb.filter) {
+                        let other = keys[i].key(&format!("subscriptions[{}].filter", sa.0));
+                        v.error(
+                            &keys[j].key(&format!("subscriptions[{y}].filter")),
+                            &format!("`{}` overlaps `{}` of {other}: a `reject` stream has an MQTT session of its own, and a message both match would be received twice", sb.filter, sa.1.filter),
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `[[streams]]`: the shorthand's keys are refused beside it.
@@ -460,6 +487,24 @@ subscriptions = [{ filter = "devices/+/alarm", device_id_level = 1 }]
             errs[0].message.contains("streams[0].history_topic"),
             "{}",
             errs[0].message
+        );
+        // The reject stream's filter overlaps the status stream's: its own
+        // MQTT session would receive what session 0 does too.
+        let overlap = text.replace("devices/+/alarm", "devices/#");
+        let errs = parse(&overlap).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "streams[1].subscriptions[0].filter");
+        assert!(
+            errs[0]
+                .message
+                .contains("`devices/+/state` of streams[0].subscriptions[0].filter"),
+            "{}",
+            errs[0].message
+        );
+        // Without reject both are one session: the first stream matching a
+        // message takes it.
+        assert!(
+            parse(&overlap.replace("overflow = \"reject\"", "overflow = \"drop-oldest\"")).is_ok()
         );
     }
 

@@ -413,6 +413,7 @@ pub fn ack_record(
         stream: Some(ack_stream),
         device: Some(d.device.clone()),
         dup: false,
+        session: 0,
         pkid: 0,
         ack: None,
         // Not a message ferry received.

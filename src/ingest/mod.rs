@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::MqttConfig;
-use crate::layout::Layout;
+use crate::layout::{Layout, SessionSpec};
 use crate::mqtt_events::Events;
 use crate::store::{AckToken, Guarded, Inbound, Intake, StoreError, StoreHandle};
 use guard::{Guard, Mark};
@@ -65,26 +65,131 @@ pub enum IngestError {
     Guard(std::io::Error),
 }
 
-/// Runs ingest until `shutdown`. Messages go to `store`; the store's commit
-/// confirmations arrive on `acks`. While `accepting` is false (the store
-/// holds back as much as it may: a `reject` stream at its limit, or a full
-/// disk), ingest stays disconnected and the broker keeps the backlog.
+/// Runs ingest until `shutdown`: one MQTT session per
+/// [`Layout::sessions`], each with its own client, guard, acks and
+/// back-pressure (`accepting`, in the same order). Messages go to `store`;
+/// the store's commit confirmations arrive on `acks` and go to the session
+/// each names. While a session's `accepting` is false (the store holds back
+/// as much as it may of it: a `reject` stream at its limit, or a full
+/// disk), that session stays disconnected and the broker keeps its backlog.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: MqttConfig,
+    layout: Layout,
+    store: StoreHandle,
+    mut acks: UnboundedReceiver<Vec<AckToken>>,
+    accepting: Vec<watch::Receiver<Intake>>,
+    live: crate::status::Live,
+    metrics: crate::metrics::Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let specs = layout.sessions(&cfg.client_id);
+    debug_assert_eq!(specs.len(), accepting.len());
+    // A failing session stops the others.
+    let stop = shutdown.child_token();
+    let shared = Shared {
+        epochs: Arc::new(AtomicU64::new(0)),
+        subscribed: Arc::new(watch::channel(vec![false; specs.len()]).0),
+    };
+    // Filters that session 0 may still hold from before they had a session
+    // of their own (an upgrade, or a stream that became `reject`).
+    let moved: Vec<String> = specs[1..]
+        .iter()
+        .flat_map(|s| s.filters.iter().cloned())
+        .collect();
+    let mut lanes = tokio::task::JoinSet::new();
+    let mut to_lane = Vec::new();
+    for (index, (spec, accepting)) in specs.into_iter().zip(accepting).enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        to_lane.push(tx);
+        let moved = if index == 0 {
+            moved.clone()
+        } else {
+            Vec::new()
+        };
+        lanes.spawn(lane(
+            cfg.clone(),
+            index,
+            spec,
+            moved,
+            layout.clone(),
+            store.clone(),
+            rx,
+            accepting,
+            live.clone(),
+            metrics.clone(),
+            shared.clone(),
+            stop.clone(),
+        ));
+    }
+    // One commit's acks of one session stay together (see `send_acks`).
+    let demux = tokio::spawn(async move {
+        while let Some(batch) = acks.recv().await {
+            let mut per: Vec<Vec<AckToken>> = vec![Vec::new(); to_lane.len()];
+            for a in batch {
+                if let Some(v) = per.get_mut(a.session) {
+                    v.push(a);
+                }
+            }
+            for (tx, b) in to_lane.iter().zip(per) {
+                if !b.is_empty() {
+                    let _ = tx.send(b);
+                }
+            }
+        }
+    });
+    let mut result = Ok(());
+    while let Some(r) = lanes.join_next().await {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = r {
+            stop.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    demux.abort();
+    result
+}
+
+/// What ingest's MQTT sessions share.
+#[derive(Clone)]
+struct Shared {
+    /// The last connection epoch handed out: epochs are unique across
+    /// sessions, so an epoch names one connection of one session.
+    epochs: Arc<AtomicU64>,
+    /// Per session: every filter it subscribes to was confirmed by the
+    /// broker since the process started.
+    subscribed: Arc<watch::Sender<Vec<bool>>>,
+}
+
+/// One MQTT session (`index` in [`Layout::sessions`]) until `shutdown`.
+/// `moved`: filters of other sessions that session 0 unsubscribes from (see
+/// [`Session::give_back_moved`]).
+#[allow(clippy::too_many_arguments)]
+async fn lane(
+    cfg: MqttConfig,
+    index: usize,
+    spec: SessionSpec,
+    moved: Vec<String>,
     layout: Layout,
     store: StoreHandle,
     acks: UnboundedReceiver<Vec<AckToken>>,
     mut accepting: watch::Receiver<Intake>,
     live: crate::status::Live,
     metrics: crate::metrics::Metrics,
+    shared: Shared,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     let guard =
         Guard::start((cfg.host.clone(), cfg.port), shutdown.clone()).map_err(IngestError::Guard)?;
     // rumqttc connects to the guard; nothing longer than the guard's cap
     // reaches it.
-    let mut opts = MqttOptions::new(cfg.client_id.clone(), guard.path(), 0);
+    let mut opts = MqttOptions::new(spec.client_id.clone(), guard.path(), 0);
     opts.set_transport(Transport::Unix)
         .set_keep_alive(cfg.keep_alive)
         .set_clean_session(false)
@@ -106,11 +211,17 @@ pub async fn run(
     ));
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let mut session = Session {
+        index,
+        client_id: spec.client_id,
+        filters: spec.filters,
+        moved,
+        moved_done: false,
         layout,
         store,
         live,
         metrics,
         epoch,
+        shared,
         committed,
         addr,
         mark: guard.mark(),
@@ -127,7 +238,7 @@ pub async fn run(
                 _ = shutdown.cancelled() => break Ok(()),
                 r = accepting.wait_for(|a| a.open) => if r.is_err() { break Ok(()) },
             }
-            tracing::info!("store has room again: reconnecting to the mqtt broker");
+            tracing::info!(client_id = %session.client_id, "store has room again: reconnecting to the mqtt broker");
         }
         let pauses = accepting.borrow_and_update().pauses;
         let (client, eventloop) = AsyncClient::new(opts.clone(), 1024);
@@ -152,9 +263,8 @@ pub async fn run(
             Ok(Ended::Shutdown) => break Ok(()),
             Ok(Ended::Paused) => {
                 let why = "paused: the store holds back what it may (reject limit or full disk); the broker keeps the backlog";
-                session.live.mqtt_down(&session.addr, why.into());
-                session.metrics.mqtt_connected.set(0);
-                tracing::warn!(broker = %session.addr, "mqtt intake {why}");
+                session.link_down(why.into());
+                tracing::warn!(broker = %session.addr, client_id = %session.client_id, "mqtt intake {why}");
             }
             Err(e) => break Err(e),
         }
@@ -172,14 +282,25 @@ enum Ended {
     Paused,
 }
 
-/// What the MQTT connections of one ingest share.
+/// What the MQTT connections of one session share.
 struct Session {
+    /// The session's place in [`Layout::sessions`]; 0 is the main one,
+    /// whose link `ferry status` and the metrics show.
+    index: usize,
+    client_id: String,
+    filters: Vec<String>,
+    /// Filters of other sessions to unsubscribe from (session 0 only).
+    moved: Vec<String>,
+    /// The broker confirmed `moved` unsubscribed.
+    moved_done: bool,
     layout: Layout,
     store: StoreHandle,
     live: crate::status::Live,
     metrics: crate::metrics::Metrics,
-    /// Incremented at every CONNACK; acks carry it.
+    /// This session's current connection (a new one from
+    /// [`Shared::epochs`] at every CONNACK); acks carry it.
     epoch: Arc<AtomicU64>,
+    shared: Shared,
     /// The last epoch with a message the store committed (set by
     /// `send_acks`).
     committed: Arc<AtomicU64>,
@@ -233,7 +354,7 @@ impl Session {
                         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                         s = self.budget.reserve(cost(&p)) => s,
                     };
-                    let msg = inbound(&self.layout, p, rewrite, epoch, share);
+                    let msg = inbound(&self.layout, p, rewrite, self.index, epoch, share);
                     self.store.insert(msg)?;
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -247,26 +368,53 @@ impl Session {
                         tracing::info!(pkid = ack.pkid, "mqtt subscribed");
                     }
                     self.subscriptions.acked(!refused);
+                    if self.subscriptions.confirmed {
+                        self.shared.subscribed.send_modify(|v| v[self.index] = true);
+                    }
                 }
                 Ok(Event::Incoming(Packet::UnsubAck(_))) => {
-                    // Ferry unsubscribes from nothing but the barrier.
-                    let confirmed = self.barrier.lock().expect("barrier lock").answered();
+                    // Ferry unsubscribes from nothing but the barrier and,
+                    // once, the filters of other sessions (`moved`).
+                    let (confirmed, moved_answered) = {
+                        let mut b = self.barrier.lock().expect("barrier lock");
+                        (b.answered(), b.extra_answered)
+                    };
                     if let Some((epoch, gen)) = confirmed {
                         self.store.acks_confirmed(epoch, gen)?;
+                    }
+                    if !self.moved_done
+                        && !self.moved.is_empty()
+                        && moved_answered >= self.moved.len()
+                    {
+                        self.moved_done = true;
+                        tracing::info!(client_id = %self.client_id, filters = ?self.moved,
+                            "the filters of the reject streams' own mqtt sessions are no longer subscribed in this one");
                     }
                     self.answered.notify_one();
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.reconnect.connected(Instant::now());
-                    let n = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                    let n = self.shared.epochs.fetch_add(1, Ordering::AcqRel) + 1;
+                    self.epoch.store(n, Ordering::Release);
                     self.barrier.lock().expect("barrier lock").connected(n);
                     // Messages held back from earlier connections will be
                     // redelivered on this one.
-                    self.store.new_epoch(n, ack.session_present)?;
-                    self.live.mqtt_up(&self.addr);
-                    self.metrics.mqtt_connected.set(1);
-                    tracing::info!(broker = %self.addr, session_present = ack.session_present, epoch = n, "mqtt connected");
-                    let filters = self.layout.filters();
+                    self.store.new_epoch(self.index, n, ack.session_present)?;
+                    if self.index == 0 {
+                        self.live.mqtt_up(&self.addr);
+                        self.metrics.mqtt_connected.set(1);
+                    }
+                    tracing::info!(broker = %self.addr, client_id = %self.client_id, session_present = ack.session_present, epoch = n, "mqtt connected");
+                    if !ack.session_present {
+                        // A new session holds no subscription of before.
+                        self.moved_done = true;
+                    } else if !self.moved_done && !self.moved.is_empty() {
+                        self.give_back_moved(client, n);
+                    }
+                    let filters = self.filters.clone();
+                    if filters.is_empty() {
+                        self.shared.subscribed.send_modify(|v| v[self.index] = true);
+                    }
                     if self
                         .subscriptions
                         .connected(ack.session_present, filters.len())
@@ -288,14 +436,11 @@ impl Session {
                 Err(e) => {
                     // The guard knows better why the broker is unreachable.
                     let why = self.guard.take_upstream_error().unwrap_or(e.to_string());
-                    self.live.mqtt_down(&self.addr, why.clone());
-                    if self.metrics.mqtt_connected.set(0) == 1 {
-                        self.metrics.mqtt_reconnects.inc();
-                    }
+                    self.link_down(why.clone());
                     let epoch = self.epoch.load(Ordering::Acquire);
                     let committed = self.committed.load(Ordering::Acquire) == epoch;
                     let delay = self.reconnect.lost(Instant::now(), committed);
-                    tracing::warn!(broker = %self.addr, error = %why, retry_in_ms = delay.as_millis() as u64,
+                    tracing::warn!(broker = %self.addr, client_id = %self.client_id, error = %why, retry_in_ms = delay.as_millis() as u64,
                         "mqtt connection lost; the broker keeps unacknowledged messages");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
@@ -305,6 +450,56 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+impl Session {
+    /// The connection is down: `ferry status` and the metrics show the main
+    /// session's link (the others log theirs).
+    fn link_down(&self, why: String) {
+        if self.index == 0 {
+            self.live.mqtt_down(&self.addr, why);
+            if self.metrics.mqtt_connected.set(0) == 1 {
+                self.metrics.mqtt_reconnects.inc();
+            }
+        }
+    }
+
+    /// Session 0 unsubscribes from the filters that now have sessions of
+    /// their own (after an upgrade, or a stream that became `reject`), so
+    /// that the broker stops sending their messages to it. Only once every
+    /// other session's subscriptions are confirmed: until then session 0
+    /// still stores what they match, and nothing published meanwhile is
+    /// lost (what both receive in the moment between is stored twice). The
+    /// UNSUBACKs are told from the barrier's by their count (see
+    /// [`AckBarrier::extra`]); on a lost connection the next CONNACK tries
+    /// again.
+    fn give_back_moved(&self, client: &AsyncClient, epoch: u64) {
+        let client = client.clone();
+        let barrier = self.barrier.clone();
+        let moved = self.moved.clone();
+        let mut subscribed = self.shared.subscribed.subscribe();
+        tokio::spawn(async move {
+            if subscribed
+                .wait_for(|v| v[1..].iter().all(|s| *s))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            {
+                let mut b = barrier.lock().expect("barrier lock");
+                if b.epoch != epoch {
+                    return;
+                }
+                b.extra += moved.len();
+            }
+            for f in moved {
+                if client.unsubscribe(f).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -321,11 +516,13 @@ fn inbound(
     layout: &Layout,
     p: Publish,
     rewrite: Option<(guard::Rewrite, usize)>,
+    session: usize,
     epoch: u64,
     share: OwnedSemaphorePermit,
 ) -> Inbound {
     let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
         pkid: p.pkid,
+        session,
         epoch,
         gen: 0,
     });
@@ -354,6 +551,7 @@ fn inbound(
         counted: false,
         dup: p.dup,
         pkid: p.pkid,
+        session,
         retain: p.retain,
         mqtt_topic: p.topic,
         payload,
@@ -415,6 +613,12 @@ struct Subscriptions {
 impl Subscriptions {
     /// A CONNACK: true if the filters (`count`) must be subscribed now.
     fn connected(&mut self, session_present: bool, count: usize) -> bool {
+        if count == 0 {
+            // Nothing to subscribe to (a session 0 whose streams all
+            // have sessions of their own).
+            self.confirmed = true;
+            return false;
+        }
         if self.confirmed && session_present {
             return false;
         }
@@ -450,6 +654,13 @@ struct AckBarrier {
     unconfirmed: Option<u64>,
     /// The commit the outstanding barrier confirms.
     outstanding: Option<u64>,
+    /// UNSUBSCRIBEs of other filters sent on this connection and not yet
+    /// answered (see [`Session::give_back_moved`]). The broker answers in
+    /// order; whichever UNSUBACK comes, it proves at least as much as the
+    /// barrier's, so the first ones answer these and the last the barrier.
+    extra: usize,
+    /// How many of those were answered on this connection.
+    extra_answered: usize,
 }
 
 impl AckBarrier {
@@ -478,8 +689,14 @@ impl AckBarrier {
         true
     }
 
-    /// The barrier was answered: the connection and commit it confirms.
+    /// An UNSUBACK: the connection and commit the barrier confirms, if it
+    /// was the barrier's answer.
     fn answered(&mut self) -> Option<(u64, u64)> {
+        if self.extra > 0 {
+            self.extra -= 1;
+            self.extra_answered += 1;
+            return None;
+        }
         self.outstanding.take().map(|gen| (self.epoch, gen))
     }
 }
@@ -589,7 +806,7 @@ mod tests {
     async fn to_store(mark: Mark, p: Publish, budget: &Budget) -> Inbound {
         let rewrite = mark.read(&p.payload);
         let share = budget.reserve(cost(&p)).await;
-        inbound(&layout(), p, rewrite, 3, share)
+        inbound(&layout(), p, rewrite, 0, 3, share)
     }
 
     #[tokio::test]
@@ -604,6 +821,7 @@ mod tests {
             m.ack,
             Some(AckToken {
                 pkid: 9,
+                session: 0,
                 epoch: 3,
                 gen: 0
             })
@@ -692,6 +910,26 @@ mod tests {
         b.acked(2, 9);
         assert!(b.send_now());
         assert_eq!(b.answered(), Some((2, 9)));
+    }
+
+    #[test]
+    fn unsubscribes_of_moved_filters_never_pass_for_the_barriers_answer() {
+        // The barrier goes out, then two UNSUBSCRIBEs of moved filters: the
+        // first two answers are theirs as far as the barrier knows, the
+        // third confirms it (it proves at least as much).
+        let mut b = AckBarrier::default();
+        b.connected(1);
+        b.acked(1, 4);
+        assert!(b.send_now());
+        b.extra += 2;
+        assert_eq!(b.answered(), None);
+        assert_eq!(b.answered(), None);
+        assert_eq!(b.extra_answered, 2);
+        assert_eq!(b.answered(), Some((1, 4)));
+        // A new connection forgets what the old one had outstanding.
+        b.extra += 1;
+        b.connected(2);
+        assert_eq!((b.extra, b.extra_answered), (0, 0));
     }
 
     #[test]

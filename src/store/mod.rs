@@ -10,11 +10,14 @@
 //! - `destinations(id, topic, next_seq, stream, role, horizon)`: one row per
 //!   Pulsar topic; `next_seq` only ever grows, so a number is never reused;
 //!   `horizon` is the highest number a session may have sent.
-//! - `mqtt_seen(pkid, digest, conn, gen)`: the last stored message per MQTT
-//!   packet id, with the connection and commit it came with, to recognise a
-//!   broker redelivery (DUP flag) of a message that was committed but whose
-//!   PUBACK never reached the broker; `ack_confirmed(conn, gen)`: the acks
-//!   the broker is known to have processed.
+//! - `mqtt_sessions(id, client_id, moot_below)`: ingest's MQTT sessions
+//!   (one per `reject` stream besides the main one), by client id.
+//! - `mqtt_seen(session, pkid, digest, conn, gen)`: the last stored message
+//!   per MQTT session and packet id, with the connection and commit it
+//!   came with, to recognise a broker redelivery (DUP flag) of a message
+//!   that was committed but whose PUBACK never reached the broker;
+//!   `ack_confirmed(conn, gen)`: the acks the broker is known to have
+//!   processed (connection numbers are unique across sessions).
 //! - `topic_last(topic, digest)`: the last payload stored per MQTT topic, so
 //!   that a retained state the broker sends again is stored once.
 //! - `dead_letters(...)`: messages that can never be forwarded.
@@ -160,6 +163,9 @@ pub struct Inbound {
     pub dup: bool,
     /// MQTT packet id (0 for QoS 0).
     pub pkid: u16,
+    /// The MQTT session it came through (see
+    /// [`crate::layout::Layout::sessions`]): packet ids are per session.
+    pub session: usize,
     /// Handed back after the commit; `None` when nothing is to be acked.
     pub ack: Option<AckToken>,
     /// Already counted as received by a committed transaction (it was held
@@ -194,6 +200,8 @@ impl Inbound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckToken {
     pub pkid: u16,
+    /// The MQTT session it is acknowledged on.
+    pub session: usize,
     /// MQTT connection epoch the message arrived on.
     pub epoch: u64,
     /// The commit that stored (or dropped) the message, set by the store
@@ -230,11 +238,16 @@ pub enum Command {
     },
     /// New batching, payload and stream limits (configuration reload).
     SetLimits(StoreConfig, Layout),
-    /// Ingest connected to the MQTT broker again (connection `epoch`; was the
-    /// session still there): messages held back from earlier connections
-    /// will be redelivered, so their held copies are dropped, unless the
-    /// broker lost the session (then nothing is redelivered).
-    Epoch(u64, bool),
+    /// One MQTT session of ingest connected again (connection `epoch`,
+    /// unique across sessions; `present`: the broker still had the
+    /// session): messages it held back from earlier connections will be
+    /// redelivered, so their held copies are dropped, unless the broker lost
+    /// the session (then nothing is redelivered).
+    Epoch {
+        session: usize,
+        epoch: u64,
+        present: bool,
+    },
     /// The broker processed every ack of a commit up to `gen` sent on
     /// connection `epoch`: ingest sent a request after them and got its
     /// answer. From then on a DUP message under one of those packet ids is
@@ -311,7 +324,7 @@ pub struct Forgotten {
     pub idle_ms: u64,
 }
 
-/// What the store tells ingest: `pauses` counts the times it asked ingest
+/// What the store tells one MQTT session of ingest: `pauses` counts the times it asked ingest
 /// to disconnect (a pause and the resume after it may come faster than
 /// ingest looks; the count still tells it to reconnect); `open` whether
 /// ingest may be connected now.
@@ -372,8 +385,12 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    pub fn new_epoch(&self, epoch: u64, session_present: bool) -> Result<(), StoreError> {
-        self.send(Command::Epoch(epoch, session_present))
+    pub fn new_epoch(&self, session: usize, epoch: u64, present: bool) -> Result<(), StoreError> {
+        self.send(Command::Epoch {
+            session,
+            epoch,
+            present,
+        })
     }
 
     pub fn acks_confirmed(&self, epoch: u64, gen: u64) -> Result<(), StoreError> {
@@ -407,17 +424,21 @@ pub struct Store {
     pub committed: watch::Receiver<Vec<u64>>,
     /// Set when the store was found damaged at start and moved aside.
     pub damaged: Option<db::Damaged>,
-    /// Whether ingest may be connected to the MQTT broker (see [`Intake`]).
-    pub accepting: watch::Receiver<Intake>,
+    /// Per MQTT session of ingest: whether it may be connected to the
+    /// broker (see [`Intake`]).
+    pub accepting: Vec<watch::Receiver<Intake>>,
     thread: thread::JoinHandle<Result<(), StoreError>>,
 }
 
 impl Store {
-    /// Opens (or creates) the store and starts its thread. Acks of committed
+    /// Opens (or creates) the store and starts its thread. `sessions`: the
+    /// client ids of ingest's MQTT sessions, in order. Acks of committed
     /// messages are sent to `acks`, one batch per commit.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         cfg: &StoreConfig,
         layout: Layout,
+        sessions: &[String],
         acks: tokio::sync::mpsc::UnboundedSender<Vec<AckToken>>,
         beat: crate::notify::Beat,
         live: crate::status::Live,
@@ -434,16 +455,23 @@ impl Store {
             }
             r => r?,
         };
+        let mut db = db;
+        db.register_sessions(sessions)?;
         if damaged.is_some() {
             metrics.store_damaged.inc();
         }
         reserve.fill();
         let (tx, rx) = mpsc::channel();
         let (committed_tx, committed) = watch::channel(db.last_seqs());
-        let (accepting_tx, accepting) = watch::channel(Intake {
-            open: true,
-            pauses: 0,
-        });
+        let (accepting_tx, accepting): (Vec<_>, Vec<_>) = sessions
+            .iter()
+            .map(|_| {
+                watch::channel(Intake {
+                    open: true,
+                    pauses: 0,
+                })
+            })
+            .unzip();
         let worker = Worker::new(
             db,
             rx,

@@ -45,8 +45,10 @@ fn msg(l: &Layout, topic: &str, payload: &[u8], pkid: u16, dup: bool) -> Inbound
         device,
         dup,
         pkid,
+        session: 0,
         ack: Some(AckToken {
             pkid,
+            session: 0,
             epoch: 1,
             gen: 0,
         }),
@@ -632,6 +634,7 @@ fn fixture(dir: &Dir, version: u32) -> std::path::PathBuf {
         2 => include_str!("../../tests/fixtures/store-v2.sql"),
         3 => include_str!("../../tests/fixtures/store-v3.sql"),
         4 => include_str!("../../tests/fixtures/store-v4.sql"),
+        5 => include_str!("../../tests/fixtures/store-v5.sql"),
         v => panic!("no fixture of version {v}"),
     };
     let path = dir.path.join(format!("v{version}.db"));
@@ -649,6 +652,24 @@ fn stores_of_every_older_version_open_with_their_backlog_and_numbers() {
         let l = layout("", "");
         let (mut db, damaged) = Db::open(&path, l.clone(), Durability::Full).unwrap();
         assert!(damaged.is_none(), "version {version}");
+        // The one MQTT session of before becomes the main session's, with
+        // what its broker lost (version 5 says at connection 2).
+        db.register_sessions(&["gw".into(), "gw-alarms".into()])
+            .unwrap();
+        let sessions: Vec<(i64, String, i64)> = db
+            .conn()
+            .prepare("SELECT id, client_id, moot_below FROM mqtt_sessions ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let moot = if version == 5 { 2 } else { 0 };
+        assert_eq!(
+            sessions,
+            [(0, "gw".into(), moot), (1, "gw-alarms".into(), 0)],
+            "version {version}"
+        );
         let v: i32 = db
             .conn()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -830,7 +851,7 @@ fn a_forgotten_packet_id_never_makes_a_redelivery_look_like_a_duplicate() {
     let out = db
         .commit_batch(
             &[],
-            &[7],
+            &[(0, 7)],
             &[msg(&l, "devices/a/state", b"on", 7, true)],
             100,
         )
@@ -1151,7 +1172,7 @@ fn a_byte_identical_message_under_a_reused_packet_id_is_stored_once_its_ack_was_
     let dir = Dir::new();
     let l = layout("", "");
     let mut db = dir.db(l.clone());
-    db.new_connection(1, true);
+    db.new_connection(0, 1, true);
     let m = msg(&l, "devices/a/state", b"same", 5, false);
     let out = db.insert_batch(std::slice::from_ref(&m), 100).unwrap();
     let gen = out.acks[0].gen;
@@ -1172,11 +1193,66 @@ fn a_byte_identical_message_under_a_reused_packet_id_is_stored_once_its_ack_was_
     db.save_state_now().unwrap();
     drop(db);
     let mut db = dir.db(l.clone());
-    db.new_connection(1, true);
+    db.new_connection(0, 1, true);
     assert_eq!(db.insert_batch(&[dup.clone()], 100).unwrap().stored, 1);
     // A DUP after the broker lost the session is never a redelivery.
-    db.new_connection(2, false);
+    db.new_connection(0, 2, false);
     assert_eq!(db.insert_batch(&[dup], 100).unwrap().stored, 1);
+}
+
+#[test]
+fn packet_ids_and_lost_sessions_are_each_sessions_own_across_restarts() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let sessions = ["gw".to_string(), "gw-alarms".to_string()];
+    let on = |session: usize, payload: &[u8], dup: bool| {
+        let mut m = msg(&l, "devices/a/state", payload, 5, dup);
+        m.session = session;
+        m.ack.as_mut().unwrap().session = session;
+        m.ack.as_mut().unwrap().epoch = session as u64 + 1;
+        m
+    };
+    let mut db = dir.db(l.clone());
+    db.register_sessions(&sessions).unwrap();
+    db.new_connection(0, 1, true);
+    db.new_connection(1, 2, true);
+    // Packet id 5 of each session: two messages, both stored.
+    let out = db
+        .insert_batch(&[on(0, b"zero", false), on(1, b"one", false)], 100)
+        .unwrap();
+    assert_eq!(out.stored, 2);
+    assert_eq!(
+        out.acks.iter().map(|a| a.session).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    // Each session's redelivery is known as such, under its own id.
+    let out = db
+        .insert_batch(&[on(1, b"one", true), on(0, b"zero", true)], 100)
+        .unwrap();
+    assert_eq!((out.stored, out.redelivered), (0, 2));
+    // Session 1's message under session 0's id is new.
+    assert_eq!(
+        db.insert_batch(&[on(0, b"one", true)], 100).unwrap().stored,
+        1
+    );
+    db.save_state_now().unwrap();
+    drop(db);
+    // After a restart: the broker lost session 1 only; its DUP is new,
+    // session 0's is still a redelivery.
+    let mut db = dir.db(l.clone());
+    db.register_sessions(&sessions).unwrap();
+    db.new_connection(0, 1, true);
+    db.new_connection(1, 2, false);
+    db.save_state_now().unwrap();
+    drop(db);
+    let mut db = dir.db(l.clone());
+    db.register_sessions(&sessions).unwrap();
+    db.new_connection(0, 1, true);
+    db.new_connection(1, 2, true);
+    let out = db
+        .insert_batch(&[on(0, b"one", true), on(1, b"one", true)], 100)
+        .unwrap();
+    assert_eq!((out.redelivered, out.stored), (1, 1));
 }
 
 #[test]

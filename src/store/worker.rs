@@ -39,9 +39,13 @@ pub(super) struct Worker {
     deliveries: VecDeque<(Instant, u64)>,
     /// Messages neither stored nor acknowledged yet.
     held: HoldBack,
-    /// Tells ingest to disconnect when too much is held back, and to come
-    /// back once there is room.
-    accepting: watch::Sender<Intake>,
+    /// Records left the store outside a commit: try the held messages again.
+    retry_held: bool,
+    /// When the held messages were last tried.
+    last_retry: Instant,
+    /// Per MQTT session of ingest: tells it to disconnect when too much of
+    /// it is held back, and to come back once there is room.
+    accepting: Vec<watch::Sender<Intake>>,
     space: Space,
     /// Deliveries whose deletion failed on a full disk, retried later.
     undelivered: Vec<Delivery>,
@@ -54,6 +58,9 @@ const DEAD_LETTER_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Records shed go to the audit trail summed over this long.
 const SHED_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
+/// Held-back messages are tried again at least this often.
+const RETRY_HELD_EVERY: Duration = Duration::from_secs(1);
+
 /// The window the drain rate is averaged over.
 const RATE_WINDOW: Duration = Duration::from_secs(30);
 
@@ -64,7 +71,7 @@ impl Worker {
         rx: mpsc::Receiver<Command>,
         acks: tokio::sync::mpsc::UnboundedSender<Vec<AckToken>>,
         committed: watch::Sender<Vec<u64>>,
-        accepting: watch::Sender<Intake>,
+        accepting: Vec<watch::Sender<Intake>>,
         cfg: StoreConfig,
         space: Space,
         beat: crate::notify::Beat,
@@ -91,7 +98,9 @@ impl Worker {
             last_prune: None,
             last_shed_audit: None,
             deliveries: VecDeque::new(),
-            held: HoldBack::new(streams),
+            held: HoldBack::new(streams, accepting.len()),
+            retry_held: false,
+            last_retry: Instant::now(),
             accepting,
             space,
             undelivered: Vec::new(),
@@ -168,8 +177,8 @@ impl Worker {
                         }),
                     },
                     // What came before a new connection is stored first.
-                    Command::Epoch(e, present) => {
-                        others.push(Command::Epoch(e, present));
+                    epoch @ Command::Epoch { .. } => {
+                        others.push(epoch);
                         break;
                     }
                     other => others.push(other),
@@ -223,7 +232,21 @@ impl Worker {
             self.backpressure();
             return self.deliver_all(deliveries);
         }
-        let batch = self.held.batch(new);
+        // Held messages are tried again when room may have freed: a commit
+        // without new messages (a timer, records confirmed, new limits),
+        // one deleting records of a stream that holds back, or after a
+        // second at most.
+        let layout = self.db.layout();
+        let retry = new.is_empty()
+            || std::mem::take(&mut self.retry_held)
+            || self.last_retry.elapsed() >= RETRY_HELD_EVERY
+            || deliveries
+                .iter()
+                .any(|d| self.held.holds(layout.dests[d.dest].stream));
+        if retry {
+            self.last_retry = Instant::now();
+        }
+        let batch = self.held.batch(new, retry);
         if batch.is_empty() {
             return self.deliver_all(deliveries);
         }
@@ -262,6 +285,12 @@ impl Worker {
                 }
                 msg.counted = true;
                 self.held.hold(msg);
+            }
+        }
+        if !retry {
+            // Streams whose held messages were not tried stay as they were.
+            for (s, r) in rejecting.iter_mut().enumerate() {
+                *r |= self.held.rejecting()[s] && self.held.holds(s);
             }
         }
         self.set_rejecting(rejecting);
@@ -392,43 +421,52 @@ impl Worker {
         Ok(())
     }
 
-    /// Asks ingest to disconnect when too much is held back in memory, and
-    /// to come back once the streams that held back have room (below 90%
-    /// of their limits) and the disk is not full.
+    /// Asks each MQTT session of ingest to disconnect when too much of it
+    /// is held back in memory, and to come back once the streams it held
+    /// back have room (`reject` streams below 90% of their limits) and the
+    /// disk is not full. Each session on its own: a `reject` stream's
+    /// session never stops the others.
     fn backpressure(&mut self) {
-        let paused = !self.accepting.borrow().open;
-        if !paused && self.held.over_memory() {
-            // The broker redelivers what was never acked, and everything
-            // else of this connection goes back to it too, so that nothing
-            // overtakes what was held back.
-            let held = self.held.close_connection();
-            self.accepting.send_modify(|i| {
-                i.open = false;
-                i.pauses += 1;
+        let mut disk_room = None;
+        for session in 0..self.accepting.len() {
+            let paused = !self.accepting[session].borrow().open;
+            if !paused && self.held.over_memory(session) {
+                // The broker redelivers what was never acked, and everything
+                // else of this connection goes back to it too, so that
+                // nothing overtakes what was held back.
+                let held = self.held.close_connection(session);
+                self.accepting[session].send_modify(|i| {
+                    i.open = false;
+                    i.pauses += 1;
+                });
+                tracing::warn!(held, session, "too many messages held back: this mqtt session disconnects from the broker until the store has room");
+                continue;
+            }
+            if !paused {
+                continue;
+            }
+            // On a full disk, room is what shedding can free inside the
+            // store.
+            let disk_room = *disk_room.get_or_insert_with(|| {
+                !self.space.disk_full()
+                    || match self.make_room_bytes(MAX_PARKED_BYTES as u64) {
+                        Ok(room) => room,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "shedding on a full disk failed");
+                            false
+                        }
+                    }
             });
-            tracing::warn!(held, "too many messages held back: disconnecting from the mqtt broker until the store has room");
-            return;
-        }
-        if !paused {
-            return;
-        }
-        // On a full disk, room is what shedding can free inside the store.
-        let disk_room = !self.space.disk_full()
-            || match self.make_room_bytes(MAX_PARKED_BYTES as u64) {
-                Ok(room) => room,
-                Err(e) => {
-                    tracing::warn!(error = %e, "shedding on a full disk failed");
-                    false
+            if disk_room {
+                let layout = self.db.layout();
+                let room = self.held.waits_for(session).iter().all(|&s| {
+                    let spec = &layout.streams[s];
+                    spec.overflow != Overflow::Reject
+                        || !spec.limits.low_water().over(self.db.usage(s))
+                });
+                if room {
+                    self.accepting[session].send_modify(|i| i.open = true);
                 }
-            };
-        if disk_room {
-            let layout = self.db.layout();
-            let room = (0..layout.streams.len()).all(|s| {
-                let spec = &layout.streams[s];
-                spec.overflow != Overflow::Reject || !spec.limits.low_water().over(self.db.usage(s))
-            });
-            if room {
-                self.accepting.send_modify(|i| i.open = true);
             }
         }
     }
@@ -575,6 +613,7 @@ impl Worker {
     /// Deletes what the broker confirmed, each in its own transaction (when
     /// there is no batch to go with it).
     fn deliver_all(&mut self, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
+        self.retry_held |= !deliveries.is_empty();
         for d in deliveries {
             match self.db.delivered(d.dest, d.up_to, d.resent) {
                 Ok(n) => self.deliveries.push_back((Instant::now(), n)),
@@ -628,9 +667,13 @@ impl Worker {
                 }
                 Command::AcksConfirmed { epoch, gen } => self.db.acks_confirmed(epoch, gen),
                 Command::Downlink(cmd) => self.downlink(cmd)?,
-                Command::Epoch(epoch, session_present) => {
-                    self.db.new_connection(epoch, session_present);
-                    let dropped = self.held.new_epoch(epoch, session_present);
+                Command::Epoch {
+                    session,
+                    epoch,
+                    present,
+                } => {
+                    self.db.new_connection(session, epoch, present);
+                    let dropped = self.held.new_epoch(session, epoch, present);
                     if dropped > 0 {
                         tracing::debug!(
                             dropped,

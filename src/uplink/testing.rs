@@ -335,6 +335,7 @@ path = "{}"
     let store = crate::store::Store::open(
         &cfg.store,
         Layout::new(&cfg.streams),
+        &["test".to_string()],
         acks,
         crate::notify::Health::default().beat("store"),
         crate::status::Live::default(),
@@ -352,6 +353,7 @@ path = "{}"
                 device: Some(format!("d{i}")),
                 dup: false,
                 pkid: (i % 60_000) as u16 + 1,
+                session: 0,
                 ack: None,
                 counted: false,
                 guarded: None,

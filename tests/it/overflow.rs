@@ -585,3 +585,148 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
+
+/// Waits until the store holds no record for `topic` and has stored
+/// `stored` records in its life; returns how long that took.
+async fn wait_topic_sent(ferry: &Ferry, topic: &str, stored: i64, limit: Duration) -> Duration {
+    let began = std::time::Instant::now();
+    loop {
+        let left: Option<i64> = ferry.store_path().exists().then(|| {
+            ferry
+                .open_store()
+                .query_row(
+                    "SELECT COUNT(*) FROM outbox WHERE (key >> 48) =
+                         (SELECT id FROM destinations WHERE topic = ?1)",
+                    [topic],
+                    |r| r.get(0),
+                )
+                .unwrap_or(-1)
+        });
+        let done = ferry.counters().get("stored").copied().unwrap_or(0);
+        if left == Some(0) && done >= stored {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < limit,
+            "{topic}: {left:?} records left, {done} stored of {stored}; log tail:\n{}",
+            tail(&ferry.log_text(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 14: a `reject` stream at its limit holds its messages back in an
+/// MQTT session of its own, so the gateway's other streams go on. The
+/// alarms stream's topic is in a namespace that does not exist yet: its
+/// records cannot leave, so it reaches its limit and stays there while the
+/// status stream carries 10,000 updates; then the namespace is made and
+/// the alarms held by the MQTT broker come through, all of them, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reject_stream_at_its_limit_never_stalls_the_other_streams() {
+    const LIMIT: usize = 100;
+    const ALARM_DEVICES: usize = 10;
+    const ALARM_ROUNDS: u64 = 60;
+    const ALARMS: usize = ALARM_DEVICES * ALARM_ROUNDS as usize;
+    const DEVICES: usize = 100;
+    const ROUNDS: u64 = 100;
+    const UPDATES: usize = DEVICES * ROUNDS as usize;
+    const ALL: usize = 2 * UPDATES;
+    let (stack, _shared) = Stack::shared().await;
+    let later = format!("public/{}", unique("reject-later"));
+    let alarms_topic = format!("persistent://{later}/alarms");
+    let Streams {
+        ns,
+        prefix,
+        mut ferry,
+    } = Streams::new(stack, "reject-apart", |ns, prefix| {
+        format!(
+            r#"[[streams]]
+name = "status"
+topic = "{}"
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+
+[[streams]]
+name = "alarms"
+kind = "events"
+topic = "{alarms_topic}"
+overflow = "reject"
+max_records = {LIMIT}
+subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
+"#,
+            ns.topic("device-status")
+        )
+    })
+    .await;
+    let status_topic = ns.topic("device-status");
+    ferry.start_ready().await;
+    // Both sessions subscribed (the alarms' is `<client id>-alarms`).
+    let began = std::time::Instant::now();
+    while ferry.log_text().matches("mqtt subscribed").count() < 2 {
+        assert!(
+            began.elapsed() < SECS(30),
+            "{}",
+            tail(&ferry.log_text(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ferry.log_text().contains("-alarms session_present=false"));
+    let mut states = Devices::connect(stack, &prefix, DEVICES).await;
+    let mut alarms = Devices::connect_kind(stack, &prefix, ALARM_DEVICES, "alarm").await;
+
+    // The same 10,000 updates twice: first with the alarms stream under its
+    // limit, then with it held at its limit.
+    let began = std::time::Instant::now();
+    states.publish_rounds(0, ROUNDS).await;
+    let free = wait_topic_sent(&ferry, &status_topic, UPDATES as i64, SECS(120)).await;
+    let free = began.elapsed().max(free);
+
+    alarms.publish_rounds(0, ALARM_ROUNDS).await;
+    ferry
+        .wait_log("its overflow policy is reject", SECS(30))
+        .await;
+    ferry.wait_stored((UPDATES + LIMIT) as i64, SECS(30)).await;
+    let began = std::time::Instant::now();
+    states.publish_rounds(ROUNDS, 2 * ROUNDS).await;
+    let held_run = wait_topic_sent(&ferry, &status_topic, (ALL + LIMIT) as i64, SECS(120)).await;
+    let held_run = began.elapsed().max(held_run);
+    let metrics = ferry.scrape().await;
+    let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+    let (free_rate, held_rate) = (rate(UPDATES, free), rate(UPDATES, held_run));
+    report(
+        "reject-apart",
+        &format!(
+            "status: {} updates at {free_rate:.0}/s with alarms under its limit, {} at {held_rate:.0}/s with alarms held at its limit ({:.0}%); alarms stored {}, rejecting={}",
+            UPDATES,
+            UPDATES,
+            100.0 * held_rate / free_rate,
+            ferry.counters().get("stored").copied().unwrap_or(0) - ALL as i64,
+            metrics["ferry_store_rejecting{stream=\"alarms\"}"],
+        ),
+    );
+    assert_eq!(
+        metrics["ferry_store_rejecting{stream=\"alarms\"}"], 1.0,
+        "the alarms stream was held at its limit throughout"
+    );
+    assert_eq!(
+        ferry.counters().get("stored").copied(),
+        Some((ALL + LIMIT) as i64),
+        "every status update and exactly the alarms under the limit were stored"
+    );
+    let msgs = read_topic(stack, &status_topic, false, ALL, SECS(20)).await;
+    assert_eq!(tally(&msgs, &states.ids, 2 * ROUNDS), exact(ALL));
+
+    // The alarms' namespace appears: the backlog the MQTT broker kept comes
+    // through, in order, once.
+    stack.admin_api().create_namespace(&later).await;
+    ferry.wait_drained((ALL + ALARMS) as i64, SECS(180)).await;
+    let msgs = read_topic(stack, &alarms_topic, false, ALARMS, SECS(20)).await;
+    let t = tally(&msgs, &alarms.ids, ALARM_ROUNDS);
+    report(
+        "reject-apart",
+        &format!("alarms after their namespace appeared: {t:?}"),
+    );
+    assert_eq!(t, exact(ALARMS));
+    states.disconnect().await;
+    alarms.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}

@@ -83,7 +83,6 @@ const SQL_INCIDENT: &str = "INSERT INTO incidents (at_ms, kind, detail) VALUES (
 const STATE_CLOCK: &str = "clock_ms";
 const STATE_COMMIT: &str = "commit_seq";
 const STATE_CONN: &str = "conn_seq";
-const STATE_MOOT: &str = "moot_below_conn";
 /// A random number given to a store when it is made: a copy has the same,
 /// a new store (the old one deleted or moved aside) another.
 const STATE_STORE_ID: &str = "store_id";
@@ -300,14 +299,15 @@ impl Db {
 
     /// Deletes what the broker confirmed (`deliveries`: destination, up to,
     /// resent) and stores a batch, in one transaction (one fsync for both).
-    /// `forget`: packet ids of messages received but not stored (the broker
+    /// `forget`: packet ids (with their MQTT session) of messages received
+    /// but not stored (the broker
     /// redelivers them): their `mqtt_seen` rows describe an older message
     /// and must not make the redelivery look like a duplicate. On error
     /// nothing changed and all can be tried again.
     pub fn commit_batch(
         &mut self,
         deliveries: &[Delivery],
-        forget: &[u16],
+        forget: &[(usize, u16)],
         batch: &[Inbound],
         max_payload: usize,
     ) -> Result<BatchOutcome, StoreError> {
@@ -320,7 +320,7 @@ impl Db {
     fn commit_with(
         &mut self,
         deliveries: &[Delivery],
-        forget: &[u16],
+        forget: &[(usize, u16)],
         batch: &[Inbound],
         origin: Origin,
         max_payload: usize,
@@ -336,7 +336,7 @@ impl Db {
         let mut pressure = self.pressure.clone();
         let mut parking = vec![false; self.layout.streams.len()];
         let tx = self.conn.transaction()?;
-        forget_seen(&tx, forget)?;
+        forget_seen(&tx, &self.acks, forget)?;
         // Deletions first: their room is there for the batch.
         for d in deliveries {
             let (n, bytes) = delete_upto(&tx, &dests[d.dest], d.up_to)?;
@@ -408,7 +408,7 @@ impl Db {
         save_state(&tx, &self.acks, gen, stored_at)?;
         tx.commit()?;
         self.acks.commit_seq = gen;
-        self.acks.unsaved.clear();
+        self.acks.saved();
         self.dests = dests;
         self.pressure = pressure;
         out.stored = counts.stored as u64;
@@ -428,7 +428,7 @@ impl Db {
         let tx = self.conn.transaction()?;
         save_state(&tx, &self.acks, self.acks.commit_seq, clock)?;
         tx.commit()?;
-        self.acks.unsaved.clear();
+        self.acks.saved();
         Ok(())
     }
 
@@ -588,7 +588,7 @@ impl Db {
         tx.execute(SQL_AGENT_PUT, [json])?;
         save_state(&tx, &self.acks, self.acks.commit_seq, clock)?;
         tx.commit()?;
-        self.acks.unsaved.clear();
+        self.acks.saved();
         Ok(())
     }
 

@@ -290,7 +290,6 @@ impl Db {
         };
         self.acks.commit_seq = get(STATE_COMMIT)?;
         self.acks.conn_seq = get(STATE_CONN)?;
-        self.acks.moot_below = get(STATE_MOOT)?;
         let rows: Vec<(i64, i64)> = self
             .conn
             .prepare("SELECT conn, gen FROM ack_confirmed")?

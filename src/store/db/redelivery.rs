@@ -12,10 +12,13 @@ use super::*;
 /// Confirmed MQTT connections remembered in `ack_confirmed`.
 pub(super) const ACK_CONNS_KEPT: u64 = 64;
 
-pub(super) const SQL_SEEN_GET: &str = "SELECT digest, conn, gen FROM mqtt_seen WHERE pkid = ?1";
+pub(super) const SQL_SEEN_GET: &str =
+    "SELECT digest, conn, gen FROM mqtt_seen WHERE session = ?1 AND pkid = ?2";
 
-pub(super) const SQL_SEEN_PUT: &str = "INSERT INTO mqtt_seen (pkid, digest, conn, gen) VALUES (?1, ?2, ?3, ?4)
-     ON CONFLICT(pkid) DO UPDATE SET digest = excluded.digest, conn = excluded.conn, gen = excluded.gen";
+pub(super) const SQL_SEEN_PUT: &str = "INSERT INTO mqtt_seen (session, pkid, digest, conn, gen)
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT(session, pkid) DO UPDATE SET
+         digest = excluded.digest, conn = excluded.conn, gen = excluded.gen";
 
 pub(super) const SQL_TOPIC_LAST_GET: &str = "SELECT digest FROM topic_last WHERE topic = ?1";
 
@@ -32,7 +35,12 @@ pub(super) const SQL_ACK_CONFIRMED_PUT: &str =
 /// [`super::Command::AcksConfirmed`]).
 #[derive(Debug, Default)]
 pub(super) struct Acks {
-    /// This process's ingest connection epochs, by their lasting number.
+    /// Per MQTT session of ingest (in its order): its row in
+    /// `mqtt_sessions` (see [`Db::register_sessions`]); a session not
+    /// registered is its own index.
+    pub(super) sessions: Vec<i64>,
+    /// This process's ingest connection epochs (unique across sessions), by
+    /// their lasting number.
     pub(super) conn_of_epoch: HashMap<u64, u64>,
     /// The last lasting connection number handed out.
     pub(super) conn_seq: u64,
@@ -42,9 +50,11 @@ pub(super) struct Acks {
     pub(super) confirmed: BTreeMap<u64, u64>,
     /// Confirmations not yet written.
     pub(super) unsaved: Vec<(u64, u64)>,
-    /// Rows of connections below this are moot: the broker lost the session
-    /// (nothing of it is redelivered).
-    pub(super) moot_below: u64,
+    /// Per session: its rows of connections below this are moot, the
+    /// broker lost the session (nothing of it is redelivered).
+    pub(super) moot_below: Vec<u64>,
+    /// `moot_below` changed since it was written.
+    pub(super) moot_unsaved: bool,
 }
 
 impl Acks {
@@ -52,10 +62,25 @@ impl Acks {
         self.conn_of_epoch.get(&epoch).copied().unwrap_or(0)
     }
 
-    /// Whether the ack of a row written by `gen` on `conn` is known to have
-    /// reached the broker.
-    pub(super) fn is_confirmed(&self, conn: u64, gen: u64) -> bool {
-        conn < self.moot_below || self.confirmed.get(&conn).is_some_and(|g| *g >= gen)
+    /// What waited to be written was written.
+    pub(super) fn saved(&mut self) {
+        self.unsaved.clear();
+        self.moot_unsaved = false;
+    }
+
+    /// A session's row id in `mqtt_sessions`.
+    pub(super) fn session_id(&self, session: usize) -> i64 {
+        self.sessions
+            .get(session)
+            .copied()
+            .unwrap_or(session as i64)
+    }
+
+    /// Whether the ack of a row of `session` written by `gen` on `conn` is
+    /// known to have reached the broker.
+    pub(super) fn is_confirmed(&self, session: usize, conn: u64, gen: u64) -> bool {
+        conn < self.moot_below.get(session).copied().unwrap_or(0)
+            || self.confirmed.get(&conn).is_some_and(|g| *g >= gen)
     }
 }
 
@@ -121,12 +146,17 @@ pub(super) fn remember(
     set_last_on_topic(tx, topic, digest)
 }
 
-/// Forgets the packet ids of messages received but not stored: the broker
-/// redelivers them, and their rows describe an older message.
-pub(super) fn forget_seen(tx: &Transaction<'_>, pkids: &[u16]) -> Result<(), StoreError> {
-    for pkid in pkids {
-        tx.prepare_cached("DELETE FROM mqtt_seen WHERE pkid = ?1")?
-            .execute([pkid])?;
+/// Forgets the packet ids (each with its session) of messages received but
+/// not stored: the broker redelivers them, and their rows describe an older
+/// message.
+pub(super) fn forget_seen(
+    tx: &Transaction<'_>,
+    acks: &Acks,
+    pkids: &[(usize, u16)],
+) -> Result<(), StoreError> {
+    for (session, pkid) in pkids {
+        tx.prepare_cached("DELETE FROM mqtt_seen WHERE session = ?1 AND pkid = ?2")?
+            .execute(params![acks.session_id(*session), pkid])?;
     }
     Ok(())
 }
@@ -139,12 +169,15 @@ pub(super) fn forget_seen(tx: &Transaction<'_>, pkids: &[u16]) -> Result<(), Sto
 fn seen_before(tx: &Transaction<'_>, acks: &Acks, msg: &Inbound) -> Result<bool, StoreError> {
     let seen: Option<(i64, i64, i64)> = tx
         .prepare_cached(SQL_SEEN_GET)?
-        .query_row([msg.pkid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(params![acks.session_id(msg.session), msg.pkid], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     Ok(match seen {
         None => false,
         Some((d, conn, gen)) => {
-            d == digest(msg) && !acks.is_confirmed(conn.max(0) as u64, gen.max(0) as u64)
+            d == digest(msg)
+                && !acks.is_confirmed(msg.session, conn.max(0) as u64, gen.max(0) as u64)
         }
     })
 }
@@ -152,6 +185,7 @@ fn seen_before(tx: &Transaction<'_>, acks: &Acks, msg: &Inbound) -> Result<bool,
 fn seen_put(tx: &Transaction<'_>, acks: &Acks, msg: &Inbound, gen: u64) -> Result<(), StoreError> {
     let conn = msg.ack.map_or(0, |a| acks.conn(a.epoch));
     tx.prepare_cached(SQL_SEEN_PUT)?.execute(params![
+        acks.session_id(msg.session),
         msg.pkid,
         digest(msg),
         conn as i64,
@@ -193,16 +227,67 @@ fn topic_key(topic: &str) -> i64 {
 }
 
 impl Db {
-    /// Ingest connected to the MQTT broker (connection `epoch` of this
-    /// process): it gets a lasting connection number; when the broker lost
-    /// the session, no earlier message is redelivered, so every earlier
-    /// redelivery row is moot.
-    pub fn new_connection(&mut self, epoch: u64, session_present: bool) {
+    /// Finds (or adds) the row of each of ingest's MQTT sessions in
+    /// `mqtt_sessions`, by client id (`client_ids` in ingest's order, the
+    /// main session first). The one session of a store older than version 6
+    /// has no client id yet: the main session takes it over, with its
+    /// redelivery rows.
+    pub fn register_sessions(&mut self, client_ids: &[String]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut ids = Vec::new();
+        let mut moot = Vec::new();
+        for (i, client_id) in client_ids.iter().enumerate() {
+            let find = |tx: &Transaction<'_>| {
+                tx.query_row(
+                    "SELECT id, moot_below FROM mqtt_sessions WHERE client_id = ?1",
+                    [client_id],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .optional()
+            };
+            let mut found = find(&tx)?;
+            if found.is_none() && i == 0 {
+                tx.execute(
+                    "UPDATE mqtt_sessions SET client_id = ?1 WHERE client_id IS NULL",
+                    [client_id],
+                )?;
+                found = find(&tx)?;
+            }
+            let (id, below) = match found {
+                Some(row) => row,
+                None => {
+                    tx.execute(
+                        "INSERT INTO mqtt_sessions (id, client_id)
+                         SELECT COALESCE(MAX(id) + 1, 0), ?1 FROM mqtt_sessions",
+                        [client_id],
+                    )?;
+                    find(&tx)?.expect("the row just added")
+                }
+            };
+            ids.push(id);
+            moot.push(below.max(0) as u64);
+        }
+        tx.commit()?;
+        self.acks.sessions = ids;
+        self.acks.moot_below = moot;
+        Ok(())
+    }
+
+    /// One MQTT session of ingest connected to the broker (connection
+    /// `epoch` of this process, unique across sessions): the connection gets
+    /// a lasting number; when the broker lost the session, none of its
+    /// earlier messages is redelivered, so its earlier redelivery rows are
+    /// moot.
+    pub fn new_connection(&mut self, session: usize, epoch: u64, present: bool) {
         self.acks.conn_seq += 1;
         let conn = self.acks.conn_seq;
         self.acks.conn_of_epoch.insert(epoch, conn);
-        if !session_present {
-            self.acks.moot_below = conn;
+        if !present {
+            if self.acks.moot_below.len() <= session {
+                self.acks.moot_below.resize(session + 1, 0);
+            }
+            self.acks.moot_below[session] = conn;
+            self.acks.moot_unsaved = true;
         }
     }
 
@@ -223,7 +308,7 @@ impl Db {
 
     /// Whether confirmations or the clock wait to be written.
     pub fn state_unsaved(&self) -> bool {
-        !self.acks.unsaved.is_empty()
+        !self.acks.unsaved.is_empty() || self.acks.moot_unsaved
     }
 
     /// The commit number the next commit's rows carry (acks name it).
@@ -244,7 +329,13 @@ pub(super) fn save_state(
     put.execute(params![STATE_CLOCK, clock as i64])?;
     put.execute(params![STATE_COMMIT, commit_seq as i64])?;
     put.execute(params![STATE_CONN, acks.conn_seq as i64])?;
-    put.execute(params![STATE_MOOT, acks.moot_below as i64])?;
+    if acks.moot_unsaved {
+        let mut stmt =
+            tx.prepare_cached("UPDATE mqtt_sessions SET moot_below = ?2 WHERE id = ?1")?;
+        for (session, below) in acks.moot_below.iter().enumerate() {
+            stmt.execute(params![acks.session_id(session), *below as i64])?;
+        }
+    }
     if !acks.unsaved.is_empty() {
         let mut stmt = tx.prepare_cached(SQL_ACK_CONFIRMED_PUT)?;
         for (conn, gen) in &acks.unsaved {

@@ -12,7 +12,8 @@
 //! | 2 | streams (2979ed6) | `outbox` keyed by destination, `destinations` without `resumed` |
 //! | 3 | store review (4ecce23) | `destinations.resumed` |
 //! | 4 | audit fixes (d69e04c) | `destinations.horizon`, `outbox.stored_at`, `mqtt_seen` with the connection and commit of each row, `topic_last`, `ack_confirmed`, `store_state` |
-//! | 5 | this version | `desired` (each device's desired state and the version applied), `downlink` (the read position in the desired topic) |
+//! | 5 | desired state (22f6841) | `desired` (each device's desired state and the version applied), `downlink` (the read position in the desired topic) |
+//! | 6 | this version | `mqtt_sessions` (one MQTT session per `reject` stream, each with its own `moot_below`), `mqtt_seen` keyed by session and packet id |
 //!
 //! Every step runs in one transaction with the version change, so a step
 //! that fails (a full disk) leaves the store as it was. A store whose
@@ -37,7 +38,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
 use super::StoreError;
 
 /// The schema this binary writes.
-pub const VERSION: i32 = 5;
+pub const VERSION: i32 = 6;
 
 /// Destination ids stay below this, so that `id << 48` stays a positive
 /// 64-bit key and no destination's keys reach another's.
@@ -61,12 +62,19 @@ CREATE TABLE destinations (
     role     TEXT    NOT NULL,
     horizon  INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE mqtt_seen (
-    pkid   INTEGER PRIMARY KEY,
-    digest INTEGER NOT NULL,
-    conn   INTEGER NOT NULL,
-    gen    INTEGER NOT NULL
+CREATE TABLE mqtt_sessions (
+    id         INTEGER PRIMARY KEY,
+    client_id  TEXT    UNIQUE,
+    moot_below INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE mqtt_seen (
+    session INTEGER NOT NULL,
+    pkid    INTEGER NOT NULL,
+    digest  INTEGER NOT NULL,
+    conn    INTEGER NOT NULL,
+    gen     INTEGER NOT NULL,
+    PRIMARY KEY (session, pkid)
+) WITHOUT ROWID;
 CREATE TABLE topic_last (
     topic  INTEGER PRIMARY KEY,
     digest INTEGER NOT NULL
@@ -144,9 +152,18 @@ const SHAPE: &[(&str, &[Col])] = &[
         ],
     ),
     (
+        "mqtt_sessions",
+        &[
+            ("id", "INTEGER", false, true),
+            ("client_id", "TEXT", false, false),
+            ("moot_below", "INTEGER", true, false),
+        ],
+    ),
+    (
         "mqtt_seen",
         &[
-            ("pkid", "INTEGER", false, true),
+            ("session", "INTEGER", true, true),
+            ("pkid", "INTEGER", true, true),
             ("digest", "INTEGER", true, false),
             ("conn", "INTEGER", true, false),
             ("gen", "INTEGER", true, false),
@@ -240,8 +257,13 @@ const TYPE_CHECKS: &[(&str, &str)] = &[
          OR typeof(role) != 'text' OR typeof(horizon) != 'integer'",
     ),
     (
+        "mqtt_sessions",
+        "typeof(client_id) NOT IN ('text', 'null') OR typeof(moot_below) != 'integer'",
+    ),
+    (
         "mqtt_seen",
-        "typeof(digest) != 'integer' OR typeof(conn) != 'integer' OR typeof(gen) != 'integer'",
+        "typeof(session) != 'integer' OR typeof(pkid) != 'integer'
+         OR typeof(digest) != 'integer' OR typeof(conn) != 'integer' OR typeof(gen) != 'integer'",
     ),
     ("topic_last", "typeof(digest) != 'integer'"),
     ("ack_confirmed", "typeof(gen) != 'integer'"),
@@ -416,6 +438,7 @@ pub fn upgrade(
             2 => v2_to_v3(&tx)?,
             3 => v3_to_v4(&tx)?,
             4 => v4_to_v5(&tx)?,
+            5 => v5_to_v6(&tx)?,
             v => unreachable!("no step from version {v}"),
         }
         version += 1;
@@ -523,6 +546,29 @@ fn v4_to_v5(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
              republish INTEGER NOT NULL DEFAULT 0);
          CREATE TABLE downlink (topic TEXT PRIMARY KEY, position BLOB,
              caught_up INTEGER NOT NULL DEFAULT 0);",
+    )
+}
+
+/// Version 6: one MQTT session per `reject` stream besides the main one.
+/// The store's one session so far becomes row 0 with no client id yet (the
+/// main session claims it at its first start, see
+/// [`super::Db::register_sessions`]), keeping its `moot_below`; its
+/// redelivery rows become that session's.
+fn v5_to_v6(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
+    tx.execute_batch(
+        "CREATE TABLE mqtt_sessions (id INTEGER PRIMARY KEY, client_id TEXT UNIQUE,
+             moot_below INTEGER NOT NULL DEFAULT 0);
+         INSERT INTO mqtt_sessions (id, client_id, moot_below)
+             VALUES (0, NULL, COALESCE((SELECT value FROM store_state
+                                        WHERE name = 'moot_below_conn'), 0));
+         DELETE FROM store_state WHERE name = 'moot_below_conn';
+         CREATE TABLE mqtt_seen_v6 (session INTEGER NOT NULL, pkid INTEGER NOT NULL,
+             digest INTEGER NOT NULL, conn INTEGER NOT NULL, gen INTEGER NOT NULL,
+             PRIMARY KEY (session, pkid)) WITHOUT ROWID;
+         INSERT INTO mqtt_seen_v6 (session, pkid, digest, conn, gen)
+             SELECT 0, pkid, digest, conn, gen FROM mqtt_seen;
+         DROP TABLE mqtt_seen;
+         ALTER TABLE mqtt_seen_v6 RENAME TO mqtt_seen;",
     )
 }
 
