@@ -16,14 +16,16 @@ use crate::uplink::{self, auth, UplinkSettings};
 /// device, a FIFO, a file over 64 KiB), as warnings.
 pub fn secret_file_warnings(cfg: &Config) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(TokenSource::File(p)) = &cfg.pulsar.auth {
-        match auth::token_file_problem(p) {
-            Some(problem) => out.push(problem),
-            None => out.extend(auth::permission_warning("token file", p)),
+    for c in &cfg.pulsar.clusters {
+        if let Some(TokenSource::File(p)) = &c.auth {
+            match auth::token_file_problem(p) {
+                Some(problem) => out.push(problem),
+                None => out.extend(auth::permission_warning("token file", p)),
+            }
         }
-    }
-    if let Some((_, key)) = cfg.pulsar.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
-        out.extend(auth::permission_warning("TLS key file", key));
+        if let Some((_, key)) = c.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
+            out.extend(auth::permission_warning("TLS key file", key));
+        }
     }
     out
 }
@@ -45,7 +47,7 @@ pub async fn online(cfg: &Config) -> Vec<Probe> {
     .into_iter()
     .chain(
         futures::future::join_all(
-            UplinkSettings::from_config(cfg, &Layout::new(&cfg.streams))
+            UplinkSettings::from_config(cfg, &Layout::for_config(cfg))
                 .into_iter()
                 .map(|s| async move {
                     Probe {

@@ -1,5 +1,11 @@
 //! Streams, their destinations, and the overflow rules, without I/O.
 //!
+//! With several Pulsar clusters (`[[pulsar.clusters]]`) every topic is a
+//! destination once per cluster, each with its own name in the store
+//! (`<topic>@<cluster>`), numbers, backlog and uplink session: a record
+//! leaves the store for one cluster when that cluster confirmed it, and
+//! each cluster's deduplication makes it exactly once there.
+//!
 //! A stream is what the configuration calls `[[streams]]`: the MQTT
 //! messages matching its subscriptions. Each stream has one or two
 //! *destinations* (Pulsar topics), numbered in configuration order: a
@@ -104,6 +110,22 @@ pub struct DestSpec {
     pub topic: String,
     pub stream: usize,
     pub role: Role,
+    /// The Pulsar cluster (index in `[[pulsar.clusters]]`; 0 for `[pulsar]`).
+    pub cluster: usize,
+    /// What names the destination in the store, the metrics, the logs and
+    /// `ferry status`: the topic, and `@<cluster>` after it when the
+    /// clusters are named.
+    pub name: String,
+}
+
+/// A destination's name: `topic`, or `topic@cluster` (Pulsar topic names
+/// never hold `@`).
+pub fn dest_name(topic: &str, cluster: &str) -> String {
+    if cluster.is_empty() {
+        topic.to_string()
+    } else {
+        format!("{topic}@{cluster}")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,10 +144,24 @@ pub struct StreamSpec {
 pub struct Layout {
     pub streams: Vec<StreamSpec>,
     pub dests: Vec<DestSpec>,
+    /// The Pulsar clusters' names (one empty name for `[pulsar]`).
+    pub clusters: Vec<String>,
 }
 
 impl Layout {
+    /// The layout of one unnamed cluster.
     pub fn new(streams: &[StreamConfig]) -> Layout {
+        Layout::with_clusters(streams, &[String::new()])
+    }
+
+    /// The layout of a configuration: its streams, on each of its clusters.
+    pub fn for_config(cfg: &crate::config::Config) -> Layout {
+        Layout::with_clusters(&cfg.streams, &cfg.pulsar.names())
+    }
+
+    /// Each stream's topics once per cluster: per stream, per cluster, the
+    /// main topic then the history topic.
+    pub fn with_clusters(streams: &[StreamConfig], clusters: &[String]) -> Layout {
         let mut dests = Vec::new();
         let specs = streams
             .iter()
@@ -136,17 +172,23 @@ impl Layout {
                     StreamKind::State => Role::Status,
                     StreamKind::Events => Role::Events,
                 };
-                dests.push(DestSpec {
-                    topic: s.topic.clone(),
-                    stream: i,
-                    role: main_role,
-                });
-                if let Some(h) = &s.history_topic {
+                for (c, cluster) in clusters.iter().enumerate() {
                     dests.push(DestSpec {
-                        topic: h.clone(),
+                        topic: s.topic.clone(),
                         stream: i,
-                        role: Role::History,
+                        role: main_role,
+                        cluster: c,
+                        name: dest_name(&s.topic, cluster),
                     });
+                    if let Some(h) = &s.history_topic {
+                        dests.push(DestSpec {
+                            topic: h.clone(),
+                            stream: i,
+                            role: Role::History,
+                            cluster: c,
+                            name: dest_name(h, cluster),
+                        });
+                    }
                 }
                 StreamSpec {
                     name: s.name.clone(),
@@ -161,6 +203,7 @@ impl Layout {
         Layout {
             streams: specs,
             dests,
+            clusters: clusters.to_vec(),
         }
     }
 

@@ -71,7 +71,7 @@ pub async fn run(
     }
     let live = status::Live::default();
     let metrics = metrics::Metrics::new();
-    let layout = layout::Layout::new(&config.streams);
+    let layout = layout::Layout::for_config(&config);
     for s in &layout.streams {
         let mut policies = vec![s.overflow.as_str(), "disk-full", "store-max-bytes"];
         if s.limits.max_age.is_some() {
@@ -277,9 +277,9 @@ async fn debug_hang(name: &'static str) {
 
 fn apply_reload(old: &Config, new: &Config, store: &store::StoreHandle) {
     let restart = old.needs_restart(new);
-    let layout = layout::Layout::new(&new.streams);
+    let layout = layout::Layout::for_config(new);
     if (new.store != old.store || new.streams != old.streams)
-        && layout.dests == layout::Layout::new(&old.streams).dests
+        && layout.dests == layout::Layout::for_config(old).dests
     {
         let _ = store.set_limits(new.store.clone(), layout);
     }

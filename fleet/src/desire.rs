@@ -360,6 +360,7 @@ fn settings(
         ferry::config::parse_service_url(&p.service_url).map_err(DesireError::ServiceUrl)?;
     Ok(UplinkSettings {
         dest: 0,
+        cluster: 0,
         drains_first: false,
         gateway_id: "ferry-fleet".into(),
         service: Endpoint { host, port, tls },
@@ -370,6 +371,7 @@ fn settings(
         }),
         auth: p.token_file.clone().map(TokenSource::File),
         topic: topic.to_string(),
+        name: topic.to_string(),
         producer_name: producer_name.to_string(),
         uplink: UplinkConfig {
             max_in_flight: 1,

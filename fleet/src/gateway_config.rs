@@ -150,7 +150,7 @@ mod tests {
                 let c = ferry::config::parse(&text)
                     .unwrap_or_else(|e| panic!("{url} {gateway}: {e:#?}\n{text}"));
                 assert_eq!(&c.gateway_id, gateway);
-                assert_eq!(c.pulsar.service_url, url);
+                assert_eq!(c.pulsar.first().service_url, url);
                 let status = &c.streams[0];
                 assert_eq!(status.name, "status");
                 assert_eq!(status.topic, fleet.topic(gateway, TopicRole::Status));
@@ -165,11 +165,11 @@ mod tests {
                     fleet.topic(gateway, TopicRole::DesiredAcks)
                 );
                 assert_eq!(
-                    c.pulsar.auth,
+                    c.pulsar.first().auth,
                     Some(ferry::config::TokenSource::File(PathBuf::from(TOKEN_FILE)))
                 );
                 assert_eq!((c.mqtt.host.as_str(), c.mqtt.port), ("127.0.0.1", 1883));
-                match (&c.pulsar.tls, url.starts_with("pulsar+ssl"), ca) {
+                match (&c.pulsar.first().tls, url.starts_with("pulsar+ssl"), ca) {
                     (None, false, _) => {}
                     (Some(tls), true, true) => {
                         assert_eq!(tls.ca_file, Some(PathBuf::from(CA_FILE)));

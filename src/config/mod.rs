@@ -154,8 +154,32 @@ impl StreamConfig {
     }
 }
 
+/// The Pulsar clusters ferry writes to: every record goes to each of them,
+/// on its own (ARCHITECTURE.md, "Two regions").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PulsarConfig {
+    /// `[[pulsar.clusters]]` in order; the `[pulsar]` form is one cluster
+    /// without a name. Never empty once validated.
+    pub clusters: Vec<ClusterConfig>,
+}
+
+impl PulsarConfig {
+    /// The first cluster: the one the downlink reads the desired state from.
+    pub fn first(&self) -> &ClusterConfig {
+        &self.clusters[0]
+    }
+
+    /// The clusters' names, in order (`""` for the `[pulsar]` form).
+    pub fn names(&self) -> Vec<String> {
+        self.clusters.iter().map(|c| c.name.clone()).collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Empty for the `[pulsar]` form; otherwise names the cluster in the
+    /// store, the metrics and `ferry status`.
+    pub name: String,
     pub host: String,
     pub port: u16,
     pub service_url: String,
@@ -453,7 +477,7 @@ mod tests {
     fn a_good_file_gives_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.mqtt.client_id, "ferry-gw-1");
-        assert_eq!(c.pulsar.port, 6650);
+        assert_eq!(c.pulsar.first().port, 6650);
         assert_eq!(c.store.max_payload_bytes, 256 * 1024);
         assert_eq!(c.streams[0].subscriptions[0].device_id_level, 1);
         assert_eq!(c.streams[0].name, "status");

@@ -86,6 +86,17 @@ pub struct RawPulsar {
     pub topic: Option<String>,
     pub tls: Option<RawTls>,
     pub auth: Option<RawAuth>,
+    pub clusters: Option<Vec<RawCluster>>,
+}
+
+/// One of `[[pulsar.clusters]]`: a cluster ferry writes every record to.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub name: Option<String>,
+    pub service_url: Option<String>,
+    pub tls: Option<RawTls>,
+    pub auth: Option<RawAuth>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -11,6 +11,7 @@ use super::raw::{
     RawAudit, RawAuth, RawConfig, RawMetrics, RawMqtt, RawPulsar, RawStore, RawTls, RawUplink,
 };
 use super::streams::streams;
+use super::ClusterConfig;
 use super::{
     AuditConfig, Config, ConfigError, DeadLetterLimits, Durability, MetricsConfig, MqttConfig,
     PulsarConfig, StoreConfig, TlsConfig, TokenSource, UplinkConfig, DEFAULT_DEAD_LETTERS_MAX,
@@ -157,29 +158,90 @@ fn mqtt(v: &mut Validator, raw: RawMqtt, gateway_id: Option<&str>) -> MqttConfig
 }
 
 /// `[pulsar]` but its topic: where, over what, as whom.
+/// `[pulsar]` (one cluster) or `[[pulsar.clusters]]` (each named, each with
+/// its own service URL, TLS and token), never both.
 fn pulsar(v: &mut Validator, raw: RawPulsar) -> PulsarConfig {
-    let service_url = v.required("pulsar.service_url", raw.service_url);
+    let Some(list) = raw.clusters else {
+        let one = cluster(
+            v,
+            "pulsar",
+            String::new(),
+            raw.service_url,
+            raw.tls,
+            raw.auth,
+        );
+        return PulsarConfig {
+            clusters: vec![one],
+        };
+    };
+    for (key, given) in [
+        ("pulsar.service_url", raw.service_url.is_some()),
+        ("pulsar.tls", raw.tls.is_some()),
+        ("pulsar.auth", raw.auth.is_some()),
+    ] {
+        if given {
+            v.error(
+                key,
+                "not allowed together with [[pulsar.clusters]]: give each cluster its own",
+            );
+        }
+    }
+    if list.is_empty() {
+        v.error("pulsar.clusters", "at least one cluster is required");
+    }
+    let mut clusters: Vec<ClusterConfig> = Vec::new();
+    for (i, c) in list.into_iter().enumerate() {
+        let at = format!("pulsar.clusters[{i}]");
+        let name = v
+            .required(&format!("{at}.name"), c.name)
+            .unwrap_or_default();
+        if !name.is_empty() && !valid_name(&name) {
+            v.error(&format!("{at}.name"), NAME_RULE);
+        }
+        if let Some(j) = clusters.iter().position(|o| o.name == name) {
+            v.error(
+                &format!("{at}.name"),
+                &format!("`{name}` is already the name of pulsar.clusters[{j}]"),
+            );
+        }
+        clusters.push(cluster(v, &at, name, c.service_url, c.tls, c.auth));
+    }
+    PulsarConfig { clusters }
+}
+
+/// One cluster whose keys are under `at` (`pulsar` or `pulsar.clusters[i]`).
+fn cluster(
+    v: &mut Validator,
+    at: &str,
+    name: String,
+    service_url: Option<String>,
+    tls: Option<RawTls>,
+    auth: Option<RawAuth>,
+) -> ClusterConfig {
+    let url_key = format!("{at}.service_url");
+    let service_url = v.required(&url_key, service_url);
     let (host, port, tls_url) = match service_url.as_deref().map(parse_service_url) {
         Some(Ok(hp)) => hp,
         Some(Err(msg)) => {
-            v.error("pulsar.service_url", &msg);
+            v.error(&url_key, &msg);
             (String::new(), 0, false)
         }
         None => (String::new(), 0, false),
     };
-    let tls = match (tls_url, raw.tls) {
-        (true, tls) => Some(tls_config(v, tls.unwrap_or_default())),
+    let tls = match (tls_url, tls) {
+        (true, tls) => Some(tls_config(v, at, tls.unwrap_or_default())),
         (false, Some(_)) if service_url.is_some() => {
             v.error(
-                "pulsar.tls",
-                "is set, but pulsar.service_url is not pulsar+ssl://",
+                &format!("{at}.tls"),
+                &format!("is set, but {url_key} is not pulsar+ssl://"),
             );
             None
         }
         (false, _) => None,
     };
-    let auth = raw.auth.and_then(|a| token_source(v, a));
-    PulsarConfig {
+    let auth = auth.and_then(|a| token_source(v, at, a));
+    ClusterConfig {
+        name,
         host,
         port,
         service_url: service_url.unwrap_or_default(),
@@ -216,14 +278,14 @@ pub fn parse_service_url(url: &str) -> Result<(String, u16, bool), String> {
     }
 }
 
-/// `[pulsar.tls]` of a `pulsar+ssl://` URL: trust anchors, and a client
-/// certificate given as a pair or not at all.
-fn tls_config(v: &mut Validator, raw: RawTls) -> TlsConfig {
+/// `[pulsar.tls]` (under `at`) of a `pulsar+ssl://` URL: trust anchors,
+/// and a client certificate given as a pair or not at all.
+fn tls_config(v: &mut Validator, at: &str, raw: RawTls) -> TlsConfig {
     let use_system_roots = raw.use_system_roots.unwrap_or(false);
     if raw.ca_file.is_none() && !use_system_roots {
         v.error(
-            "pulsar.tls.ca_file",
-            "is required for pulsar+ssl:// unless pulsar.tls.use_system_roots = true",
+            &format!("{at}.tls.ca_file"),
+            &format!("is required for pulsar+ssl:// unless {at}.tls.use_system_roots = true"),
         );
     }
     let client_cert = match (raw.cert_file, raw.key_file) {
@@ -231,15 +293,15 @@ fn tls_config(v: &mut Validator, raw: RawTls) -> TlsConfig {
         (None, None) => None,
         (Some(_), None) => {
             v.error(
-                "pulsar.tls.key_file",
-                "is required with pulsar.tls.cert_file",
+                &format!("{at}.tls.key_file"),
+                &format!("is required with {at}.tls.cert_file"),
             );
             None
         }
         (None, Some(_)) => {
             v.error(
-                "pulsar.tls.cert_file",
-                "is required with pulsar.tls.key_file",
+                &format!("{at}.tls.cert_file"),
+                &format!("is required with {at}.tls.key_file"),
             );
             None
         }
@@ -251,11 +313,11 @@ fn tls_config(v: &mut Validator, raw: RawTls) -> TlsConfig {
     }
 }
 
-/// Exactly one token source; never an inline token.
-fn token_source(v: &mut Validator, a: RawAuth) -> Option<TokenSource> {
+/// Exactly one token source (under `at`); never an inline token.
+fn token_source(v: &mut Validator, at: &str, a: RawAuth) -> Option<TokenSource> {
     if a.token.is_some() {
         v.error(
-            "pulsar.auth.token",
+            &format!("{at}.auth.token"),
             "inline tokens are not allowed (config files are often world-readable): use token_file, token_credential or token_env",
         );
         return None;
@@ -270,7 +332,7 @@ fn token_source(v: &mut Validator, a: RawAuth) -> Option<TokenSource> {
     .count();
     if given != 1 {
         v.error(
-            "pulsar.auth",
+            &format!("{at}.auth"),
             "needs exactly one of token_file, token_credential, token_env",
         );
         return None;
@@ -279,21 +341,24 @@ fn token_source(v: &mut Validator, a: RawAuth) -> Option<TokenSource> {
         return Some(TokenSource::File(PathBuf::from(f)));
     }
     if let Some(name) = a.token_credential {
-        return token_credential(v, name);
+        return token_credential(v, at, name);
     }
     let name = a.token_env.unwrap_or_default();
     if name.is_empty() {
-        v.error("pulsar.auth.token_env", "must name an environment variable");
+        v.error(
+            &format!("{at}.auth.token_env"),
+            "must name an environment variable",
+        );
         return None;
     }
     Some(TokenSource::Env(name))
 }
 
 /// A systemd credential: the file `name` in `$CREDENTIALS_DIRECTORY`.
-fn token_credential(v: &mut Validator, name: String) -> Option<TokenSource> {
+fn token_credential(v: &mut Validator, at: &str, name: String) -> Option<TokenSource> {
     if name.is_empty() || name.contains('/') {
         v.error(
-            "pulsar.auth.token_credential",
+            &format!("{at}.auth.token_credential"),
             "must be a credential name, without `/`",
         );
         return None;
@@ -302,7 +367,7 @@ fn token_credential(v: &mut Validator, name: String) -> Option<TokenSource> {
         Some(dir) => Some(TokenSource::File(PathBuf::from(dir).join(name))),
         None => {
             v.error(
-                "pulsar.auth.token_credential",
+                &format!("{at}.auth.token_credential"),
                 "needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with LoadCredential=",
             );
             None
@@ -585,6 +650,62 @@ max_payload_bytes = 0
     }
 
     #[test]
+    fn clusters_are_named_each_with_its_own_url_tls_and_token() {
+        let two = GOOD
+            .replace("service_url = \"pulsar://127.0.0.1:6650\"\n", "")
+            .replace(
+                "topic = \"persistent://public/default/device-status\"\n",
+                r#"topic = "persistent://public/default/device-status"
+[[pulsar.clusters]]
+name = "east"
+service_url = "pulsar://east.example:6650"
+[[pulsar.clusters]]
+name = "west"
+service_url = "pulsar+ssl://west.example"
+tls = { ca_file = "/etc/ferry/west-ca.pem" }
+auth = { token_env = "WEST_TOKEN" }
+"#,
+            );
+        let c = parse(&two).unwrap();
+        assert_eq!(c.pulsar.names(), ["east", "west"]);
+        assert_eq!(c.pulsar.first().host, "east.example");
+        let west = &c.pulsar.clusters[1];
+        assert_eq!((west.host.as_str(), west.port), ("west.example", 6651));
+        assert!(west.tls.is_some());
+        assert_eq!(west.auth, Some(TokenSource::Env("WEST_TOKEN".into())));
+        assert_eq!(
+            c.streams[0].topic, "persistent://public/default/device-status",
+            "pulsar.topic still names the one stream's topic"
+        );
+
+        let bad = two
+            .replace("name = \"west\"", "name = \"east\"")
+            .replace("tls = { ca_file = \"/etc/ferry/west-ca.pem\" }\n", "")
+            .replace("[[pulsar.clusters]]\nname = \"east\"\nservice_url = \"pulsar://east.example:6650\"", "[[pulsar.clusters]]\nservice_url = \"east.example\"");
+        let errs = parse(&format!("{bad}\n")).unwrap_err();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "pulsar.clusters[0].name",
+                "pulsar.clusters[0].service_url",
+                "pulsar.clusters[1].tls.ca_file",
+            ],
+            "{errs:?}"
+        );
+        let both = two.replace(
+            "[[pulsar.clusters]]\nname = \"east\"",
+            "service_url = \"pulsar://x\"\n[[pulsar.clusters]]\nname = \"east\"",
+        );
+        let errs = parse(&both).unwrap_err();
+        assert_eq!(errs[0].path, "pulsar.service_url", "{errs:?}");
+        let dup = two.replace("name = \"west\"", "name = \"east\"");
+        let errs = parse(&dup).unwrap_err();
+        assert_eq!(errs[0].path, "pulsar.clusters[1].name");
+        assert!(errs[0].message.contains("pulsar.clusters[0]"), "{errs:?}");
+    }
+
+    #[test]
     fn tls_and_auth_settings_are_checked_together() {
         let tls = GOOD.replace("pulsar://127.0.0.1:6650", "pulsar+ssl://broker.example");
         let errs = parse(&tls).unwrap_err();
@@ -596,13 +717,14 @@ max_payload_bytes = 0
         let ok = ok.replace("[store]\npath = \"/tmp/ferry.db\"\n", "");
         let ok = format!("{ok}[store]\npath = \"/tmp/ferry.db\"\n");
         let c = parse(&ok).unwrap();
-        assert_eq!(c.pulsar.port, 6651);
+        let c = c.pulsar.first().clone();
+        assert_eq!(c.port, 6651);
         assert_eq!(
-            c.pulsar.tls.unwrap().ca_file,
+            c.tls.unwrap().ca_file,
             Some(PathBuf::from("/etc/ferry/ca.pem"))
         );
         assert_eq!(
-            c.pulsar.auth,
+            c.auth,
             Some(TokenSource::File(PathBuf::from("/etc/ferry/t")))
         );
 

@@ -1256,6 +1256,54 @@ fn packet_ids_and_lost_sessions_are_each_sessions_own_across_restarts() {
 }
 
 #[test]
+fn each_cluster_holds_every_record_and_the_first_named_takes_over_the_unnamed_backlog() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    db.insert_batch(&rounds(&l, 2, 4), 100).unwrap();
+    assert_eq!(payloads(&mut db, 0).len(), 4);
+    drop(db);
+    // The same gateway now names two clusters: the first is the cluster it
+    // wrote to so far, with that backlog and its numbers; the second starts
+    // empty and gets every record from now on.
+    let streams: Vec<_> = (0..2)
+        .map(|s| crate::config::StreamConfig {
+            name: l.streams[s].name.clone(),
+            kind: l.streams[s].kind,
+            subscriptions: l.streams[s].subscriptions.clone(),
+            topic: l.dests[l.streams[s].dests[0]].topic.clone(),
+            history_topic: None,
+            overflow: l.streams[s].overflow,
+            limits: l.streams[s].limits,
+        })
+        .collect();
+    let two = Layout::with_clusters(&streams, &["east".into(), "west".into()]);
+    let names: Vec<&str> = two.dests.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "persistent://t/n/status@east",
+            "persistent://t/n/status@west",
+            "persistent://t/n/alarms@east",
+            "persistent://t/n/alarms@west",
+        ]
+    );
+    let mut db = dir.db(two.clone());
+    assert_eq!(payloads(&mut db, 0).len(), 4, "east keeps the backlog");
+    assert!(payloads(&mut db, 1).is_empty());
+    let out = db
+        .insert_batch(&[msg(&two, "devices/a/state", b"new", 9, false)], 100)
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    assert_eq!(db.last_seqs()[..2], [5, 1], "numbers go on per cluster");
+    assert_eq!(payloads(&mut db, 1), ["new"]);
+    // A cluster confirming its copy leaves the other's.
+    db.delivered(0, 5, 0).unwrap();
+    assert!(payloads(&mut db, 0).is_empty());
+    assert_eq!(payloads(&mut db, 1), ["new"]);
+}
+
+#[test]
 fn ages_follow_the_store_clock_not_the_wall_clock() {
     let dir = Dir::new();
     let l = layout("max_age_secs = 60", "");

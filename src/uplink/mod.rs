@@ -65,14 +65,14 @@ pub async fn run_all(
     health: crate::notify::Health,
     shutdown: CancellationToken,
 ) -> Result<(), UplinkError> {
-    let gate = DrainGate::new(sessions.len());
+    let gate = DrainGate::new(sessions.iter().map(|s| s.cluster).collect());
     for (i, s) in sessions.iter().enumerate() {
         // Until a status session has caught up, the others wait.
         gate.set(i, s.drains_first);
     }
     let runs = sessions.into_iter().enumerate().map(|(i, s)| {
-        let m = metrics.uplink(&s.topic);
-        let beat = health.beat(format!("uplink {}", s.topic));
+        let m = metrics.uplink(&s.name);
+        let beat = health.beat(format!("uplink {}", s.name));
         session::run(
             s,
             i,

@@ -52,18 +52,23 @@ enum SessionEnd {
 /// current state before history and events topics start sending anyway.
 const PRIORITY_WAIT: Duration = Duration::from_secs(30);
 
-/// Lets history and events sessions wait until every status topic has sent
-/// its backlog, so that after an outage the fleet sees current state first.
+/// Lets history and events sessions wait until every status topic of their
+/// Pulsar cluster has sent its backlog, so that after an outage the fleet
+/// sees current state first (a cluster that is dark holds back no other).
 #[derive(Clone)]
 pub struct DrainGate {
     /// Per session: true while a status session has not caught up.
     behind: std::sync::Arc<watch::Sender<Vec<bool>>>,
+    /// Per session: its cluster.
+    clusters: std::sync::Arc<Vec<usize>>,
 }
 
 impl DrainGate {
-    pub fn new(sessions: usize) -> DrainGate {
+    /// `clusters`: each session's cluster.
+    pub fn new(clusters: Vec<usize>) -> DrainGate {
         DrainGate {
-            behind: std::sync::Arc::new(watch::channel(vec![false; sessions]).0),
+            behind: std::sync::Arc::new(watch::channel(vec![false; clusters.len()]).0),
+            clusters: std::sync::Arc::new(clusters),
         }
     }
 
@@ -75,8 +80,14 @@ impl DrainGate {
         });
     }
 
-    pub(super) fn open(&self) -> bool {
-        !self.behind.borrow().iter().any(|b| *b)
+    /// No status session of `cluster` is behind.
+    pub(super) fn open(&self, cluster: usize) -> bool {
+        !self
+            .behind
+            .borrow()
+            .iter()
+            .zip(self.clusters.iter())
+            .any(|(b, c)| *b && *c == cluster)
     }
 }
 
@@ -102,7 +113,7 @@ pub(super) async fn run(
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Err(e) => {
                 let class = e.class();
-                e.audit(&uplink.settings.topic);
+                e.audit(&uplink.settings.name);
                 if class == ErrorClass::Fatal {
                     return Err(e);
                 }
@@ -121,15 +132,15 @@ pub(super) async fn run(
                 };
                 let retry_in_ms = delay.as_millis() as u64;
                 uplink.live.pulsar_down(
-                    &uplink.settings.topic,
+                    &uplink.settings.name,
                     &uplink.settings.service.to_string(),
                     e.to_string(),
                 );
                 if class == ErrorClass::NeedsOperator {
-                    tracing::error!(error = %e, topic = %uplink.settings.topic, retry_in_ms,
+                    tracing::error!(error = %e, topic = %uplink.settings.name, retry_in_ms,
                         "uplink blocked until an operator fixes this; records stay in the store");
                 } else {
-                    tracing::warn!(error = %e, topic = %uplink.settings.topic, retry_in_ms,
+                    tracing::warn!(error = %e, topic = %uplink.settings.name, retry_in_ms,
                         "uplink disconnected; records stay in the store");
                 }
                 let backoff = tokio::time::sleep(delay);
@@ -213,8 +224,8 @@ impl Uplink {
                 self.metrics.deduplication.set(0);
                 if !self.told_forgotten {
                     self.told_forgotten = true;
-                    tracing::error!(topic = %self.settings.topic, producer = %self.settings.producer_name,
-                        "EXACTLY ONCE IS OFF: {}", forgotten_detail(&self.settings.topic, &f));
+                    tracing::error!(topic = %self.settings.name, producer = %self.settings.producer_name,
+                        "EXACTLY ONCE IS OFF: {}", forgotten_detail(&self.settings.name, &f));
                 }
             }
             None if last_sequence_id >= 0 => {
@@ -263,16 +274,16 @@ impl Uplink {
         self.reported = self.reported.max(cursor);
         self.backoff.reset();
         self.live
-            .pulsar_up(&self.settings.topic, &conn.endpoint.to_string());
+            .pulsar_up(&self.settings.name, &conn.endpoint.to_string());
         self.metrics.connected.set(1);
         self.metrics.skipped.inc_by(outcome.skipped);
         self.metrics.auth_challenges.inc_by(self.proto.challenges());
         // History and events wait (a while at most) for the status topics.
         let ready_at = Instant::now();
         let mut gate = self.gate.behind.subscribe();
-        let mut waiting = !self.settings.drains_first && !self.gate.open();
+        let mut waiting = !self.settings.drains_first && !self.gate.open(self.settings.cluster);
         if waiting {
-            tracing::info!(topic = %self.settings.topic, "waiting for the status topics to send current state first");
+            tracing::info!(topic = %self.settings.name, "waiting for the status topics to send current state first");
         }
         let mut challenges_seen = self.proto.challenges();
         self.deduplication(last_sequence_id, outcome.forgotten);
@@ -280,7 +291,7 @@ impl Uplink {
             tracing::error!(last_sequence_id, renumbered_by = outcome.renumbered_by,
                 "broker holds record numbers this store never gave out (store replaced?); pending records renumbered above them");
         }
-        tracing::info!(topic = %self.settings.topic, producer = %self.settings.producer_name, broker = %conn.endpoint,
+        tracing::info!(topic = %self.settings.name, producer = %self.settings.producer_name, broker = %conn.endpoint,
             last_sequence_id, skipped = outcome.skipped, "producer ready");
 
         let mut buffer: VecDeque<Record> = VecDeque::new();
@@ -292,7 +303,9 @@ impl Uplink {
         let mut last_heard = Instant::now();
         loop {
             self.beat.tick();
-            if waiting && (self.gate.open() || ready_at.elapsed() >= PRIORITY_WAIT) {
+            if waiting
+                && (self.gate.open(self.settings.cluster) || ready_at.elapsed() >= PRIORITY_WAIT)
+            {
                 waiting = false;
             }
             // Fill the window from the store, in record order.
@@ -540,12 +553,12 @@ mod tests {
         shutdown: CancellationToken,
         health: &crate::notify::Health,
     ) -> Uplink {
-        let metrics = crate::metrics::Metrics::new().uplink(&settings.topic);
+        let metrics = crate::metrics::Metrics::new().uplink(&settings.name);
         Uplink::new(
             settings,
             0,
             health.beat("uplink"),
-            DrainGate::new(1),
+            DrainGate::new(vec![0]),
             store.handle.clone(),
             store.committed.clone(),
             crate::status::Live::default(),
@@ -685,7 +698,7 @@ mod tests {
             s,
             0,
             crate::notify::Health::default().beat("uplink"),
-            DrainGate::new(1),
+            DrainGate::new(vec![0]),
             store.handle.clone(),
             store.committed.clone(),
             live.clone(),

@@ -1,11 +1,13 @@
-//! What one uplink session (one destination topic) is configured with: the
-//! broker, TLS and token source from `[pulsar]`, the topic and its stable
-//! producer name from the layout, and the `[uplink]` section as it is.
+//! What one uplink session (one destination: a topic on one cluster) is
+//! configured with: the broker, TLS and token source of its cluster
+//! (`[pulsar]` or one of `[[pulsar.clusters]]`), the topic, its name and
+//! its stable producer name from the layout, and the `[uplink]` section as
+//! it is.
 
 use std::time::Duration;
 
 use super::conn::{self, Endpoint};
-use crate::config::{Config, TlsConfig, TokenSource, UplinkConfig};
+use crate::config::{ClusterConfig, Config, TlsConfig, TokenSource, UplinkConfig};
 use crate::layout::{DestIx, Layout};
 
 /// Settings of one uplink session (one destination topic), from the
@@ -14,6 +16,8 @@ use crate::layout::{DestIx, Layout};
 pub struct UplinkSettings {
     /// The destination in the store.
     pub dest: DestIx,
+    /// Its Pulsar cluster (index in `[[pulsar.clusters]]`).
+    pub cluster: usize,
     /// Status topics drain first; the others wait for them.
     pub drains_first: bool,
     pub gateway_id: String,
@@ -21,6 +25,11 @@ pub struct UplinkSettings {
     pub tls: Option<TlsConfig>,
     pub auth: Option<TokenSource>,
     pub topic: String,
+    /// The destination's name (the topic, with `@<cluster>` when the
+    /// clusters are named): the label of its metrics, logs and status.
+    pub name: String,
+    /// The same on every cluster: each cluster keeps its own deduplication
+    /// state for it.
     pub producer_name: String,
     /// The `[uplink]` section: the window (`max_in_flight`,
     /// `max_in_flight_bytes`: one record always goes), timeouts, backoff,
@@ -37,40 +46,37 @@ impl UplinkSettings {
     }
 
     pub fn for_dest(cfg: &Config, layout: &Layout, dest: DestIx) -> UplinkSettings {
-        let topic = layout.dests[dest].topic.clone();
-        UplinkSettings {
-            dest,
-            drains_first: layout.dests[dest].role.drains_first(),
-            gateway_id: cfg.gateway_id.clone(),
-            service: Endpoint {
-                host: cfg.pulsar.host.clone(),
-                port: cfg.pulsar.port,
-                tls: cfg.pulsar.tls.is_some(),
-            },
-            tls: cfg.pulsar.tls.clone(),
-            auth: cfg.pulsar.auth.clone(),
-            producer_name: producer_name(&cfg.gateway_id, &topic),
-            topic,
-            uplink: cfg.uplink.clone(),
-        }
+        let d = &layout.dests[dest];
+        let mut s = UplinkSettings::on_cluster(cfg, &cfg.pulsar.clusters[d.cluster], &d.topic);
+        s.dest = dest;
+        s.cluster = d.cluster;
+        s.drains_first = d.role.drains_first();
+        s.name = d.name.clone();
+        s
     }
 
-    /// Settings for reading `topic` (the downlink): the same broker, TLS,
-    /// token and `[uplink]` section as the producers.
+    /// Settings for reading `topic` (the downlink) on the first cluster:
+    /// its broker, TLS and token, and the `[uplink]` section.
     pub fn for_topic(cfg: &Config, topic: &str) -> UplinkSettings {
+        UplinkSettings::on_cluster(cfg, cfg.pulsar.first(), topic)
+    }
+
+    fn on_cluster(cfg: &Config, cluster: &ClusterConfig, topic: &str) -> UplinkSettings {
         UplinkSettings {
             dest: 0,
+            cluster: 0,
             drains_first: false,
             gateway_id: cfg.gateway_id.clone(),
             service: Endpoint {
-                host: cfg.pulsar.host.clone(),
-                port: cfg.pulsar.port,
-                tls: cfg.pulsar.tls.is_some(),
+                host: cluster.host.clone(),
+                port: cluster.port,
+                tls: cluster.tls.is_some(),
             },
-            tls: cfg.pulsar.tls.clone(),
-            auth: cfg.pulsar.auth.clone(),
+            tls: cluster.tls.clone(),
+            auth: cluster.auth.clone(),
             producer_name: producer_name(&cfg.gateway_id, topic),
             topic: topic.to_string(),
+            name: crate::layout::dest_name(topic, &cluster.name),
             uplink: cfg.uplink.clone(),
         }
     }
@@ -131,7 +137,7 @@ operation_timeout_ms = 1234
             Ok(cfg) => cfg,
             Err(e) => panic!("{e:?}"),
         };
-        let all = UplinkSettings::from_config(&cfg, &Layout::new(&cfg.streams));
+        let all = UplinkSettings::from_config(&cfg, &Layout::for_config(&cfg));
         assert_eq!(all.len(), 1);
         let s = &all[0];
         assert_eq!(s.uplink, cfg.uplink);

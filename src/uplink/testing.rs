@@ -22,6 +22,7 @@ use crate::layout::Layout;
 pub fn settings(port: u16) -> UplinkSettings {
     UplinkSettings {
         dest: 0,
+        cluster: 0,
         drains_first: true,
         gateway_id: "gw".into(),
         service: Endpoint {
@@ -32,6 +33,7 @@ pub fn settings(port: u16) -> UplinkSettings {
         tls: None,
         auth: None,
         topic: "persistent://t/n/status".into(),
+        name: "persistent://t/n/status".into(),
         producer_name: "ferry-gw-status".into(),
         uplink: UplinkConfig {
             max_in_flight: 10,

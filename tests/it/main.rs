@@ -14,6 +14,7 @@ mod hostile_mqtt;
 mod metrics;
 mod outage;
 mod overflow;
+mod regions;
 mod resume;
 mod retained;
 mod secure;

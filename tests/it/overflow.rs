@@ -660,15 +660,7 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
     let status_topic = ns.topic("device-status");
     ferry.start_ready().await;
     // Both sessions subscribed (the alarms' is `<client id>-alarms`).
-    let began = std::time::Instant::now();
-    while ferry.log_text().matches("mqtt subscribed").count() < 2 {
-        assert!(
-            began.elapsed() < SECS(30),
-            "{}",
-            tail(&ferry.log_text(), 20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ferry.wait_log_count("mqtt subscribed", 2, SECS(30)).await;
     assert!(ferry.log_text().contains("-alarms session_present=false"));
     let mut states = Devices::connect(stack, &prefix, DEVICES).await;
     let mut alarms = Devices::connect_kind(stack, &prefix, ALARM_DEVICES, "alarm").await;
@@ -727,6 +719,65 @@ subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
     );
     assert_eq!(t, exact(ALARMS));
     states.disconnect().await;
+    alarms.disconnect().await;
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+/// A stream that becomes `reject` moves to an MQTT session of its own: what
+/// the broker queued for it in the main session while ferry was stopped
+/// still arrives, the main session then gives its filter back, and every
+/// alarm is in the topic once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_becomes_reject_moves_to_its_own_session_losing_nothing() {
+    const DEVICES: usize = 10;
+    const ROUNDS: u64 = 10;
+    let (stack, _shared) = Stack::shared().await;
+    let Streams {
+        ns,
+        prefix,
+        mut ferry,
+    } = Streams::new(stack, "reject-moves", |ns, prefix| {
+        format!(
+            r#"[[streams]]
+name = "status"
+topic = "{}"
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+
+[[streams]]
+name = "alarms"
+kind = "events"
+topic = "{}"
+overflow = "drop-oldest"
+max_records = 100000
+subscriptions = [{{ filter = "{prefix}/+/alarm", device_id_level = 1 }}]
+"#,
+            ns.topic("device-status"),
+            ns.topic("alarms")
+        )
+    })
+    .await;
+    let topic = ns.topic("alarms");
+    ferry.start_subscribed().await;
+    assert_eq!(ferry.terminate(), Some(0));
+    // Ferry is stopped: the broker queues these in the main session.
+    let mut alarms = Devices::connect_kind(stack, &prefix, DEVICES, "alarm").await;
+    alarms.publish_rounds(0, ROUNDS).await;
+    ferry.edit_config(r#"overflow = "drop-oldest""#, r#"overflow = "reject""#);
+    ferry.start();
+    ferry
+        .wait_log("no longer subscribed in this one", SECS(60))
+        .await;
+    alarms.publish_rounds(ROUNDS, 2 * ROUNDS).await;
+    let all = DEVICES * 2 * ROUNDS as usize;
+    ferry.wait_drained(all as i64, SECS(60)).await;
+    let msgs = read_topic(stack, &topic, false, all, SECS(10)).await;
+    let t = tally(&msgs, &alarms.ids, 2 * ROUNDS);
+    report(
+        "reject-moves",
+        &format!("{all} alarms, half queued in the main session before the move: {t:?}"),
+    );
+    assert_eq!(t, exact(all));
+    assert!(ferry.log_text().contains("-alarms session_present=false"));
     alarms.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }

@@ -109,7 +109,7 @@ impl Db {
     pub(super) fn remember_horizons(&self) {
         let mut text = format!("{:x}\n", self.store_id);
         for (d, spec) in self.dests.iter().zip(&self.layout.dests) {
-            text.push_str(&format!("{} {}\n", d.horizon, spec.topic));
+            text.push_str(&format!("{} {}\n", d.horizon, spec.name));
         }
         let tmp = self.horizons_file.with_extension("horizons.tmp");
         let written = (|| -> std::io::Result<()> {
@@ -152,7 +152,7 @@ impl Db {
         let tx = self.conn.transaction()?;
         let mut raised = Vec::new();
         for (d, spec) in self.dests.iter_mut().zip(&self.layout.dests) {
-            let Some(h) = remembered.get(spec.topic.as_str()) else {
+            let Some(h) = remembered.get(spec.name.as_str()) else {
                 continue;
             };
             let h = (*h).min(d.next_seq - 1);
@@ -161,7 +161,7 @@ impl Db {
                     "UPDATE destinations SET horizon = ?2 WHERE id = ?1",
                     [d.id as i64, h as i64],
                 )?;
-                raised.push((spec.topic.clone(), d.horizon, h));
+                raised.push((spec.name.clone(), d.horizon, h));
                 d.horizon = h;
             }
         }
@@ -192,7 +192,7 @@ impl Db {
             confirmed: confirmed as u64,
             idle_ms: self.clock.now_ms().saturating_sub(at),
         };
-        let topic = self.layout.dests[d].topic.clone();
+        let topic = self.layout.dests[d].name.clone();
         let known: i64 = self.conn.query_row(
             "SELECT COUNT(*) FROM incidents WHERE kind = ?1 AND detail LIKE ?2",
             params![INCIDENT_DEDUP, format!("{topic}:%")],
@@ -207,7 +207,7 @@ impl Db {
     /// The error for a broker number that cannot be honoured; an incident
     /// the first time for this destination.
     pub(super) fn refuse(&mut self, d: DestIx, last_sequence_id: i64) -> StoreError {
-        let topic = self.layout.dests[d].topic.clone();
+        let topic = self.layout.dests[d].name.clone();
         let err = StoreError::SequenceRefused {
             topic,
             last_sequence_id,

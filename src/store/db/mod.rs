@@ -690,7 +690,7 @@ fn insert_record(
     for d in &layout.streams[s].dests {
         let dest = &mut dests[*d];
         if dest.next_seq > SEQ_MAX {
-            return Err(StoreError::Exhausted(layout.dests[*d].topic.clone()));
+            return Err(StoreError::Exhausted(layout.dests[*d].name.clone()));
         }
         tx.prepare_cached(SQL_INSERT)?.execute(params![
             key(dest.id, dest.next_seq) as i64,

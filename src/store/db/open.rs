@@ -204,7 +204,7 @@ impl Db {
             Err(reason) => return Ok(Err(reason)),
         };
         let first = layout.dests.first().map(|d| schema::FirstDest {
-            topic: &d.topic,
+            topic: &d.name,
             stream: &layout.streams[d.stream].name,
             role: d.role.as_str(),
         });
@@ -302,19 +302,34 @@ impl Db {
         Ok(())
     }
 
-    /// Finds (or adds) each configured topic's row in `destinations`.
+    /// Finds (or adds) each configured destination's row in `destinations`
+    /// (its `topic` column holds the destination's name: the topic, with
+    /// `@<cluster>` when the clusters are named). The first of named
+    /// clusters takes over the row of a topic written before the clusters
+    /// had names, with its backlog and numbers: that was the same cluster.
     pub(super) fn map_destinations(&mut self) -> Result<(), rusqlite::Error> {
         let tx = self.conn.transaction()?;
         let mut dests = Vec::new();
         for d in &self.layout.dests {
             let stream = &self.layout.streams[d.stream].name;
-            let found: Option<(i64, i64, String, String, i64)> = tx
-                .query_row(
+            let find = |name: &str| {
+                tx.query_row(
                     "SELECT id, next_seq, stream, role, horizon FROM destinations WHERE topic = ?1",
-                    [&d.topic],
+                    [name],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                 )
-                .optional()?;
+                .optional()
+            };
+            let mut found: Option<(i64, i64, String, String, i64)> = find(&d.name)?;
+            if found.is_none() && d.cluster == 0 && d.name != d.topic {
+                found = find(&d.topic)?;
+                if let Some((id, ..)) = &found {
+                    tx.execute(
+                        "UPDATE destinations SET topic = ?2 WHERE id = ?1",
+                        params![id, d.name],
+                    )?;
+                }
+            }
             let (id, next_seq, horizon) = match found {
                 Some((id, next, old_stream, old_role, horizon)) => {
                     // Written only when it changed: a start on a full disk
@@ -338,7 +353,7 @@ impl Db {
                     }
                     tx.execute(
                         "INSERT INTO destinations (id, topic, next_seq, stream, role, horizon) VALUES (?1, ?2, 1, ?3, ?4, 0)",
-                        params![id, d.topic, stream, d.role.as_str()],
+                        params![id, d.name, stream, d.role.as_str()],
                     )?;
                     (id, 1, 0)
                 }

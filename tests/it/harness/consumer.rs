@@ -8,7 +8,7 @@ use futures::StreamExt;
 use pulsar::consumer::InitialPosition;
 use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
 
-use super::{unique, Secure, Stack};
+use super::{unique, Region, Secure, Stack};
 
 /// One message read back from Pulsar.
 #[derive(Debug, Clone)]
@@ -47,6 +47,20 @@ pub async fn read_topic(
         .await
         .expect("pulsar client");
     read_with(pulsar, topic, compacted, expected, idle).await
+}
+
+/// [`read_topic`] on one region's broker.
+pub async fn read_region_topic(
+    region: &Region,
+    topic: &str,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
+    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(region.service_url(), TokioExecutor)
+        .build()
+        .await
+        .expect("pulsar client");
+    read_with(pulsar, topic, false, expected, idle).await
 }
 
 /// [`read_topic`] on a secured broker, as its super-user.

@@ -175,6 +175,15 @@ listen = "127.0.0.1:{metrics_port}"
         self.point_pulsar_at(&home);
     }
 
+    /// Replaces the config's one Pulsar cluster with `[[pulsar.clusters]]`
+    /// (TOML text).
+    pub fn use_clusters(&mut self, clusters: &str) {
+        self.edit_config(
+            &format!("[pulsar]\nservice_url = \"{}\"\n", self.pulsar_url),
+            clusters,
+        );
+    }
+
     /// Points the config at another MQTT broker port.
     pub fn point_mqtt_at(&mut self, port: u16) {
         self.edit_config(

@@ -245,3 +245,97 @@ impl Secure {
         t
     }
 }
+
+/// One region of `tests/stack/stack`'s `east` / `west` profiles: a Pulsar
+/// standalone with cluster name `east` or `west`, each registered in the
+/// other.
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub name: &'static str,
+    pub pulsar_port: u16,
+    pub web_port: u16,
+}
+
+impl Region {
+    pub fn service_url(&self) -> String {
+        format!("pulsar://127.0.0.1:{}", self.pulsar_port)
+    }
+
+    pub fn admin_api(&self) -> Admin {
+        Admin::new(self.web_port, None)
+    }
+
+    /// Runs a `tests/stack/stack` subcommand for this region (pulsar-kill,
+    /// pulsar-start, pulsar-stop, pulsar-wipe).
+    pub fn ctl(&self, what: &str) {
+        assert!(
+            stack_script(self.name, &[what]),
+            "FERRY_STACK_PROFILE={} tests/stack/stack {what} failed",
+            self.name
+        );
+    }
+}
+
+/// The two regions, brought up once per run (beside the plain stack, whose
+/// Mosquitto the tests keep using).
+#[derive(Debug, Clone)]
+pub struct Geo {
+    pub east: Region,
+    pub west: Region,
+}
+
+static GEO: OnceLock<Geo> = OnceLock::new();
+static GEO_LOCK: RwLock<()> = RwLock::const_new(());
+
+impl Geo {
+    fn get() -> &'static Geo {
+        GEO.get_or_init(|| {
+            for region in ["east", "west"] {
+                assert!(
+                    stack_script(region, &["up"]),
+                    "the {region} region is required: FERRY_STACK_PROFILE={region} tests/stack/stack up failed"
+                );
+            }
+            Geo {
+                east: Region {
+                    name: "east",
+                    pulsar_port: env_port("FERRY_EAST_PULSAR_PORT", 6660),
+                    web_port: env_port("FERRY_EAST_PULSAR_WEB_PORT", 8090),
+                },
+                west: Region {
+                    name: "west",
+                    pulsar_port: env_port("FERRY_WEST_PULSAR_PORT", 6670),
+                    web_port: env_port("FERRY_WEST_PULSAR_WEB_PORT", 8100),
+                },
+            }
+        })
+    }
+
+    /// For tests that stop and start the regions' brokers.
+    pub async fn exclusive() -> (&'static Geo, RwLockWriteGuard<'static, ()>) {
+        let g = tokio::task::block_in_place(Geo::get);
+        (g, GEO_LOCK.write().await)
+    }
+
+    /// A namespace of that name in both regions, deduplication on.
+    pub async fn namespace(&self, test: &str) -> String {
+        let name = format!("public/{}", unique(test));
+        self.east.admin_api().create_namespace(&name).await;
+        self.west.admin_api().create_namespace(&name).await;
+        name
+    }
+
+    /// The `[[pulsar.clusters]]` of a ferry writing to both regions.
+    pub fn clusters_toml(&self) -> String {
+        [&self.east, &self.west]
+            .iter()
+            .map(|r| {
+                format!(
+                    "[[pulsar.clusters]]\nname = \"{}\"\nservice_url = \"{}\"\n",
+                    r.name,
+                    r.service_url()
+                )
+            })
+            .collect()
+    }
+}
