@@ -37,8 +37,8 @@ pub struct Probe {
     pub result: Result<String, String>,
 }
 
-/// Connects to both brokers as ferry would, without disturbing a running
-/// ferry (other client id and producer name).
+/// Connects to both brokers (every Pulsar cluster) as ferry would, without
+/// disturbing a running ferry (other client id and producer name).
 pub async fn online(cfg: &Config) -> Vec<Probe> {
     vec![Probe {
         what: "mqtt",
@@ -59,11 +59,17 @@ pub async fn online(cfg: &Config) -> Vec<Probe> {
         .await,
     )
     .chain(match &cfg.downlink {
-        Some(d) => Some(Probe {
-            what: "pulsar",
-            result: probe_reader(&UplinkSettings::for_topic(cfg, &d.topic)).await,
-        }),
-        None => None,
+        // The desired topic, on every cluster.
+        Some(d) => {
+            futures::future::join_all((0..cfg.pulsar.clusters.len()).map(|c| async move {
+                Probe {
+                    what: "pulsar",
+                    result: probe_reader(&UplinkSettings::for_topic_on(cfg, c, &d.topic)).await,
+                }
+            }))
+            .await
+        }
+        None => Vec::new(),
     })
     .collect()
 }

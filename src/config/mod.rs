@@ -164,7 +164,7 @@ pub struct PulsarConfig {
 }
 
 impl PulsarConfig {
-    /// The first cluster: the one the downlink reads the desired state from.
+    /// The first cluster (the one of the `[pulsar]` form).
     pub fn first(&self) -> &ClusterConfig {
         &self.clusters[0]
     }

@@ -1,8 +1,11 @@
 //! Desired state down to the devices (`[downlink]`): the reader takes the
 //! fleet's desired-state messages from the gateway's compacted desired
-//! topic into the store; the applier publishes each device's newest version
-//! to the local MQTT broker, retained, and records it as applied (with an
-//! acknowledgement on the ack topic) once the broker confirmed it. The store
+//! topic into the store (one reader per Pulsar cluster, each with its own
+//! position: an update written in any cluster reaches the device, and the
+//! version rule keeps the newest whichever cluster it came from); the
+//! applier publishes each device's newest version to the local MQTT broker,
+//! retained, and records it as applied (with an acknowledgement on the ack
+//! topic, in every cluster) once the broker confirmed it. The store
 //! stands between them, so neither waits for the other and a restart at any
 //! point repeats at most the last publish.
 //!
@@ -51,17 +54,23 @@ pub async fn run(
         .position(|s| s.name == ACK_STREAM)
         .expect("config adds the acknowledgement stream with [downlink]");
     let stored = Arc::new(Notify::new());
-    let settings = UplinkSettings::for_topic(&config, &downlink.topic);
     let subscription = format!("ferry-{}-desired", config.gateway_id);
-    let reader = reader::run(
-        settings,
-        subscription,
-        store.clone(),
-        stored.clone(),
-        health.beat("downlink-reader"),
-        live,
-        shutdown.clone(),
-    );
+    let readers = futures::future::try_join_all((0..config.pulsar.clusters.len()).map(|c| {
+        let settings = UplinkSettings::for_topic_on(&config, c, &downlink.topic);
+        let beat = match config.pulsar.clusters[c].name.as_str() {
+            "" => health.beat("downlink-reader"),
+            name => health.beat(format!("downlink-reader {name}")),
+        };
+        reader::run(
+            settings,
+            subscription.clone(),
+            store.clone(),
+            stored.clone(),
+            beat,
+            live.clone(),
+            shutdown.clone(),
+        )
+    }));
     let applier = apply::run(
         config.mqtt.clone(),
         downlink,
@@ -72,7 +81,7 @@ pub async fn run(
         metrics,
         shutdown,
     );
-    let (r, a) = tokio::join!(reader, applier);
+    let (r, a) = tokio::join!(readers, applier);
     r?;
     a?;
     Ok(())

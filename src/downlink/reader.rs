@@ -77,7 +77,7 @@ pub async fn run(
             Err(e) => e,
         };
         let class = e.class();
-        e.audit(&settings.topic);
+        e.audit(&settings.name);
         if class == ErrorClass::Fatal {
             return Err(e);
         }
@@ -86,17 +86,13 @@ pub async fn run(
         } else {
             backoff.next_delay()
         };
-        live.pulsar_down(
-            &settings.topic,
-            &settings.service.to_string(),
-            e.to_string(),
-        );
+        live.pulsar_down(&settings.name, &settings.service.to_string(), e.to_string());
         let retry_in_ms = delay.as_millis() as u64;
         if class == ErrorClass::NeedsOperator {
-            tracing::error!(error = %e, topic = %settings.topic, retry_in_ms,
+            tracing::error!(error = %e, topic = %settings.name, retry_in_ms,
                 "downlink blocked until an operator fixes this; desired state waits in Pulsar");
         } else {
-            tracing::warn!(error = %e, topic = %settings.topic, retry_in_ms,
+            tracing::warn!(error = %e, topic = %settings.name, retry_in_ms,
                 "downlink disconnected; it resumes from the last position stored");
         }
         if bounded(&beat, &shutdown, tokio::time::sleep(delay))
@@ -139,7 +135,8 @@ impl Batch {
 impl Reader<'_> {
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), UplinkError> {
         let s = self.settings;
-        let topic = s.topic.clone();
+        // The store knows each cluster's read position by the name.
+        let topic = s.name.clone();
         let store = self.store;
         let setup = async {
             let mut proto = Protocol::new(s.auth.is_some(), &s.topic).for_reading();
@@ -194,8 +191,8 @@ impl Reader<'_> {
             }
         }
         self.backoff.reset();
-        self.live.pulsar_up(&s.topic, &conn.endpoint.to_string());
-        tracing::info!(topic = %s.topic, caught_up, "downlink reading the desired topic");
+        self.live.pulsar_up(&s.name, &conn.endpoint.to_string());
+        tracing::info!(topic = %s.name, caught_up, "downlink reading the desired topic");
         conn.push(&proto.flow(CONSUMER_ID, PERMITS));
         conn.flush().await?;
         let mut batch = Batch::default();
@@ -250,7 +247,7 @@ impl Reader<'_> {
             if full || waited || reached || quiet {
                 if reached || quiet {
                     if !caught_up {
-                        tracing::info!(topic = %s.topic, "downlink caught up with the desired topic");
+                        tracing::info!(topic = %s.name, "downlink caught up with the desired topic");
                     }
                     caught_up = true;
                 }
@@ -317,7 +314,7 @@ impl Reader<'_> {
     ) -> Result<(), UplinkError> {
         let updates = std::mem::take(&mut batch.updates);
         let position = position.as_ref().map(encode_position).unwrap_or_default();
-        let topic = self.settings.topic.clone();
+        let topic = self.settings.name.clone();
         let out = self
             .store
             .downlink(|reply| DownlinkCommand::Received {

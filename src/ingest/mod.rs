@@ -263,7 +263,7 @@ async fn lane(
             Ok(Ended::Shutdown) => break Ok(()),
             Ok(Ended::Paused) => {
                 let why = "paused: the store holds back what it may (reject limit or full disk); the broker keeps the backlog";
-                session.link_down(why.into());
+                session.link_down(why.into(), false);
                 tracing::warn!(broker = %session.addr, client_id = %session.client_id, "mqtt intake {why}");
             }
             Err(e) => break Err(e),
@@ -436,7 +436,7 @@ impl Session {
                 Err(e) => {
                     // The guard knows better why the broker is unreachable.
                     let why = self.guard.take_upstream_error().unwrap_or(e.to_string());
-                    self.link_down(why.clone());
+                    self.link_down(why.clone(), true);
                     let epoch = self.epoch.load(Ordering::Acquire);
                     let committed = self.committed.load(Ordering::Acquire) == epoch;
                     let delay = self.reconnect.lost(Instant::now(), committed);
@@ -454,12 +454,13 @@ impl Session {
 }
 
 impl Session {
-    /// The connection is down: `ferry status` and the metrics show the main
+    /// The connection is down (`lost`: not given back for back-pressure,
+    /// which is no reconnect): `ferry status` and the metrics show the main
     /// session's link (the others log theirs).
-    fn link_down(&self, why: String) {
+    fn link_down(&self, why: String, lost: bool) {
         if self.index == 0 {
             self.live.mqtt_down(&self.addr, why);
-            if self.metrics.mqtt_connected.set(0) == 1 {
+            if self.metrics.mqtt_connected.set(0) == 1 && lost {
                 self.metrics.mqtt_reconnects.inc();
             }
         }

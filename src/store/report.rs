@@ -121,7 +121,10 @@ const SQL_DEAD_RECENT: &str =
 const SQL_INCIDENTS: &str = "SELECT at_ms, kind, detail FROM incidents ORDER BY id DESC LIMIT 10";
 const SQL_HAS_DOWNLINK: &str =
     "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'downlink'";
-const SQL_DOWNLINK: &str = "SELECT topic, caught_up FROM downlink LIMIT 1";
+/// The desired topic (the first name in order when it is read from
+/// several) and whether any of its readers caught up.
+const SQL_DOWNLINK: &str = "SELECT topic, (SELECT MAX(caught_up) FROM downlink) FROM downlink
+     ORDER BY topic LIMIT 1";
 const SQL_DESIRED: &str = "SELECT COUNT(*),
      COALESCE(SUM(version > applied OR republish != 0), 0) FROM desired";
 

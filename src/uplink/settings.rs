@@ -55,10 +55,12 @@ impl UplinkSettings {
         s
     }
 
-    /// Settings for reading `topic` (the downlink) on the first cluster:
+    /// Settings for reading `topic` (the downlink) on cluster `cluster`:
     /// its broker, TLS and token, and the `[uplink]` section.
-    pub fn for_topic(cfg: &Config, topic: &str) -> UplinkSettings {
-        UplinkSettings::on_cluster(cfg, cfg.pulsar.first(), topic)
+    pub fn for_topic_on(cfg: &Config, cluster: usize, topic: &str) -> UplinkSettings {
+        let mut s = UplinkSettings::on_cluster(cfg, &cfg.pulsar.clusters[cluster], topic);
+        s.cluster = cluster;
+        s
     }
 
     fn on_cluster(cfg: &Config, cluster: &ClusterConfig, topic: &str) -> UplinkSettings {

@@ -43,6 +43,28 @@ subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
     }
 }
 
+/// Reads `topic` in each region with a real consumer: every one of
+/// `rounds` updates of each device, once, in order.
+async fn each_region_holds_all(
+    geo: &Geo,
+    topic: &str,
+    devices: &[String],
+    rounds: u64,
+    test: &str,
+    what: &str,
+) {
+    let all = devices.len() * rounds as usize;
+    for region in [&geo.east, &geo.west] {
+        let msgs = read_region_topic(region, topic, all, SECS(20)).await;
+        let t = tally(&msgs, devices, rounds);
+        report(
+            test,
+            &format!("{}: {all} updates, {what}: {t:?}", region.name),
+        );
+        assert_eq!(t, exact(all), "{}", region.name);
+    }
+}
+
 /// The first scenario: 50 devices × 200 updates while east is
 /// killed (SIGKILL) at about a third and restarted 60 s later, and west is
 /// stopped for 30 s at about two thirds: each cluster's topic holds all
@@ -108,18 +130,15 @@ async fn each_cluster_holds_every_update_once_through_a_crash_of_east_and_an_out
     geo.west.ctl("pulsar-start");
 
     ferry.wait_drained(ALL as i64, SECS(240)).await;
-    for region in [&geo.east, &geo.west] {
-        let msgs = read_region_topic(region, &topic, ALL, SECS(20)).await;
-        let t = tally(&msgs, &devices.ids, ROUNDS);
-        report(
-            "regions",
-            &format!(
-                "{}: {ALL} updates, east killed for 60 s at a third, west stopped for 30 s at two thirds: {t:?}",
-                region.name
-            ),
-        );
-        assert_eq!(t, exact(ALL), "{}", region.name);
-    }
+    each_region_holds_all(
+        geo,
+        &topic,
+        &devices.ids,
+        ROUNDS,
+        "regions",
+        "east killed for 60 s at a third, west stopped for 30 s at two thirds",
+    )
+    .await;
     devices.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }
@@ -150,22 +169,104 @@ async fn twenty_kill_nines_of_ferry_leave_every_update_once_in_each_cluster() {
     .await;
     ferry.wait_drained(ALL as i64, SECS(300)).await;
     let c = ferry.counters();
-    for region in [&geo.east, &geo.west] {
-        let msgs = read_region_topic(region, &topic, ALL, SECS(20)).await;
-        let t = tally(&msgs, &ids, 200);
-        report(
-            "regions-kill9",
-            &format!(
-                "{}: 20 SIGKILLs of ferry: {t:?} (stored {}, skipped on resume {}, resent {})",
-                region.name,
-                c.get("stored").unwrap_or(&0),
-                c.get("skipped_on_resume").unwrap_or(&0),
-                c.get("resent").unwrap_or(&0),
-            ),
-        );
-        assert_eq!(t, exact(ALL), "{}", region.name);
-    }
+    let what = format!(
+        "20 SIGKILLs of ferry (stored {}, skipped on resume {}, resent {})",
+        c.get("stored").unwrap_or(&0),
+        c.get("skipped_on_resume").unwrap_or(&0),
+        c.get("resent").unwrap_or(&0),
+    );
+    each_region_holds_all(geo, &topic, &ids, 200, "regions-kill9", &what).await;
     assert_eq!(c.get("stored").copied(), Some(ALL as i64));
     assert_eq!(ferry.log_count("EXACTLY ONCE IS OFF"), 0);
+    assert_eq!(ferry.terminate(), Some(0));
+}
+
+/// Desired state in two regions: an update written in west while east is
+/// down reaches its device, and one written in east before it died (and
+/// never read by the gateway) does not overwrite the newer one from west
+/// when east comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_from_either_region_reaches_the_device_and_the_newest_wins() {
+    const DEVICES: usize = 10;
+    let (stack, _shared) = Stack::shared().await;
+    let (geo, _regions) = Geo::exclusive().await;
+    let Regions {
+        topic,
+        prefix,
+        mut ferry,
+    } = Regions::new(stack, geo, "regions-desired").await;
+    let desired = topic.replace("device-status", "desired");
+    let acks = topic.replace("device-status", "desired-acks");
+    ferry.append_config(&downlink_section(&desired, &acks, &prefix));
+    let devices: Vec<String> = (0..DEVICES).map(|i| format!("dev-{i:03}")).collect();
+    let side = DeviceSide::subscribe(stack, &prefix).await;
+
+    // Version 1 of every device, written in east.
+    let mut east = Fleet::connect_url(&geo.east.service_url(), &desired).await;
+    for d in &devices {
+        east.desire(d, 1, &document(d, 1)).await;
+    }
+    ferry.start();
+    side.wait_versions(&devices, SECS(60), |_| 1).await;
+
+    // The gateway goes offline; east gets version 2 of dev-000 and dies
+    // before the gateway reads it; west gets version 3 of dev-000 and 2 of
+    // the others.
+    assert_eq!(ferry.terminate(), Some(0));
+    east.desire(&devices[0], 2, &document(&devices[0], 2)).await;
+    drop(east);
+    geo.east.ctl("pulsar-stop");
+    let mut west = Fleet::connect_url(&geo.west.service_url(), &desired).await;
+    west.desire(&devices[0], 3, &document(&devices[0], 3)).await;
+    for d in &devices[1..] {
+        west.desire(d, 2, &document(d, 2)).await;
+    }
+    ferry.start();
+    let want = |d: &str| if d == "dev-000" { 3 } else { 2 };
+    side.wait_versions(&devices, SECS(60), want).await;
+
+    // East comes back with its older version 2 of dev-000: it is stale.
+    geo.east.ctl("pulsar-start");
+    let began = Instant::now();
+    while ferry.scrape().await["ferry_downlink_stale_total"] < 1.0 {
+        assert!(
+            began.elapsed() < SECS(120),
+            "east's version 2 was never read: {}",
+            tail(&ferry.log_text(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(SECS(3)).await;
+    let seen = side.seen();
+    let last: Vec<Option<u64>> = devices
+        .iter()
+        .map(|d| seen[d].last().and_then(|(p, _)| version_of(p)))
+        .collect();
+    let metrics = ferry.scrape().await;
+    report(
+        "regions-desired",
+        &format!(
+            "dev-000 saw versions {:?}; last versions {last:?}; stale {}",
+            seen["dev-000"]
+                .iter()
+                .map(|(p, _)| version_of(p))
+                .collect::<Vec<_>>(),
+            metrics["ferry_downlink_stale_total"],
+        ),
+    );
+    assert_eq!(
+        last[0],
+        Some(3),
+        "east's older version never overwrote west's"
+    );
+    assert!(last[1..].iter().all(|v| *v == Some(2)));
+    assert!(
+        !seen["dev-000"]
+            .iter()
+            .any(|(p, _)| version_of(p) == Some(2)),
+        "dev-000 never got east's version 2"
+    );
+    assert!(metrics["ferry_downlink_stale_total"] >= 1.0);
+    side.disconnect().await;
     assert_eq!(ferry.terminate(), Some(0));
 }

@@ -45,6 +45,9 @@ pub struct Desired {
 pub struct DesiredOutcome {
     pub stored: u64,
     pub stale: u64,
+    /// The very version the store holds, read again (from another cluster,
+    /// or again after a reconnect): neither stored nor stale.
+    pub again: u64,
     pub dead_lettered: u64,
     /// Old dead letters pruned to make room (`store.dead_letters_*`).
     pub pruned: super::Pruned,
@@ -111,9 +114,12 @@ fn is_topic_level(s: &str) -> bool {
 }
 
 impl Db {
-    /// Where the downlink of `topic` resumes. A topic the store has not
-    /// read before starts from the beginning, catching up; what the store
-    /// holds of each device stays, so no older version is published.
+    /// Where the downlink of `topic` resumes (`<topic>@<cluster>` when it
+    /// is read from named clusters: each has its own position). A topic the
+    /// store has not read before starts from the beginning, catching up;
+    /// what the store holds of each device stays, so no older version is
+    /// published. Starting another topic forgets the positions in every
+    /// other (the other clusters' of the same topic stay).
     pub fn downlink_start(&mut self, topic: &str) -> Result<DownlinkStart, StoreError> {
         let row: Option<(Option<Vec<u8>>, i64)> = self
             .conn
@@ -130,7 +136,13 @@ impl Db {
             });
         }
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM downlink", [])?;
+        match topic.split_once('@') {
+            None => tx.execute("DELETE FROM downlink", [])?,
+            Some((base, _)) => tx.execute(
+                "DELETE FROM downlink WHERE substr(topic, 1, ?2) != ?1",
+                params![format!("{base}@"), base.len() as i64 + 1],
+            )?,
+        };
         tx.execute(
             "INSERT INTO downlink (topic, position, caught_up) VALUES (?1, NULL, 0)",
             [topic],
@@ -176,11 +188,16 @@ impl Db {
             }
             let device = u.device.as_deref().expect("checked");
             let version = parse_version(u.version.as_deref().expect("checked")).expect("checked");
-            let held: Option<i64> = tx
-                .prepare_cached("SELECT version FROM desired WHERE device = ?1")?
-                .query_row([device], |r| r.get(0))
+            let held: Option<(i64, Vec<u8>)> = tx
+                .prepare_cached("SELECT version, payload FROM desired WHERE device = ?1")?
+                .query_row([device], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if let Some(held) = held.filter(|h| (*h).max(0) as u64 >= version) {
+            if let Some((held, payload)) = held.filter(|(h, _)| (*h).max(0) as u64 >= version) {
+                // The same update read from another cluster is no news.
+                if held.max(0) as u64 == version && payload == u.payload {
+                    out.again += 1;
+                    continue;
+                }
                 out.stale += 1;
                 stale.push(serde_json::json!([device, version, held.max(0)]));
                 continue;

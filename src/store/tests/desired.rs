@@ -96,6 +96,42 @@ fn a_version_at_or_below_what_the_store_holds_is_stale_and_never_handed_out() {
 }
 
 #[test]
+fn the_same_update_read_from_a_second_cluster_is_neither_stored_nor_stale() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = caught_up(&dir, &l);
+    let east = "persistent://t/n/desired@east";
+    let west = "persistent://t/n/desired@west";
+    db.downlink_start(east).unwrap();
+    db.downlink_start(west).unwrap();
+    let first = db
+        .desired_received(west, &[update("a", "2", "a2")], b"w1", true, 1024)
+        .unwrap();
+    assert_eq!((first.stored, first.stale, first.again), (1, 0, 0));
+    // East, back from an outage, has the same update, and an older one.
+    let out = db
+        .desired_received(
+            east,
+            &[update("a", "1", "a1"), update("a", "2", "a2")],
+            b"e1",
+            false,
+            1024,
+        )
+        .unwrap();
+    assert_eq!((out.stored, out.stale, out.again), (0, 1, 1));
+    assert_eq!(db.counter("desired_stale"), 1);
+    // Each cluster keeps its own position.
+    assert_eq!(
+        db.downlink_start(east).unwrap().position.as_deref(),
+        Some(&b"e1"[..])
+    );
+    assert_eq!(
+        db.downlink_start(west).unwrap().position.as_deref(),
+        Some(&b"w1"[..])
+    );
+}
+
+#[test]
 fn while_catching_up_nothing_is_handed_out_and_then_only_the_newest() {
     let dir = Dir::new();
     let l = layout("", "");

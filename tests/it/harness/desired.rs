@@ -19,7 +19,12 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn connect(stack: &Stack, topic: &str) -> Fleet {
-        let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(stack.service_url(), TokioExecutor)
+        Fleet::connect_url(&stack.service_url(), topic).await
+    }
+
+    /// On the broker at `service_url` (one region's).
+    pub async fn connect_url(service_url: &str, topic: &str) -> Fleet {
+        let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(service_url, TokioExecutor)
             .build()
             .await
             .expect("pulsar client");
