@@ -224,25 +224,6 @@ impl Layout {
         })
     }
 
-    /// Every MQTT filter to subscribe to.
-    pub fn filters(&self) -> Vec<String> {
-        self.streams
-            .iter()
-            .flat_map(|s| s.subscriptions.iter().map(|sub| sub.filter.clone()))
-            .collect()
-    }
-
-    /// The MQTT session of a stream's messages: 0, or a `reject` stream's own.
-    pub fn session_of(&self, stream: usize) -> usize {
-        if self.streams[stream].overflow != Overflow::Reject {
-            return 0;
-        }
-        self.streams[..=stream]
-            .iter()
-            .filter(|s| s.overflow == Overflow::Reject)
-            .count()
-    }
-
     /// The MQTT sessions ingest keeps, session 0 first: each with its client
     /// id (`client_id` for session 0, `<client_id>-<stream>` for a `reject`
     /// stream's) and the filters it subscribes to.
@@ -468,10 +449,6 @@ subscriptions = [{ filter = "devices/+/alarm/#", device_id_level = 1 },
                     filters: vec!["devices/+/alarm/#".into(), "zigbee2mqtt/#".into()],
                 },
             ]
-        );
-        assert_eq!(
-            (0..3).map(|s| l.session_of(s)).collect::<Vec<_>>(),
-            [0, 1, 0]
         );
     }
 

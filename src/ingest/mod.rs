@@ -412,13 +412,14 @@ impl Session {
                         self.give_back_moved(client, n);
                     }
                     let filters = self.filters.clone();
-                    if filters.is_empty() {
+                    let subscribe = self
+                        .subscriptions
+                        .connected(ack.session_present, filters.len());
+                    if self.subscriptions.confirmed {
+                        // Nothing to subscribe to, or kept by the broker.
                         self.shared.subscribed.send_modify(|v| v[self.index] = true);
                     }
-                    if self
-                        .subscriptions
-                        .connected(ack.session_present, filters.len())
-                    {
+                    if subscribe {
                         // Subscribing from this task would block the loop
                         // it polls if the request channel were full.
                         let client = client.clone();
