@@ -13,7 +13,13 @@
 //! earlier connection is dropped: the broker redelivers that message with
 //! the DUP flag, the store recognises it, and it is acked then. Sending the
 //! stale ack instead could acknowledge a *different* message that the broker
-//! sent under the reused packet id and that is not yet committed.
+//! sent under the reused packet id and that is not yet committed; and a
+//! PUBACK the broker does not expect can break its order: Mosquitto 2.0
+//! counts every PUBACK as a free in-flight slot, and a slot it thinks free
+//! lets the next new message overtake the ones it still queues. So every
+//! network connection has an rumqttc client of its own: rumqttc keeps its
+//! request queue across the reconnects it makes itself, and would send an
+//! ack (or a barrier) handed to it for one connection on the next.
 //!
 //! rumqttc does not talk to the broker directly but through the [`guard`],
 //! which rewrites the PUBLISH packets rumqttc cannot take (too long for
@@ -31,6 +37,9 @@
 
 pub mod guard;
 pub mod intake;
+
+#[cfg(test)]
+mod ack_tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -204,7 +213,6 @@ async fn lane(
     let acker = tokio::spawn(send_acks(
         client_rx,
         acks,
-        epoch.clone(),
         committed.clone(),
         barrier.clone(),
         answered.clone(),
@@ -231,6 +239,7 @@ async fn lane(
         subscriptions: Subscriptions::default(),
         barrier,
         answered,
+        current,
     };
     let result = loop {
         if !accepting.borrow_and_update().open {
@@ -241,13 +250,17 @@ async fn lane(
             tracing::info!(client_id = %session.client_id, "store has room again: reconnecting to the mqtt broker");
         }
         let pauses = accepting.borrow_and_update().pauses;
+        // A client (and event loop) per network connection: nothing handed
+        // to one reaches the broker on a later connection.
         let (client, eventloop) = AsyncClient::new(opts.clone(), 1024);
         let mut events = Events::start(eventloop, 1);
-        current.send_replace(Some(client.clone()));
         let end = session
             .connection(&client, &mut events, &mut accepting, pauses, &shutdown)
             .await;
-        current.send_replace(None);
+        session.current.send_replace(None);
+        if let Ok(Ended::Lost) = end {
+            continue;
+        }
         // Leave the session on the broker: what was not acked is
         // redelivered later. A clean DISCONNECT keeps the persistent session.
         let _ = client.try_disconnect();
@@ -261,6 +274,7 @@ async fn lane(
         .await;
         match end {
             Ok(Ended::Shutdown) => break Ok(()),
+            Ok(Ended::Lost) => unreachable!("a lost connection connects again above"),
             Ok(Ended::Paused) => {
                 let why = "paused: the store holds back what it may (reject limit or full disk); the broker keeps the backlog";
                 session.link_down(why.into(), false);
@@ -280,6 +294,9 @@ enum Ended {
     Shutdown,
     /// The store asked for back-pressure.
     Paused,
+    /// The connection failed (or could not be made), and the backoff
+    /// before the next one is over.
+    Lost,
 }
 
 /// What the MQTT connections of one session share.
@@ -314,11 +331,15 @@ struct Session {
     barrier: Arc<Mutex<AckBarrier>>,
     /// Tells `send_acks` that a barrier was answered.
     answered: Arc<Notify>,
+    /// The client of the current connection, with its epoch, from its
+    /// CONNACK until it ends: `send_acks` sends an ack only through the
+    /// client of the connection it belongs to.
+    current: watch::Sender<Option<(u64, AsyncClient)>>,
 }
 
 impl Session {
-    /// Polls one client's event loop (reconnecting as rumqttc does) until
-    /// shutdown or back-pressure.
+    /// Polls one client's event loop for one connection: until it fails
+    /// (and the backoff is over), shutdown or back-pressure.
     async fn connection(
         &mut self,
         client: &AsyncClient,
@@ -397,6 +418,7 @@ impl Session {
                     let n = self.shared.epochs.fetch_add(1, Ordering::AcqRel) + 1;
                     self.epoch.store(n, Ordering::Release);
                     self.barrier.lock().expect("barrier lock").connected(n);
+                    self.current.send_replace(Some((n, client.clone())));
                     // Messages held back from earlier connections will be
                     // redelivered on this one.
                     self.store.new_epoch(self.index, n, ack.session_present)?;
@@ -443,11 +465,12 @@ impl Session {
                     let delay = self.reconnect.lost(Instant::now(), committed);
                     tracing::warn!(broker = %self.addr, client_id = %self.client_id, error = %why, retry_in_ms = delay.as_millis() as u64,
                         "mqtt connection lost; the broker keeps unacknowledged messages");
+                    self.current.send_replace(None);
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    events.retry();
+                    return Ok(Ended::Lost);
                 }
             }
         }
@@ -681,10 +704,11 @@ impl AckBarrier {
         }
     }
 
-    /// Whether to send a barrier now (acks went out that none follows, and
+    /// Whether to send a barrier now through the client of connection
+    /// `epoch` (acks went out on this connection that none follows, and
     /// none is outstanding); the barrier then confirms them.
-    fn send_now(&mut self) -> bool {
-        if self.outstanding.is_some() || self.unconfirmed.is_none() {
+    fn send_now(&mut self, epoch: u64) -> bool {
+        if epoch != self.epoch || self.outstanding.is_some() || self.unconfirmed.is_none() {
             return false;
         }
         self.outstanding = self.unconfirmed.take();
@@ -704,16 +728,15 @@ impl AckBarrier {
 }
 
 /// Sends the PUBACK of every committed message of the current connection
-/// (through the current client; none while ingest is paused), and after
-/// them the acknowledgement barrier. Acks come one batch per commit, so a
-/// barrier follows every ack of each commit it confirms (a commit whose
-/// acks were still arriving when the barrier went out would be confirmed
-/// with some of them unsent: a crash then, and their redeliveries would be
-/// taken for new messages).
+/// through that connection's own client (none between connections, or
+/// while ingest is paused), and after them the acknowledgement barrier.
+/// Acks come one batch per commit, so a barrier follows every ack of each
+/// commit it confirms (a commit whose acks were still arriving when the
+/// barrier went out would be confirmed with some of them unsent: a crash
+/// then, and their redeliveries would be taken for new messages).
 async fn send_acks(
-    client: watch::Receiver<Option<AsyncClient>>,
+    current: watch::Receiver<Option<(u64, AsyncClient)>>,
     mut acks: UnboundedReceiver<Vec<AckToken>>,
-    epoch: Arc<AtomicU64>,
     committed: Arc<AtomicU64>,
     barrier: Arc<Mutex<AckBarrier>>,
     answered: Arc<Notify>,
@@ -726,13 +749,15 @@ async fn send_acks(
             },
             _ = answered.notified() => None,
         };
-        let Some(client) = client.borrow().clone() else {
+        // The client is the one of `epoch`: if that connection ends
+        // meanwhile, what is handed to it is dropped with it.
+        let Some((epoch, client)) = current.borrow().clone() else {
             continue;
         };
         let mut next = first;
         while let Some(batch) = next.take().or_else(|| acks.try_recv().ok()) {
             for a in batch {
-                if a.epoch != epoch.load(Ordering::Acquire) {
+                if a.epoch != epoch {
                     continue;
                 }
                 committed.store(a.epoch, Ordering::Release);
@@ -745,7 +770,7 @@ async fn send_acks(
                 }
             }
         }
-        let send = barrier.lock().expect("barrier lock").send_now();
+        let send = barrier.lock().expect("barrier lock").send_now(epoch);
         if send {
             let _ = client.unsubscribe(BARRIER_FILTER).await;
         }
@@ -890,27 +915,31 @@ mod tests {
     fn a_barrier_confirms_exactly_the_acks_sent_before_it_on_its_connection() {
         let mut b = AckBarrier::default();
         b.connected(1);
-        assert!(!b.send_now(), "nothing to confirm");
+        assert!(!b.send_now(1), "nothing to confirm");
         b.acked(1, 4);
         b.acked(1, 5);
-        assert!(b.send_now());
+        assert!(b.send_now(1));
         // Acks of commit 6 go out while the barrier is on its way.
         b.acked(1, 6);
-        assert!(!b.send_now(), "one barrier at a time");
+        assert!(!b.send_now(1), "one barrier at a time");
         assert_eq!(b.answered(), Some((1, 5)));
-        assert!(b.send_now());
+        assert!(b.send_now(1));
         assert_eq!(b.answered(), Some((1, 6)));
         assert_eq!(b.answered(), None);
         // An ack of an earlier connection (it never went out on this one)
         // and a new connection while a barrier is outstanding.
         b.acked(1, 7);
-        assert!(b.send_now());
+        assert!(b.send_now(1));
         b.connected(2);
         b.acked(1, 8);
         assert_eq!(b.answered(), None, "the old barrier is never answered");
-        assert!(!b.send_now());
+        assert!(!b.send_now(2));
         b.acked(2, 9);
-        assert!(b.send_now());
+        assert!(
+            !b.send_now(1),
+            "never through the client of an earlier connection"
+        );
+        assert!(b.send_now(2));
         assert_eq!(b.answered(), Some((2, 9)));
     }
 
@@ -922,7 +951,7 @@ mod tests {
         let mut b = AckBarrier::default();
         b.connected(1);
         b.acked(1, 4);
-        assert!(b.send_now());
+        assert!(b.send_now(1));
         b.extra += 2;
         assert_eq!(b.answered(), None);
         assert_eq!(b.answered(), None);
