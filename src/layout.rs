@@ -128,6 +128,11 @@ pub fn dest_name(topic: &str, cluster: &str) -> String {
     }
 }
 
+/// The cluster a destination's name names, if any (see [`dest_name`]).
+pub fn cluster_of(name: &str) -> Option<&str> {
+    name.rsplit_once('@').map(|(_, cluster)| cluster)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamSpec {
     pub name: String,

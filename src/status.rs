@@ -136,7 +136,7 @@ fn set_link(link: &mut Link, connected: bool, peer: &str, error: Option<String>)
 }
 
 pub use crate::store::report::{
-    read, DeadLetter, DownlinkReport, Incident, Report, StreamReport, TopicBacklog,
+    read, ClusterReport, DeadLetter, DownlinkReport, Incident, Report, StreamReport, TopicBacklog,
 };
 
 /// The report as a table for people. Every string in it may have come from
@@ -245,6 +245,28 @@ pub fn render(r: &Report) -> String {
         "backlog",
         format!("{} records, {} bytes", r.pending_records, r.pending_bytes),
     );
+    for c in &r.clusters {
+        let age = c
+            .oldest_age_seconds
+            .map(|a| format!(", oldest {}", human_secs(a)))
+            .unwrap_or_default();
+        // Its links, while the agent runs: how many of its topics are up.
+        let links = match r.agent.as_ref().filter(|_| r.running) {
+            Some(a) => {
+                let mine = a
+                    .topics
+                    .iter()
+                    .filter(|(t, _)| crate::layout::cluster_of(t) == Some(c.name.as_str()));
+                let (up, all) = mine.fold((0, 0), |(u, n), (_, l)| (u + l.connected as u64, n + 1));
+                format!("; {up} of {all} topics connected")
+            }
+            None => String::new(),
+        };
+        line(
+            &format!("cluster {}", c.name),
+            format!("{} records, {} bytes{age}{links}", c.records, c.bytes),
+        );
+    }
     for s in &r.streams {
         let age = s
             .oldest_age_seconds
@@ -415,6 +437,12 @@ mod tests {
     /// a running ferry would never write), in a fresh directory, written
     /// through the store's own API; the store stays open for more rows.
     fn store_with(agent: &str) -> (std::path::PathBuf, Db) {
+        store_on(agent, &[])
+    }
+
+    /// A store with one status record, written to each of `clusters` (none
+    /// named: one destination), and `agent` as its agent's snapshot.
+    fn store_on(agent: &str, clusters: &[&str]) -> (std::path::PathBuf, Db) {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -440,7 +468,12 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
             path.display()
         ))
         .unwrap();
-        let layout = crate::layout::Layout::new(&cfg.streams);
+        let mut names: Vec<String> = clusters.iter().map(|c| c.to_string()).collect();
+        if names.is_empty() {
+            // The `[pulsar]` form: one cluster, not named.
+            names.push(String::new());
+        }
+        let layout = crate::layout::Layout::with_clusters(&cfg.streams, &names);
         let (mut db, _) =
             crate::store::db::Db::open(&path, layout.clone(), cfg.store.durability).unwrap();
         let topic = "devices/d1/state";
@@ -596,6 +629,72 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
     }
 
     #[test]
+    fn each_named_cluster_shows_its_backlog_and_how_many_of_its_links_are_up() {
+        let up = Link {
+            connected: true,
+            peer: "east:6650".into(),
+            since_ms: 1,
+            last_error: None,
+        };
+        let down = Link {
+            connected: false,
+            peer: "west:6650".into(),
+            since_ms: 1,
+            last_error: Some("connection refused".into()),
+        };
+        let agent = AgentSnapshot {
+            pid: 1,
+            updated_ms: now_ms(),
+            topics: [
+                ("persistent://t/n/status@east".to_string(), up),
+                ("persistent://t/n/status@west".to_string(), down),
+            ]
+            .into(),
+            ..AgentSnapshot::default()
+        };
+        let json = serde_json::to_string(&agent).unwrap();
+        let (path, mut db) = store_on(&json, &["east", "west"]);
+        // East confirmed the record; west is dark.
+        let east = db
+            .layout()
+            .dests
+            .iter()
+            .position(|d| d.name.ends_with("@east"))
+            .unwrap();
+        let delivered = crate::store::db::Delivery {
+            dest: east,
+            up_to: 1,
+            resent: 0,
+        };
+        db.commit_batch(&[delivered], &[], &[], 1024).unwrap();
+        let r = read(&path).unwrap();
+        let got: Vec<(&str, u64, u64)> = r
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c.topics, c.records))
+            .collect();
+        assert_eq!(got, [("east", 1, 0), ("west", 1, 1)]);
+        let table = render(&r);
+        assert!(
+            table.contains("cluster east     0 records, 0 bytes; 1 of 1 topics connected"),
+            "{table}"
+        );
+        assert!(
+            table.contains("cluster west     1 records, 2 bytes, oldest "),
+            "{table}"
+        );
+        assert!(table.contains("; 0 of 1 topics connected"), "{table}");
+        // One cluster, not named: no cluster lines.
+        let (one, _db) = store_on(&json, &[]);
+        let r = read(&one).unwrap();
+        assert!(r.clusters.is_empty());
+        assert!(!render(&r).contains("cluster "));
+        drop(db);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        let _ = std::fs::remove_dir_all(one.parent().unwrap());
+    }
+
+    #[test]
     fn no_value_a_report_can_hold_makes_rendering_panic() {
         let odd = [
             f64::NAN,
@@ -637,6 +736,13 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                     topics: Vec::new(),
                     superseded: i64::MIN,
                     dropped: vec![("x".into(), i64::MAX)],
+                }],
+                clusters: vec![ClusterReport {
+                    name: "c".into(),
+                    topics: u64::MAX,
+                    records: u64::MAX,
+                    bytes: u64::MAX,
+                    oldest_age_seconds: Some(x),
                 }],
                 counters: Vec::new(),
                 dead_letters: 0,
@@ -708,6 +814,13 @@ subscriptions = [{{ filter = "devices/+/state", device_id_level = 1 }}]
                 }],
                 superseded: 0,
                 dropped: vec![(evil.into(), 1)],
+            }],
+            clusters: vec![ClusterReport {
+                name: evil.into(),
+                topics: 1,
+                records: 1,
+                bytes: 1,
+                oldest_age_seconds: None,
             }],
             counters: vec![(evil.into(), 1)],
             dead_letters: 1,

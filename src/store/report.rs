@@ -46,6 +46,18 @@ pub struct StreamReport {
     pub dropped: Vec<(String, i64)>,
 }
 
+/// One cluster's part of the backlog, when the clusters are named
+/// (`[[pulsar.clusters]]`): what waits for it, over all its topics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterReport {
+    pub name: String,
+    /// Destination topics in this cluster.
+    pub topics: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+}
+
 /// Something the store recorded for operators (a damaged store moved
 /// aside, a full disk).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -92,6 +104,9 @@ pub struct Report {
     /// Estimated, from the agent's drain rate.
     pub time_to_drain_seconds: Option<f64>,
     pub streams: Vec<StreamReport>,
+    /// Per named cluster, in the order first met (empty without
+    /// `[[pulsar.clusters]]`).
+    pub clusters: Vec<ClusterReport>,
     pub counters: Vec<(String, i64)>,
     /// Dead letters kept.
     pub dead_letters: u64,
@@ -227,6 +242,7 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
             oldest_age_seconds: oldest_age,
         });
     }
+    let clusters = clusters_of(&streams);
     let pending: u64 = streams.iter().map(|s| s.records).sum();
     let bytes: u64 = streams.iter().map(|s| s.bytes).sum();
     let oldest = streams
@@ -282,6 +298,7 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         }),
         agent,
         streams,
+        clusters,
         counters,
         dead_letters: dead as u64,
         dead_letters_pruned,
@@ -290,6 +307,38 @@ pub fn read(path: &Path) -> Result<Report, rusqlite::Error> {
         downlink,
         deduplication_off,
     })
+}
+
+/// The backlog per named cluster, summed over its topics.
+fn clusters_of(streams: &[StreamReport]) -> Vec<ClusterReport> {
+    let mut out: Vec<ClusterReport> = Vec::new();
+    for t in streams.iter().flat_map(|s| &s.topics) {
+        let Some(name) = crate::layout::cluster_of(&t.topic) else {
+            continue;
+        };
+        let at = match out.iter().position(|c| c.name == name) {
+            Some(i) => i,
+            None => {
+                out.push(ClusterReport {
+                    name: name.to_string(),
+                    topics: 0,
+                    records: 0,
+                    bytes: 0,
+                    oldest_age_seconds: None,
+                });
+                out.len() - 1
+            }
+        };
+        let c = &mut out[at];
+        c.topics += 1;
+        c.records += t.records;
+        c.bytes += t.bytes;
+        c.oldest_age_seconds = match (c.oldest_age_seconds, t.oldest_age_seconds) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    out
 }
 
 /// The downlink's state, if the store ever read a desired topic (a store

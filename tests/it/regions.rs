@@ -126,6 +126,19 @@ async fn each_cluster_holds_every_update_once_through_a_crash_of_east_and_an_out
     let dark = (ROUNDS - 2 * ROUNDS / 3) * DEVICES as u64;
     assert_eq!(backlog("west"), dark);
     assert_eq!(west_link["connected"], false);
+    // The per-cluster summary of `ferry status` says the same.
+    let cluster = |name: &str| {
+        json["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no cluster {name} in {json}"))["records"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(cluster("west"), dark);
+    assert_eq!(cluster("east"), backlog("east"));
     tokio::time::sleep(SECS(30).saturating_sub(stopped.elapsed())).await;
     geo.west.ctl("pulsar-start");
 
