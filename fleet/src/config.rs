@@ -21,12 +21,26 @@ use serde::Deserialize;
 /// The whole file, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetConfig {
+    /// The cluster the commands talk to: the first of `clusters`, or the
+    /// one [`FleetConfig::on_cluster`] chose.
     pub pulsar: PulsarConfig,
+    /// Every cluster of the file, in its order: one without a name for the
+    /// plain `[pulsar]` form, or each `[[pulsar.clusters]]` (a region each;
+    /// `provision` declares the namespace in every one).
+    pub clusters: Vec<Cluster>,
     pub namespace: NamespaceConfig,
     pub signing: Option<SigningConfig>,
     /// Gateway ids, in the file's order.
     pub gateways: Vec<String>,
     pub view: ViewConfig,
+}
+
+/// One cluster (region) of the fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// Empty for the plain `[pulsar]` form.
+    pub name: String,
+    pub pulsar: PulsarConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +146,24 @@ impl TopicRole {
 }
 
 impl FleetConfig {
+    /// The same file, talking to cluster `name` (`None`: no such cluster).
+    pub fn on_cluster(&self, name: &str) -> Option<FleetConfig> {
+        let c = self.clusters.iter().find(|c| c.name == name)?;
+        Some(FleetConfig {
+            pulsar: c.pulsar.clone(),
+            ..self.clone()
+        })
+    }
+
+    /// The names of the clusters (empty for the plain `[pulsar]` form).
+    pub fn cluster_names(&self) -> Vec<String> {
+        self.clusters
+            .iter()
+            .filter(|c| !c.name.is_empty())
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
     /// `tenant/namespace`.
     pub fn namespace(&self) -> String {
         format!("{}/{}", self.namespace.tenant, self.namespace.name)
@@ -176,6 +208,17 @@ pub fn load(path: &Path) -> Result<FleetConfig, ConfigErrors> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPulsar {
+    service_url: Option<String>,
+    admin_url: Option<String>,
+    ca_file: Option<String>,
+    token_file: Option<String>,
+    clusters: Option<Vec<RawCluster>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Option<String>,
     service_url: Option<String>,
     admin_url: Option<String>,
     ca_file: Option<String>,
@@ -233,8 +276,24 @@ pub fn parse(text: &str) -> Result<FleetConfig, Vec<ConfigError>> {
         return Err(errors);
     }
     let mut v = Validator::default();
-    let pulsar = check_pulsar(&mut v, pulsar.unwrap_or_default());
-    let namespace = check_namespace(&mut v, namespace.unwrap_or_default());
+    let clusters = check_clusters(&mut v, pulsar.unwrap_or_default());
+    let mut namespace = namespace.unwrap_or_default();
+    let named: Vec<String> = clusters
+        .iter()
+        .filter(|c| !c.name.is_empty())
+        .map(|c| c.name.clone())
+        .collect();
+    if namespace.clusters.is_none() && !named.is_empty() {
+        namespace.clusters = Some(named.clone());
+    }
+    let namespace = check_namespace(&mut v, namespace);
+    for (i, name) in named.iter().enumerate() {
+        v.check(
+            &format!("pulsar.clusters[{i}].name"),
+            namespace.clusters.contains(name),
+            "must be one of namespace.clusters (the tenant must allow every cluster it is declared in)",
+        );
+    }
     let signing = signing.map(|s| check_signing(&mut v, s));
     let gateways = check_gateways(&mut v, gateways.unwrap_or_default());
     let view = check_view(&mut v, view.unwrap_or_default());
@@ -243,7 +302,8 @@ pub fn parse(text: &str) -> Result<FleetConfig, Vec<ConfigError>> {
         return Err(errors);
     }
     Ok(FleetConfig {
-        pulsar,
+        pulsar: clusters[0].pulsar.clone(),
+        clusters,
         namespace,
         signing,
         gateways,
@@ -251,21 +311,98 @@ pub fn parse(text: &str) -> Result<FleetConfig, Vec<ConfigError>> {
     })
 }
 
-fn check_pulsar(v: &mut Validator, raw: RawPulsar) -> PulsarConfig {
+/// The plain `[pulsar]` form (one cluster, no name), or its
+/// `[[pulsar.clusters]]` (each named, with its own URLs, CA and token; the
+/// plain keys are refused beside them). Never empty.
+fn check_clusters(v: &mut Validator, raw: RawPulsar) -> Vec<Cluster> {
+    let Some(list) = raw.clusters else {
+        let pulsar = check_pulsar(
+            v,
+            "pulsar",
+            RawCluster {
+                name: None,
+                service_url: raw.service_url,
+                admin_url: raw.admin_url,
+                ca_file: raw.ca_file,
+                token_file: raw.token_file,
+            },
+        );
+        return vec![Cluster {
+            name: String::new(),
+            pulsar,
+        }];
+    };
+    for (key, set) in [
+        ("pulsar.service_url", raw.service_url.is_some()),
+        ("pulsar.admin_url", raw.admin_url.is_some()),
+        ("pulsar.ca_file", raw.ca_file.is_some()),
+        ("pulsar.token_file", raw.token_file.is_some()),
+    ] {
+        v.check(
+            key,
+            !set,
+            "not beside [[pulsar.clusters]]: give it in each cluster",
+        );
+    }
+    v.check(
+        "pulsar.clusters",
+        !list.is_empty(),
+        "must name at least one cluster",
+    );
+    let mut seen = BTreeSet::new();
+    let mut out: Vec<Cluster> = list
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            let at = format!("pulsar.clusters[{i}]");
+            let name = v
+                .required(&format!("{at}.name"), c.name.take())
+                .unwrap_or_default();
+            if !name.is_empty() {
+                v.check(
+                    &format!("{at}.name"),
+                    pulsar_name(&name),
+                    "must be letters, digits and _ - . = : only",
+                );
+                v.check(
+                    &format!("{at}.name"),
+                    seen.insert(name.clone()),
+                    "names another cluster too",
+                );
+            }
+            Cluster {
+                name,
+                pulsar: check_pulsar(v, &at, c),
+            }
+        })
+        .collect();
+    if out.is_empty() {
+        // Reported above; one placeholder keeps `pulsar` defined.
+        out.push(Cluster {
+            name: String::new(),
+            pulsar: check_pulsar(v, "pulsar", RawCluster::default()),
+        });
+    }
+    out
+}
+
+/// One cluster's URLs, CA and token, under key path `at`.
+fn check_pulsar(v: &mut Validator, at: &str, raw: RawCluster) -> PulsarConfig {
+    let key = |k: &str| format!("{at}.{k}");
     let service_url = v
-        .required("pulsar.service_url", raw.service_url)
+        .required(&key("service_url"), raw.service_url)
         .unwrap_or_default();
     if !service_url.is_empty() {
         if let Err(e) = ferry::config::parse_service_url(&service_url) {
-            v.error("pulsar.service_url", &e);
+            v.error(&key("service_url"), &e);
         }
     }
     let admin_url = v
-        .required("pulsar.admin_url", raw.admin_url)
+        .required(&key("admin_url"), raw.admin_url)
         .unwrap_or_default();
     if !admin_url.is_empty() {
         v.check(
-            "pulsar.admin_url",
+            &key("admin_url"),
             admin_url.starts_with("http://") || admin_url.starts_with("https://"),
             "must start with http:// or https://",
         );
@@ -279,8 +416,8 @@ fn check_pulsar(v: &mut Validator, raw: RawPulsar) -> PulsarConfig {
     PulsarConfig {
         service_url,
         admin_url: admin_url.trim_end_matches('/').to_string(),
-        ca_file: file(v, "pulsar.ca_file", raw.ca_file),
-        token_file: file(v, "pulsar.token_file", raw.token_file),
+        ca_file: file(v, &key("ca_file"), raw.ca_file),
+        token_file: file(v, &key("token_file"), raw.token_file),
     }
 }
 
@@ -467,6 +604,87 @@ id = "gw-0002"
         assert_eq!(c.view.max_attempts, 5);
         assert_eq!(c.view.retry_delay, Duration::from_secs(10));
         assert_eq!(c.view.database, "sqlite:/var/lib/ferry-fleet/view.db");
+    }
+
+    const TWO_REGIONS: &str = r#"
+[[pulsar.clusters]]
+name = "east"
+service_url = "pulsar://127.0.0.1:6660"
+admin_url = "http://127.0.0.1:8090"
+
+[[pulsar.clusters]]
+name = "west"
+service_url = "pulsar://127.0.0.1:6670"
+admin_url = "http://127.0.0.1:8100/"
+token_file = "/etc/ferry-fleet/west.token"
+
+[namespace]
+tenant = "iot"
+name = "fleet"
+
+[[gateways]]
+id = "gw-0001"
+"#;
+
+    #[test]
+    fn clusters_each_have_their_urls_and_token_and_the_tenant_allows_them_all() {
+        let c = parse(TWO_REGIONS).unwrap();
+        assert_eq!(c.cluster_names(), ["east", "west"]);
+        assert_eq!(c.pulsar.admin_url, "http://127.0.0.1:8090", "the first one");
+        assert_eq!(c.namespace.clusters, ["east", "west"]);
+        let west = c.on_cluster("west").unwrap();
+        assert_eq!(west.pulsar.service_url, "pulsar://127.0.0.1:6670");
+        assert_eq!(west.pulsar.admin_url, "http://127.0.0.1:8100");
+        assert_eq!(
+            west.pulsar.token_file.as_deref(),
+            Some(Path::new("/etc/ferry-fleet/west.token"))
+        );
+        assert_eq!(west.clusters, c.clusters);
+        assert!(c.on_cluster("north").is_none());
+        // The plain form: one cluster without a name.
+        let one = parse(GOOD).unwrap();
+        assert_eq!(one.clusters.len(), 1);
+        assert!(one.cluster_names().is_empty());
+        assert_eq!(one.on_cluster("").unwrap(), one);
+    }
+
+    #[test]
+    fn cluster_problems_are_listed_with_their_key_paths() {
+        let text = r#"
+[pulsar]
+service_url = "pulsar://127.0.0.1:6650"
+
+[[pulsar.clusters]]
+name = "east"
+service_url = "pulsar://127.0.0.1:6660"
+
+[[pulsar.clusters]]
+name = "east"
+service_url = "http://x"
+admin_url = "http://127.0.0.1:8100"
+
+[namespace]
+tenant = "iot"
+name = "fleet"
+clusters = ["west"]
+"#;
+        let errs = parse(text).unwrap_err();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "pulsar.service_url",
+                "pulsar.clusters[0].admin_url",
+                "pulsar.clusters[1].name",
+                "pulsar.clusters[1].service_url",
+                "pulsar.clusters[0].name",
+                "pulsar.clusters[1].name",
+            ],
+            "{errs:#?}"
+        );
+        assert!(errs[0].message.contains("not beside [[pulsar.clusters]]"));
+        assert!(errs[2].message.contains("another cluster"));
+        assert!(errs[4].message.contains("namespace.clusters"));
     }
 
     #[test]

@@ -13,6 +13,10 @@ use tokio::sync::watch;
 #[derive(Parser)]
 #[command(name = "ferry-fleet", version, about = "The fleet's side of ferry")]
 struct Cli {
+    /// With `[[pulsar.clusters]]`: the cluster to talk to (default: the
+    /// first; `provision` declares in every one unless given).
+    #[arg(long, global = true)]
+    cluster: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -128,12 +132,27 @@ enum DlqCommand {
     },
 }
 
-/// Loads fleet.toml, or says why not (exit 2).
-fn load(path: &Path) -> Result<FleetConfig, ExitCode> {
-    ferry_fleet::config::load(path).map_err(|e| {
+/// Loads fleet.toml, talking to the cluster `--cluster` names (if given),
+/// or says why not (exit 2).
+fn load(path: &Path, cluster: Option<&str>) -> Result<FleetConfig, ExitCode> {
+    let c = ferry_fleet::config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
-    })
+    })?;
+    match cluster {
+        None => Ok(c),
+        Some(name) => c.on_cluster(name).ok_or_else(|| {
+            eprintln!(
+                "--cluster {name}: {} names no such cluster (its clusters: {})",
+                path.display(),
+                match c.cluster_names() {
+                    n if n.is_empty() => "one, without a name".to_string(),
+                    n => n.join(", "),
+                }
+            );
+            ExitCode::from(2)
+        }),
+    }
 }
 
 fn main() -> ExitCode {
@@ -145,15 +164,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match run(cli.command) {
+    match run(cli.command, cli.cluster.as_deref()) {
         Ok(code) | Err(code) => code,
     }
 }
 
-fn run(command: Command) -> Result<ExitCode, ExitCode> {
+fn run(command: Command, cluster: Option<&str>) -> Result<ExitCode, ExitCode> {
     match command {
         Command::Check { config: path } => {
-            let c = load(&path)?;
+            let c = load(&path, cluster)?;
             println!(
                 "{}: ok ({} gateways in {})",
                 path.display(),
@@ -162,14 +181,20 @@ fn run(command: Command) -> Result<ExitCode, ExitCode> {
             );
         }
         Command::Provision { config, dry_run } => {
-            let c = load(&config)?;
+            // Every cluster: `provision_clusters` picks `--cluster`.
+            let c = load(&config, None)?;
+            if let Some(name) = cluster {
+                load(&config, Some(name))?;
+            }
             let runtime = tokio::runtime::Runtime::new().map_err(|e| {
                 eprintln!("provision: cannot start: {e}");
                 ExitCode::from(1)
             })?;
             let mut out = std::io::stdout();
             runtime
-                .block_on(ferry_fleet::provision::provision(&c, dry_run, &mut out))
+                .block_on(ferry_fleet::provision::provision_clusters(
+                    &c, cluster, dry_run, &mut out,
+                ))
                 .map_err(|e| {
                     eprintln!("provision failed: {e}");
                     ExitCode::from(1)
@@ -184,7 +209,7 @@ fn run(command: Command) -> Result<ExitCode, ExitCode> {
                 eprintln!("{e}");
                 ExitCode::from(2)
             })?;
-            let c = load(&config)?;
+            let c = load(&config, cluster)?;
             let token = ferry_fleet::token::issue(&c, &gateway, ttl, std::time::SystemTime::now())
                 .map_err(|e| {
                     eprintln!("token: {e}");
@@ -196,7 +221,7 @@ fn run(command: Command) -> Result<ExitCode, ExitCode> {
             println!("{token}");
         }
         Command::GatewayConfig { gateway, config } => {
-            let c = load(&config)?;
+            let c = load(&config, cluster)?;
             let text = ferry_fleet::gateway_config::render(&c, &gateway).map_err(|e| {
                 eprintln!("gateway-config: {e}");
                 ExitCode::from(2)
@@ -204,41 +229,53 @@ fn run(command: Command) -> Result<ExitCode, ExitCode> {
             print!("{text}");
         }
         Command::View { config, listen } => {
-            return Ok(with_config(&config, |c| view(c, listen.as_deref())))
+            return Ok(with_config(&config, cluster, |c| {
+                view(c, listen.as_deref())
+            }))
         }
         Command::Serve { config, listen } => {
-            return Ok(with_config(&config, |c| serve(c, listen.as_deref())))
+            return Ok(with_config(&config, cluster, |c| {
+                serve(c, listen.as_deref())
+            }))
         }
         Command::Replay { config, database } => {
-            return Ok(with_config(&config, |c| replay(c, database.as_deref())))
+            return Ok(with_config(&config, cluster, |c| {
+                replay(c, database.as_deref())
+            }))
         }
         Command::Get {
             device,
             config,
             json,
-        } => return Ok(with_config(&config, |c| get(c, &device, json))),
-        Command::List { config, json } => return Ok(with_config(&config, |c| list(c, json))),
+        } => return Ok(with_config(&config, cluster, |c| get(c, &device, json))),
+        Command::List { config, json } => {
+            return Ok(with_config(&config, cluster, |c| list(c, json)))
+        }
         Command::Desire {
             device,
             gateway,
             config,
         } => {
-            let c = load(&config)?;
+            let c = load(&config, cluster)?;
             return Ok(desire(&c, &gateway, &device));
         }
         Command::Dlq {
             command: DlqCommand::List { config, json },
-        } => return Ok(with_config(&config, |c| dlq_list(c, json))),
+        } => return Ok(with_config(&config, cluster, |c| dlq_list(c, json))),
         Command::Dlq {
             command: DlqCommand::Replay { config },
-        } => return Ok(with_config(&config, dlq_replay)),
+        } => return Ok(with_config(&config, cluster, dlq_replay)),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Loads the config (exit 2 if it is bad) and runs `f` (exit 0 or 1).
-fn with_config(path: &Path, f: impl FnOnce(&FleetConfig) -> anyhow::Result<()>) -> ExitCode {
-    let config = match load(path) {
+fn with_config(
+    path: &Path,
+    cluster: Option<&str>,
+    f: impl FnOnce(&FleetConfig) -> anyhow::Result<()>,
+) -> ExitCode {
+    let config = match load(path, cluster) {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -615,6 +615,13 @@ pub enum ProvisionError {
     },
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
+    /// A named cluster failed (the ones before it in the file were
+    /// provisioned; the ones after it were not tried).
+    #[error("cluster {cluster}: {source}")]
+    OnCluster {
+        cluster: String,
+        source: Box<ProvisionError>,
+    },
 }
 
 fn bad_answer(call: &str, detail: impl Into<String>) -> AdminError {
@@ -753,6 +760,44 @@ async fn apply(admin: &Admin, change: &Change) -> Result<(), AdminError> {
 
 /// Reads the broker's state, prints the changes fleet.toml needs and
 /// (unless `dry_run`) applies them; returns how many there were.
+/// [`provision`] on every cluster of the file in turn, in its order, or
+/// only on `only`: each cluster has its own metadata (tenant, namespace,
+/// policies, topics, grants), and its namespace is created there, so it
+/// replicates nowhere (ferry writes to every cluster itself). With named
+/// clusters, each one's changes come under a `cluster <name>:` line. The
+/// first cluster that fails stops the run. Returns the changes counted.
+pub async fn provision_clusters(
+    config: &FleetConfig,
+    only: Option<&str>,
+    dry_run: bool,
+    out: &mut dyn Write,
+) -> Result<usize, ProvisionError> {
+    let mut total = 0;
+    for cluster in &config.clusters {
+        if only.is_some_and(|o| o != cluster.name) {
+            continue;
+        }
+        let on = FleetConfig {
+            pulsar: cluster.pulsar.clone(),
+            ..config.clone()
+        };
+        if !cluster.name.is_empty() {
+            writeln!(out, "cluster {}:", cluster.name)?;
+        }
+        total += provision(&on, dry_run, out).await.map_err(|e| {
+            if cluster.name.is_empty() {
+                e
+            } else {
+                ProvisionError::OnCluster {
+                    cluster: cluster.name.clone(),
+                    source: Box::new(e),
+                }
+            }
+        })?;
+    }
+    Ok(total)
+}
+
 pub async fn provision(
     config: &FleetConfig,
     dry_run: bool,

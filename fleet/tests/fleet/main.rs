@@ -15,5 +15,6 @@ mod check;
 mod desire;
 mod kill;
 mod provision;
+mod regions;
 mod serve;
 mod view;
