@@ -10,7 +10,10 @@
 //! differs. The files the gateway needs sit at fixed places under
 //! `/etc/ferry`: the token ([`TOKEN_FILE`], from `ferry-fleet token`) and,
 //! for a TLS service URL, the CA ([`CA_FILE`], a copy of fleet.toml's
-//! `pulsar.ca_file`; the system's roots when the fleet names none).
+//! `pulsar.ca_file`; the system's roots when the fleet names none). With
+//! `[[pulsar.clusters]]` the gateway writes to each of them: one
+//! `[[pulsar.clusters]]` each, with its own CA copy ([`ca_file_of`]) and
+//! the same token (every cluster trusts the fleet's signing key).
 
 use crate::config::{FleetConfig, TopicRole};
 
@@ -23,6 +26,64 @@ pub const CA_FILE: &str = "/etc/ferry/pulsar-ca.pem";
 pub enum GatewayConfigError {
     #[error("gateway {0} is not in fleet.toml")]
     UnknownGateway(String),
+}
+
+/// Where the gateway keeps the CA of cluster `name`'s brokers.
+pub fn ca_file_of(name: &str) -> String {
+    format!("/etc/ferry/pulsar-ca-{name}.pem")
+}
+
+/// The TLS settings of a cluster, as the agent's inline table or section
+/// body, and the CA file it needs (if any).
+fn tls_of(pulsar: &crate::config::PulsarConfig, ca_file: &str) -> Option<(String, Option<String>)> {
+    if !pulsar.service_url.starts_with("pulsar+ssl://") {
+        return None;
+    }
+    Some(match pulsar.ca_file {
+        Some(_) => (
+            format!("ca_file = {}", quoted(ca_file)),
+            Some(ca_file.to_string()),
+        ),
+        None => ("use_system_roots = true".to_string(), None),
+    })
+}
+
+/// The `[pulsar]` part: the plain form for one cluster without a name,
+/// else one `[[pulsar.clusters]]` per cluster. With the CA files it needs.
+fn pulsar_part(config: &FleetConfig) -> (String, Vec<String>) {
+    let token = quoted(TOKEN_FILE);
+    if config.cluster_names().is_empty() {
+        let p = &config.pulsar;
+        let mut out = format!("[pulsar]\nservice_url = {}\n", quoted(&p.service_url));
+        let mut cas = Vec::new();
+        if let Some((tls, ca)) = tls_of(p, CA_FILE) {
+            let why = if ca.is_some() {
+                "# A copy of the CA that signed the brokers' certificates."
+            } else {
+                "# The brokers' certificates chain to a public CA."
+            };
+            out.push_str(&format!("\n[pulsar.tls]\n{why}\n{tls}\n"));
+            cas.extend(ca);
+        }
+        out.push_str(&format!("\n[pulsar.auth]\ntoken_file = {token}\n"));
+        return (out, cas);
+    }
+    let mut out =
+        String::from("# Every record goes to each cluster (region), exactly once in each.\n");
+    let mut cas = Vec::new();
+    for c in &config.clusters {
+        out.push_str(&format!(
+            "[[pulsar.clusters]]\nname = {}\nservice_url = {}\n",
+            quoted(&c.name),
+            quoted(&c.pulsar.service_url)
+        ));
+        if let Some((tls, ca)) = tls_of(&c.pulsar, &ca_file_of(&c.name)) {
+            out.push_str(&format!("tls = {{ {tls} }}\n"));
+            cas.extend(ca);
+        }
+        out.push_str(&format!("auth = {{ token_file = {token} }}\n\n"));
+    }
+    (out.trim_end().to_string() + "\n", cas)
 }
 
 /// A TOML basic string (quotes and escapes).
@@ -38,20 +99,7 @@ pub fn render(config: &FleetConfig, gateway: &str) -> Result<String, GatewayConf
         ));
     }
     let topic = |role| quoted(&config.topic(gateway, role));
-    let service_url = &config.pulsar.service_url;
-    let tls = if service_url.starts_with("pulsar+ssl://") {
-        if config.pulsar.ca_file.is_some() {
-            format!(
-                "\n[pulsar.tls]\n# A copy of the CA that signed the brokers' certificates.\nca_file = {}\n",
-                quoted(CA_FILE)
-            )
-        } else {
-            "\n[pulsar.tls]\n# The brokers' certificates chain to a public CA.\nuse_system_roots = true\n"
-                .to_string()
-        }
-    } else {
-        String::new()
-    };
+    let (pulsar, cas) = pulsar_part(config);
     Ok(format!(
         r#"# ferry.toml of gateway {gateway}, written by `ferry-fleet gateway-config`
 # for namespace {namespace}. Before starting ferry: put the gateway's token
@@ -67,12 +115,7 @@ host = "127.0.0.1"
 port = 1883
 keep_alive_secs = 30
 
-[pulsar]
-service_url = {service_url_q}
-{tls}
-[pulsar.auth]
-token_file = {token_file}
-
+{pulsar}
 # Each device publishes its state to devices/<device id>/state (QoS 1).
 [[streams]]
 name = "status"
@@ -107,13 +150,11 @@ listen = "127.0.0.1:9464"
 "#,
         namespace = config.namespace(),
         gateway_q = quoted(gateway),
-        ca_note = if tls.contains("ca_file") {
-            format!(" and the brokers' CA in {CA_FILE}")
-        } else {
-            String::new()
+        ca_note = match cas.as_slice() {
+            [] => String::new(),
+            [one] => format!(" and the brokers' CA in {one}"),
+            many => format!(" and each cluster's CA in {}", many.join(", ")),
         },
-        service_url_q = quoted(service_url),
-        token_file = quoted(TOKEN_FILE),
         status = topic(TopicRole::Status),
         history = topic(TopicRole::History),
         events = topic(TopicRole::Events),
@@ -181,6 +222,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_gateway_of_a_fleet_in_two_regions_writes_to_both() {
+        let fleet = crate::config::parse(
+            "[[pulsar.clusters]]\nname = \"east\"\nservice_url = \"pulsar+ssl://east:6651\"\n\
+             admin_url = \"https://east:8443\"\nca_file = \"/etc/ferry-fleet/east-ca.pem\"\n\
+             [[pulsar.clusters]]\nname = \"west\"\nservice_url = \"pulsar://west:6650\"\n\
+             admin_url = \"http://west:8080\"\n\
+             [namespace]\ntenant = \"iot\"\nname = \"fleet\"\n[[gateways]]\nid = \"gw-0001\"\n",
+        )
+        .unwrap();
+        let text = render(&fleet, "gw-0001").unwrap();
+        let c = ferry::config::parse(&text).unwrap_or_else(|e| panic!("{e:#?}\n{text}"));
+        let got: Vec<(&str, &str)> = c
+            .pulsar
+            .clusters
+            .iter()
+            .map(|k| (k.name.as_str(), k.service_url.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("east", "pulsar+ssl://east:6651"),
+                ("west", "pulsar://west:6650")
+            ]
+        );
+        let east = &c.pulsar.clusters[0];
+        assert_eq!(
+            east.tls.as_ref().unwrap().ca_file,
+            Some(PathBuf::from(ca_file_of("east")))
+        );
+        assert!(c.pulsar.clusters[1].tls.is_none());
+        for k in &c.pulsar.clusters {
+            assert_eq!(
+                k.auth,
+                Some(ferry::config::TokenSource::File(PathBuf::from(TOKEN_FILE)))
+            );
+        }
+        assert!(
+            text.contains("the brokers' CA in /etc/ferry/pulsar-ca-east.pem"),
+            "{text}"
+        );
     }
 
     #[test]
