@@ -758,8 +758,6 @@ async fn apply(admin: &Admin, change: &Change) -> Result<(), AdminError> {
     }
 }
 
-/// Reads the broker's state, prints the changes fleet.toml needs and
-/// (unless `dry_run`) applies them; returns how many there were.
 /// [`provision`] on every cluster of the file in turn, in its order, or
 /// only on `only`: each cluster has its own metadata (tenant, namespace,
 /// policies, topics, grants), and its namespace is created there, so it
@@ -798,6 +796,9 @@ pub async fn provision_clusters(
     Ok(total)
 }
 
+/// Reads the broker's state (of `config.pulsar`), prints the changes
+/// fleet.toml needs and (unless `dry_run`) applies them; returns how many
+/// there were.
 pub async fn provision(
     config: &FleetConfig,
     dry_run: bool,
