@@ -213,6 +213,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-notify-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("notify.sock");
+        // A socket of an earlier process that had the same pid.
+        let _ = std::fs::remove_file(&path);
         let sock = UnixDatagram::bind(&path).unwrap();
         // An abstract name: `@` in NOTIFY_SOCKET, no file.
         let name = format!("ferry-notify-{}", std::process::id());

@@ -97,6 +97,8 @@ impl Dir {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
+        // A folder of an earlier process that had the same pid is not ours.
+        let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         Dir { path }
     }
@@ -1034,7 +1036,9 @@ fn a_broker_number_that_cannot_be_honoured_is_refused_and_changes_nothing() {
 
 /// Opens `path` after `damage` ran on a healthy store with one record,
 /// and says whether it was moved aside.
-fn open_after(damage: &str) -> (Option<super::db::Damaged>, Db) {
+/// A store of 3 records opened again after `damage`; the folder lives as
+/// long as the returned `Dir`.
+fn open_after(damage: &str) -> (Option<super::db::Damaged>, Db, Dir) {
     let dir = Dir::new();
     let l = layout("", "");
     let path = dir.path.join("s.db");
@@ -1044,8 +1048,7 @@ fn open_after(damage: &str) -> (Option<super::db::Damaged>, Db) {
         db.conn().execute_batch(damage).unwrap();
     }
     let (db, damaged) = Db::open(&path, l, Durability::Full).unwrap();
-    std::mem::forget(dir);
-    (damaged, db)
+    (damaged, db, dir)
 }
 
 #[test]
@@ -1073,7 +1076,7 @@ fn damage_that_passes_the_quick_check_is_found_at_open() {
             "INSERT INTO outbox VALUES (-5, 'a', 0, x'00', x'00', 0);",
         ),
     ] {
-        let (damaged, mut db) = open_after(sql);
+        let (damaged, mut db, _dir) = open_after(sql);
         let d = damaged.unwrap_or_else(|| panic!("{what}: not found"));
         assert!(d.moved_to.exists(), "{what}");
         assert_eq!(db.total().records, 0, "{what}: a fresh store");
@@ -1084,7 +1087,7 @@ fn damage_that_passes_the_quick_check_is_found_at_open() {
 
 #[test]
 fn a_next_record_number_behind_the_records_is_repaired() {
-    let (damaged, mut db) = open_after("UPDATE destinations SET next_seq = 2 WHERE id = 1;");
+    let (damaged, mut db, _dir) = open_after("UPDATE destinations SET next_seq = 2 WHERE id = 1;");
     assert!(damaged.is_none());
     assert_eq!(db.last_seqs()[0], 3);
     let l = db.layout().clone();
