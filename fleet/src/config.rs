@@ -359,11 +359,7 @@ fn check_clusters(v: &mut Validator, raw: RawPulsar) -> Vec<Cluster> {
                 .required(&format!("{at}.name"), c.name.take())
                 .unwrap_or_default();
             if !name.is_empty() {
-                v.check(
-                    &format!("{at}.name"),
-                    pulsar_name(&name),
-                    "must be letters, digits and _ - . = : only",
-                );
+                v.check(&format!("{at}.name"), pulsar_name(&name), PULSAR_NAME_RULE);
                 v.check(
                     &format!("{at}.name"),
                     seen.insert(name.clone()),
@@ -426,6 +422,9 @@ fn check_pulsar(v: &mut Validator, at: &str, raw: RawCluster) -> PulsarConfig {
     }
 }
 
+/// What [`pulsar_name`] accepts, for its error.
+const PULSAR_NAME_RULE: &str = "must be letters, digits and _ - . = : only";
+
 /// A tenant, namespace or cluster name as Pulsar accepts it.
 fn pulsar_name(s: &str) -> bool {
     !s.is_empty()
@@ -434,11 +433,10 @@ fn pulsar_name(s: &str) -> bool {
 }
 
 fn check_namespace(v: &mut Validator, raw: RawNamespace) -> NamespaceConfig {
-    const RULE: &str = "must be letters, digits and _ - . = : only";
     let name = |v: &mut Validator, key: &str, s: Option<String>| {
         let s = v.required(key, s).unwrap_or_default();
         if !s.is_empty() {
-            v.check(key, pulsar_name(&s), RULE);
+            v.check(key, pulsar_name(&s), PULSAR_NAME_RULE);
         }
         s
     };
@@ -451,7 +449,11 @@ fn check_namespace(v: &mut Validator, raw: RawNamespace) -> NamespaceConfig {
         "must name at least one cluster",
     );
     for (i, c) in clusters.iter().enumerate() {
-        v.check(&format!("namespace.clusters[{i}]"), pulsar_name(c), RULE);
+        v.check(
+            &format!("namespace.clusters[{i}]"),
+            pulsar_name(c),
+            PULSAR_NAME_RULE,
+        );
     }
     let compaction = v.int_in(
         "namespace.compaction_threshold_mb",

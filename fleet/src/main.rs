@@ -141,18 +141,23 @@ fn load(path: &Path, cluster: Option<&str>) -> Result<FleetConfig, ExitCode> {
     })?;
     match cluster {
         None => Ok(c),
-        Some(name) => c.on_cluster(name).ok_or_else(|| {
-            eprintln!(
-                "--cluster {name}: {} names no such cluster (its clusters: {})",
-                path.display(),
-                match c.cluster_names() {
-                    n if n.is_empty() => "one, without a name".to_string(),
-                    n => n.join(", "),
-                }
-            );
-            ExitCode::from(2)
-        }),
+        Some(name) => pick(&c, path, name),
     }
+}
+
+/// `c` talking to cluster `name`, or says why not (exit 2).
+fn pick(c: &FleetConfig, path: &Path, name: &str) -> Result<FleetConfig, ExitCode> {
+    c.on_cluster(name).ok_or_else(|| {
+        eprintln!(
+            "--cluster {name}: {} names no such cluster (its clusters: {})",
+            path.display(),
+            match c.cluster_names() {
+                n if n.is_empty() => "one, without a name".to_string(),
+                n => n.join(", "),
+            }
+        );
+        ExitCode::from(2)
+    })
 }
 
 fn main() -> ExitCode {
@@ -184,7 +189,7 @@ fn run(command: Command, cluster: Option<&str>) -> Result<ExitCode, ExitCode> {
             // Every cluster: `provision_clusters` picks `--cluster`.
             let c = load(&config, None)?;
             if let Some(name) = cluster {
-                load(&config, Some(name))?;
+                pick(&c, &config, name)?;
             }
             let runtime = tokio::runtime::Runtime::new().map_err(|e| {
                 eprintln!("provision: cannot start: {e}");

@@ -775,10 +775,9 @@ pub async fn provision_clusters(
         if only.is_some_and(|o| o != cluster.name) {
             continue;
         }
-        let on = FleetConfig {
-            pulsar: cluster.pulsar.clone(),
-            ..config.clone()
-        };
+        let on = config
+            .on_cluster(&cluster.name)
+            .expect("a cluster of the file");
         if !cluster.name.is_empty() {
             writeln!(out, "cluster {}:", cluster.name)?;
         }
