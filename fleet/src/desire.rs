@@ -38,29 +38,19 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry::config::{TlsConfig, TokenSource, UplinkConfig};
-use ferry::downlink::message::{is_after, is_empty_topic, read_message, VERSION_PROPERTY};
+use ferry::downlink::message::{read_message, VERSION_PROPERTY};
 use ferry::store::db::{desired_reject_reason, parse_version, DesiredUpdate};
 use ferry::uplink::conn::Endpoint;
 use ferry::uplink::frame;
-use ferry::uplink::link::{create_producer, subscribe, until, within, PRODUCER_ID};
+use ferry::uplink::link::{create_producer, until, within, PRODUCER_ID};
 use ferry::uplink::producer::Receipt;
-use ferry::uplink::protocol::SubscribeOptions;
 use ferry::uplink::{connect_to_topic, ErrorClass, Event, Protocol, UplinkError, UplinkSettings};
-use pulsar::proto::command_subscribe::SubType;
-use pulsar::proto::{KeyValue, MessageIdData, MessageMetadata};
+use pulsar::proto::{KeyValue, MessageMetadata};
 use thiserror::Error;
 
 use crate::config::{FleetConfig, PulsarConfig, TopicRole};
+use crate::reader::Reader;
 
-/// The reader's consumer on its own connection.
-const CONSUMER_ID: u64 = 1;
-/// Messages the broker may send the reader ahead.
-const PERMITS: u32 = 1_000;
-/// The compacted read also ends when the broker has been silent this long:
-/// the topic's last message was a cleared device's tombstone that
-/// compaction removed, so it never comes. Long, because ending early could
-/// miss a newer version (and the agent would count the one written stale).
-const QUIET: Duration = Duration::from_secs(10);
 /// Runs before a transient failure is final.
 const ATTEMPTS: u32 = 5;
 
@@ -283,75 +273,20 @@ async fn run_once(
 /// The device's newest version on the topic: a non-durable compacted read
 /// from the start up to the topic's last message id.
 async fn read_current(s: &UplinkSettings, device: &str) -> Result<Option<Current>, UplinkError> {
-    let mut proto = Protocol::new(s.auth.is_some(), &s.topic).for_reading();
-    let mut conn = connect_to_topic(s, &mut proto).await?;
-    let options = SubscribeOptions {
-        name: format!("{}-{}", s.producer_name, std::process::id()),
-        sub_type: SubType::Exclusive,
-        durable: false,
-        start: None,
-        read_compacted: true,
-        earliest: true,
-        consumer_name: Some(s.producer_name.clone()),
-    };
-    subscribe(&mut conn, &mut proto, s, CONSUMER_ID, options).await?;
-    let (request_id, cmd) = proto.last_message_id(CONSUMER_ID);
-    conn.push(&cmd);
-    conn.flush().await?;
-    let last = until(&mut conn, &mut proto, s, |e| match e {
-        Event::LastMessageId {
-            request_id: id,
-            last,
-            ..
-        } if id == request_id => Some(last),
-        _ => None,
-    });
-    let end = within(s.operation_timeout(), "last message id", last).await?;
     let mut current = None;
-    if is_empty_topic(&end) {
-        return Ok(current);
-    }
-    conn.push(&proto.flow(CONSUMER_ID, PERMITS));
-    conn.flush().await?;
-    let mut taken = 0;
-    loop {
-        let next = until(&mut conn, &mut proto, s, |e| match e {
-            Event::Message {
-                consumer_id: CONSUMER_ID,
-                message_id,
-                metadata,
-                payload,
-                ..
-            } => Some(Ok((message_id, metadata, payload))),
-            Event::ConsumerClosed { .. } => Some(Err(UplinkError::ConsumerClosed(s.topic.clone()))),
-            _ => None,
-        });
-        let Ok(next) = tokio::time::timeout(QUIET, next).await else {
-            tracing::info!(topic = %s.topic, "compacted read ended quiet (its last message was compacted away)");
-            return Ok(current);
-        };
-        let (id, metadata, payload) = next??;
-        for r in read_message(&id, &metadata, &payload) {
-            fold(&mut current, device, &r.update);
-        }
-        let at = MessageIdData {
-            batch_index: metadata.num_messages_in_batch.map(|n| n - 1),
-            ..id
-        };
-        if !is_after(&end, &at) {
-            return Ok(current);
-        }
-        taken += 1;
-        if taken == PERMITS / 2 {
-            taken = 0;
-            conn.push(&proto.flow(CONSUMER_ID, PERMITS / 2));
-            conn.flush().await?;
+    let mut reader = Reader::open(s, true).await?;
+    while let Some(chunk) = reader.next_chunk().await? {
+        for m in chunk {
+            for r in read_message(&m.id, &m.metadata, &m.payload) {
+                fold(&mut current, device, &r.update);
+            }
         }
     }
+    Ok(current)
 }
 
 /// The agent's client settings for `topic`, from `[pulsar]` of fleet.toml.
-fn settings(
+pub(crate) fn settings(
     p: &PulsarConfig,
     topic: &str,
     producer_name: &str,

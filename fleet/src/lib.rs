@@ -12,7 +12,8 @@
 //! - [`view`], [`db`]: the latest state of every device;
 //! - [`serve`], [`metrics`]: the view over HTTP (`GET /devices/{id}`,
 //!   `/metrics`);
-//! - [`replay`]: rebuilding the view from the compacted status topics.
+//! - [`replay`]: rebuilding the view from the compacted status topics;
+//! - [`refill`]: copying the gateways' records into a cluster that lost them.
 
 pub mod admin;
 pub mod config;
@@ -23,6 +24,8 @@ pub mod gateway_config;
 pub mod metrics;
 pub mod provision;
 pub mod pulsar_client;
+pub mod reader;
+pub mod refill;
 pub mod replay;
 pub mod serve;
 pub mod token;

@@ -64,6 +64,10 @@ enum Command {
         /// Where to serve, instead of `[view] listen` (port 0: any).
         #[arg(long)]
         listen: Option<String>,
+        /// The view's database, instead of `[view] database` (one per
+        /// cluster, with `--cluster`).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Serves `GET /devices/{id}` and `/metrics` (the lag) from the view's
     /// database without consuming (until SIGTERM or SIGINT).
@@ -73,6 +77,10 @@ enum Command {
         /// Where to serve, instead of `[view] listen` (port 0: any).
         #[arg(long)]
         listen: Option<String>,
+        /// The view's database, instead of `[view] database` (one per
+        /// cluster, with `--cluster`).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Rebuilds the view from the compacted status topics (never takes a
     /// row back); prints what it read, applied and found stale.
@@ -90,6 +98,10 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+        /// The view's database, instead of `[view] database` (one per
+        /// cluster, with `--cluster`).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Prints every row of the view.
     List {
@@ -97,6 +109,10 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+        /// The view's database, instead of `[view] database` (one per
+        /// cluster, with `--cluster`).
+        #[arg(long)]
+        database: Option<String>,
     },
     /// Writes a device's desired state (the document on stdin; empty
     /// clears it) to its gateway's desired topic as its next version,
@@ -105,6 +121,24 @@ enum Command {
         device: String,
         #[arg(long)]
         gateway: String,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Copies the gateways' records from one cluster to another that lost
+    /// them (a region brought back empty), each with its producer name and
+    /// sequence id, so that each is there once and the gateways, which hold
+    /// that cluster's records meanwhile, go on after them.
+    Refill {
+        /// The cluster that kept the records.
+        #[arg(long)]
+        from: String,
+        /// The cluster that lost them.
+        #[arg(long)]
+        to: String,
+        /// Only these topics (default: every topic of every gateway of
+        /// fleet.toml).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -233,14 +267,22 @@ fn run(command: Command, cluster: Option<&str>) -> Result<ExitCode, ExitCode> {
             })?;
             print!("{text}");
         }
-        Command::View { config, listen } => {
+        Command::View {
+            config,
+            listen,
+            database,
+        } => {
             return Ok(with_config(&config, cluster, |c| {
-                view(c, listen.as_deref())
+                view(&on_database(c, database), listen.as_deref())
             }))
         }
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            database,
+        } => {
             return Ok(with_config(&config, cluster, |c| {
-                serve(c, listen.as_deref())
+                serve(&on_database(c, database), listen.as_deref())
             }))
         }
         Command::Replay { config, database } => {
@@ -252,9 +294,20 @@ fn run(command: Command, cluster: Option<&str>) -> Result<ExitCode, ExitCode> {
             device,
             config,
             json,
-        } => return Ok(with_config(&config, cluster, |c| get(c, &device, json))),
-        Command::List { config, json } => {
-            return Ok(with_config(&config, cluster, |c| list(c, json)))
+            database,
+        } => {
+            return Ok(with_config(&config, cluster, |c| {
+                get(&on_database(c, database), &device, json)
+            }))
+        }
+        Command::List {
+            config,
+            json,
+            database,
+        } => {
+            return Ok(with_config(&config, cluster, |c| {
+                list(&on_database(c, database), json)
+            }))
         }
         Command::Desire {
             device,
@@ -263,6 +316,15 @@ fn run(command: Command, cluster: Option<&str>) -> Result<ExitCode, ExitCode> {
         } => {
             let c = load(&config, cluster)?;
             return Ok(desire(&c, &gateway, &device));
+        }
+        Command::Refill {
+            from,
+            to,
+            topics,
+            config,
+        } => {
+            let c = load(&config, None)?;
+            return Ok(refill(&c, &from, &to, topics));
         }
         Command::Dlq {
             command: DlqCommand::List { config, json },
@@ -291,6 +353,15 @@ fn with_config(
             ExitCode::from(1)
         }
     }
+}
+
+/// `c` with the view in `database`, if given.
+fn on_database(c: &FleetConfig, database: Option<String>) -> FleetConfig {
+    let mut c = c.clone();
+    if let Some(d) = database {
+        c.view.database = d;
+    }
+    c
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -410,6 +481,39 @@ fn desire(config: &FleetConfig, gateway: &str, device: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("desire: {e}");
+            ExitCode::from(if e.is_usage() { 2 } else { 1 })
+        }
+    }
+}
+
+/// `refill`: exit 2 for a cluster fleet.toml does not name.
+fn refill(config: &FleetConfig, from: &str, to: &str, topics: Vec<String>) -> ExitCode {
+    let topics = if topics.is_empty() {
+        ferry_fleet::refill::fleet_topics(config)
+    } else {
+        topics
+    };
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("refill: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = std::io::stdout();
+    match runtime.block_on(ferry_fleet::refill::refill(
+        config, from, to, &topics, &mut out,
+    )) {
+        Ok(done) => {
+            let copied: u64 = done.iter().map(|t| t.copied).sum();
+            println!(
+                "refilled {to} from {from}: {} topics, {copied} messages copied",
+                done.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("refill: {e}");
             ExitCode::from(if e.is_usage() { 2 } else { 1 })
         }
     }

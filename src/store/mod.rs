@@ -107,6 +107,16 @@ pub enum StoreError {
         last_sequence_id: i64,
         pending: u64,
     },
+    /// One of several clusters lost records it had confirmed (its data was
+    /// deleted: a region lost for good): its destination is held, nothing
+    /// changed, until those records are back in it (`ferry-fleet refill`
+    /// copies them from another cluster).
+    #[error("{topic}: this cluster confirmed records up to {confirmed} but now holds {} of them (its data was lost, or deduplication is off on its namespace); ferry holds this cluster's records until they are back: copy them from another cluster with `ferry-fleet refill --from <cluster> --to <this cluster>`", held_text(*.broker_last))]
+    ClusterLost {
+        topic: String,
+        confirmed: u64,
+        broker_last: i64,
+    },
     /// The store is damaged (found while running); the next start moves it
     /// aside.
     #[error("store damaged: {0}")]
@@ -294,6 +304,15 @@ pub enum DownlinkCommand {
     },
     /// The local broker lost its state: publish everything again.
     Forgotten { reply: Reply<u64> },
+}
+
+/// What a cluster's broker says it holds of a producer, in words.
+fn held_text(broker_last: i64) -> String {
+    if broker_last < 0 {
+        "none".to_string()
+    } else {
+        format!("only those up to {broker_last}")
+    }
 }
 
 /// What [`Command::Resume`] did.

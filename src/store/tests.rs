@@ -1269,18 +1269,7 @@ fn each_cluster_holds_every_record_and_the_first_named_takes_over_the_unnamed_ba
     // The same gateway now names two clusters: the first is the cluster it
     // wrote to so far, with that backlog and its numbers; the second starts
     // empty and gets every record from now on.
-    let streams: Vec<_> = (0..2)
-        .map(|s| crate::config::StreamConfig {
-            name: l.streams[s].name.clone(),
-            kind: l.streams[s].kind,
-            subscriptions: l.streams[s].subscriptions.clone(),
-            topic: l.dests[l.streams[s].dests[0]].topic.clone(),
-            history_topic: None,
-            overflow: l.streams[s].overflow,
-            limits: l.streams[s].limits,
-        })
-        .collect();
-    let two = Layout::with_clusters(&streams, &["east".into(), "west".into()]);
+    let two = two_clusters(&l);
     let names: Vec<&str> = two.dests.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(
         names,
@@ -1298,12 +1287,109 @@ fn each_cluster_holds_every_record_and_the_first_named_takes_over_the_unnamed_ba
         .insert_batch(&[msg(&two, "devices/a/state", b"new", 9, false)], 100)
         .unwrap();
     assert_eq!(out.stored, 1);
-    assert_eq!(db.last_seqs()[..2], [5, 1], "numbers go on per cluster");
+    assert_eq!(
+        db.last_seqs()[..2],
+        [5, 5],
+        "a topic's numbers are the same in every cluster"
+    );
     assert_eq!(payloads(&mut db, 1), ["new"]);
     // A cluster confirming its copy leaves the other's.
     db.delivered(0, 5, 0).unwrap();
     assert!(payloads(&mut db, 0).is_empty());
     assert_eq!(payloads(&mut db, 1), ["new"]);
+}
+
+/// `l`'s streams written to two clusters, `east` and `west`.
+fn two_clusters(l: &Layout) -> Layout {
+    let streams: Vec<_> = (0..2)
+        .map(|s| crate::config::StreamConfig {
+            name: l.streams[s].name.clone(),
+            kind: l.streams[s].kind,
+            subscriptions: l.streams[s].subscriptions.clone(),
+            topic: l.dests[l.streams[s].dests[0]].topic.clone(),
+            history_topic: None,
+            overflow: l.streams[s].overflow,
+            limits: l.streams[s].limits,
+        })
+        .collect();
+    Layout::with_clusters(&streams, &["east".into(), "west".into()])
+}
+
+#[test]
+fn a_cluster_that_lost_confirmed_records_is_held_until_they_are_copied_back() {
+    const EAST: usize = 0;
+    const WEST: usize = 1;
+    let dir = Dir::new();
+    let two = two_clusters(&layout("", ""));
+    let mut db = dir.db(two.clone());
+    db.insert_batch(&rounds(&two, 2, 6), 100).unwrap();
+    for d in [EAST, WEST] {
+        db.resume(d, -1).unwrap();
+        db.delivered(d, 4, 0).unwrap();
+    }
+    // East's data is deleted: its broker names no record of the producer,
+    // minutes after it confirmed 1-4. Held: nothing changes.
+    db.advance_clock(60_000);
+    let lost = |r: Result<ResumeOutcome, StoreError>| match r {
+        Err(StoreError::ClusterLost {
+            confirmed,
+            broker_last,
+            ..
+        }) => (confirmed, broker_last),
+        other => panic!("not held: {other:?}"),
+    };
+    assert_eq!(lost(db.resume(EAST, -1)), (4, -1));
+    assert_eq!(payloads(&mut db, EAST).len(), 2);
+    drop(db);
+
+    // A restart while held; west goes on with new records 7 and 8.
+    let mut db = dir.db(two.clone());
+    db.resume(WEST, 4).unwrap();
+    db.insert_batch(&[msg(&two, "devices/a/state", b"7", 61, false)], 100)
+        .unwrap();
+    db.insert_batch(&[msg(&two, "devices/a/state", b"8", 62, false)], 100)
+        .unwrap();
+    db.delivered(WEST, 8, 0).unwrap();
+    // A refill that stopped half way, and hours later still nothing: held.
+    assert_eq!(lost(db.resume(EAST, 2)), (4, 2));
+    db.advance_clock(7 * 3_600_000);
+    assert_eq!(lost(db.resume(EAST, -1)), (4, -1));
+    let incidents: i64 = db
+        .conn()
+        .query_row(
+            "SELECT COUNT(*) FROM incidents WHERE kind = 'cluster-lost'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(incidents, 1);
+    assert_eq!(payloads(&mut db, EAST), ["d0:2", "d1:2", "7", "8"]);
+
+    // The refill copied west's 1-8 under the same numbers: east's records
+    // the copy holds are skipped, none renumbered (7 and 8 were never
+    // sent to east by ferry, but west's session had sent them).
+    let out = db.resume(EAST, 8).unwrap();
+    assert_eq!((out.skipped, out.renumbered_by), (4, 0));
+    assert!(payloads(&mut db, EAST).is_empty());
+    // Released: a later -1 is the broker's, not a loss of these records.
+    db.insert_batch(&[msg(&two, "devices/a/state", b"9", 63, false)], 100)
+        .unwrap();
+    assert_eq!(db.resume(EAST, 8).unwrap().skipped, 0);
+    assert_eq!(payloads(&mut db, EAST), ["9"]);
+}
+
+#[test]
+fn one_cluster_that_forgot_its_producer_is_not_held() {
+    let dir = Dir::new();
+    let l = layout("", "");
+    let mut db = dir.db(l.clone());
+    db.insert_batch(&rounds(&l, 2, 6), 100).unwrap();
+    db.resume(0, -1).unwrap();
+    db.delivered(0, 4, 0).unwrap();
+    // No other cluster holds the records: nothing to wait for.
+    let out = db.resume(0, -1).unwrap();
+    assert!(out.forgotten.is_some());
+    assert_eq!(payloads(&mut db, 0).len(), 2);
 }
 
 #[test]

@@ -163,8 +163,11 @@ impl UplinkError {
         match self {
             UplinkError::Store(StoreError::DiskFull) => ErrorClass::Transient,
             // Nothing was changed; an operator must find the other producer
-            // (or the broker's broken state).
-            UplinkError::Store(StoreError::SequenceRefused { .. }) => ErrorClass::NeedsOperator,
+            // (or the broker's broken state), or refill a cluster that lost
+            // the records it confirmed.
+            UplinkError::Store(
+                StoreError::SequenceRefused { .. } | StoreError::ClusterLost { .. },
+            ) => ErrorClass::NeedsOperator,
             UplinkError::Store(_) => ErrorClass::Fatal,
             UplinkError::Tls { failure, .. } => match failure {
                 tls::TlsFailure::Other(_) => ErrorClass::Transient,

@@ -22,14 +22,25 @@ impl Db {
     /// [`SEQ_LIMIT`] is refused and changes nothing. Once resumed, every
     /// pending record may be sent: the horizon moves over all of them, in a
     /// transaction that reaches the disk first.
+    ///
+    /// A destination of one of several clusters whose broker lost records
+    /// it confirmed is held instead ([`StoreError::ClusterLost`], see
+    /// [`Db::lost_by_cluster`]).
     pub fn resume(
         &mut self,
         d: DestIx,
         last_sequence_id: i64,
     ) -> Result<ResumeOutcome, StoreError> {
         self.dests[d].fetched = 0;
+        let released = self.lost_by_cluster(d, last_sequence_id)?;
         // Work on a copy: memory changes only once the commit succeeded.
         let mut dest = self.dests[d].clone();
+        if let Some(copied_up_to) = released {
+            // The refill copied records from the other clusters, under the
+            // same numbers: the broker may hold any a session of theirs
+            // had sent.
+            dest.horizon = dest.horizon.max(copied_up_to).min(dest.next_seq - 1);
+        }
         let (_, hi) = dest.range(0);
         let mut outcome = ResumeOutcome::default();
         let mut skip_to = 0;
@@ -93,6 +104,9 @@ impl Db {
                 "UPDATE destinations SET next_seq = ?2, horizon = ?3 WHERE id = ?1",
                 params![dest.id as i64, dest.next_seq as i64, dest.horizon as i64],
             )?;
+            if released.is_some() {
+                tx.execute(SQL_STATE_PUT, params![state_held(dest.id), 0])?;
+            }
             Ok(())
         })?;
         dest.remove(skipped.0, skipped.1);
@@ -178,16 +192,13 @@ impl Db {
     /// for a topic is an incident, with the fix.
     fn forgotten(&mut self, d: DestIx) -> Result<Option<Forgotten>, StoreError> {
         let id = self.dests[d].id;
-        let get = |name: String| -> Result<Option<i64>, StoreError> {
-            Ok(self
-                .conn
-                .query_row(SQL_STATE_GET, [name], |r| r.get(0))
-                .optional()?)
-        };
-        let Some(confirmed) = get(state_confirmed(id))?.filter(|c| *c > 0) else {
+        let Some(confirmed) = state_get(&self.conn, &state_confirmed(id))?.filter(|c| *c > 0)
+        else {
             return Ok(None);
         };
-        let at = get(state_confirmed_at(id))?.unwrap_or(0).max(0) as u64;
+        let at = state_get(&self.conn, &state_confirmed_at(id))?
+            .unwrap_or(0)
+            .max(0) as u64;
         let forgotten = Forgotten {
             confirmed: confirmed as u64,
             idle_ms: self.clock.now_ms().saturating_sub(at),
@@ -202,6 +213,58 @@ impl Db {
             self.incident(INCIDENT_DEDUP, &forgotten_detail(&topic, &forgotten))?;
         }
         Ok(Some(forgotten))
+    }
+
+    /// Whether `d`'s cluster lost records it confirmed, when ferry writes
+    /// the topic to several clusters: its broker names none of them (-1,
+    /// although it confirmed some less than
+    /// [`PRODUCER_FORGOTTEN_AFTER_MS`] ago, so it cannot have forgotten an
+    /// idle producer) or fewer than it confirmed. The records it lost are
+    /// deleted from this store (every cluster confirmed them), so they can
+    /// only come back from another cluster: the destination is held (an
+    /// error that changes nothing; an incident the first time) until its
+    /// broker names them all. Then `Some(the other clusters' highest
+    /// horizon)`: a refill copied their records, under the same numbers.
+    ///
+    /// Only while the topic's numbers are the same in every cluster (its
+    /// destinations were numbered together from the start; see
+    /// [`Db::map_destinations`]): otherwise a copy would not match and the
+    /// destination resumes as with one cluster.
+    fn lost_by_cluster(&mut self, d: DestIx, last: i64) -> Result<Option<u64>, StoreError> {
+        let spec = &self.layout.dests[d];
+        let siblings: Vec<DestIx> = (0..self.layout.dests.len())
+            .filter(|&i| i != d && self.layout.dests[i].topic == spec.topic)
+            .collect();
+        let next = self.dests[d].next_seq;
+        if siblings.is_empty() || siblings.iter().any(|&i| self.dests[i].next_seq != next) {
+            return Ok(None);
+        }
+        let id = self.dests[d].id;
+        let get = |name: String| Ok::<_, StoreError>(state_get(&self.conn, &name)?.unwrap_or(0));
+        let held = get(state_held(id))? != 0;
+        let confirmed = get(state_confirmed(id))?.max(0) as u64;
+        let at = get(state_confirmed_at(id))?.max(0) as u64;
+        let idle = self.clock.now_ms().saturating_sub(at);
+        let lost = confirmed > 0
+            && match u64::try_from(last) {
+                Ok(last) => last < confirmed,
+                Err(_) => held || idle < PRODUCER_FORGOTTEN_AFTER_MS,
+            };
+        if !lost {
+            let others = siblings.iter().map(|&i| self.dests[i].horizon).max();
+            return Ok(held.then(|| others.unwrap_or(0)));
+        }
+        let err = StoreError::ClusterLost {
+            topic: spec.name.clone(),
+            confirmed,
+            broker_last: last,
+        };
+        if !held {
+            self.conn
+                .execute(SQL_STATE_PUT, params![state_held(id), 1])?;
+            self.incident(INCIDENT_CLUSTER_LOST, &err.to_string())?;
+        }
+        Err(err)
     }
 
     /// The error for a broker number that cannot be honoured; an incident
@@ -219,6 +282,15 @@ impl Db {
         err
     }
 }
+
+/// The incident kind for a cluster that lost records it confirmed.
+pub const INCIDENT_CLUSTER_LOST: &str = "cluster-lost";
+
+/// A broker forgets a producer idle this long
+/// (`brokerDeduplicationProducerInactivityTimeoutMinutes`, 6 h by default);
+/// within it, a broker that names no record of a producer it confirmed
+/// records of has lost them (or has deduplication off).
+pub const PRODUCER_FORGOTTEN_AFTER_MS: u64 = 6 * 3_600_000;
 
 /// The incident kind for a broker that forgot a producer.
 pub const INCIDENT_DEDUP: &str = "deduplication-off";

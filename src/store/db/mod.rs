@@ -112,6 +112,18 @@ fn record_confirmed(
     Ok(())
 }
 
+/// A number of `store_state`, if written.
+fn state_get(conn: &Connection, name: &str) -> Result<Option<i64>, rusqlite::Error> {
+    conn.query_row(SQL_STATE_GET, [name], |r| r.get(0))
+        .optional()
+}
+
+/// `store_state` name per destination: 1 while it is held because its
+/// cluster lost records it confirmed (`Db::lost_by_cluster`).
+fn state_held(dest_id: u64) -> String {
+    format!("held:{dest_id}")
+}
+
 /// `store_state` name per destination: 1 while the broker's last answer
 /// said deduplication is off ([`Forgotten`]), 0 once it named a record
 /// again (`ferry status` and `ferry check --online` read it).

@@ -1,7 +1,7 @@
 //! Opening a store: integrity check, schema upgrade (see [`schema`]), the
 //! in-memory mirror of each destination, and moving a damaged store aside.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -257,13 +257,9 @@ impl Db {
 
     /// Reads the clock and the acknowledgement state from `store_state`.
     pub(super) fn load_state(&mut self) -> Result<(), rusqlite::Error> {
-        let get = |name: &str| -> Result<u64, rusqlite::Error> {
-            Ok(self
-                .conn
-                .query_row(SQL_STATE_GET, [name], |r| r.get::<_, i64>(0))
-                .optional()?
-                .unwrap_or(0)
-                .max(0) as u64)
+        let conn = &self.conn;
+        let get = |name: &str| {
+            Ok::<_, rusqlite::Error>(state_get(conn, name)?.unwrap_or(0).max(0) as u64)
         };
         // The clock goes on from where it was written last, or from the
         // newest record if that is later (the clock is written every few
@@ -307,9 +303,29 @@ impl Db {
     /// `@<cluster>` when the clusters are named). The first of named
     /// clusters takes over the row of a topic written before the clusters
     /// had names, with its backlog and numbers: that was the same cluster.
+    ///
+    /// A topic's record numbers are the same in every cluster (each record
+    /// is numbered once per destination, in the same commit): a cluster
+    /// added later starts at the number its topic reached in the others, so
+    /// that a record copied from one cluster to another keeps its number
+    /// (`ferry-fleet refill`, [`Db::lost_by_cluster`]).
     pub(super) fn map_destinations(&mut self) -> Result<(), rusqlite::Error> {
         let tx = self.conn.transaction()?;
         let mut dests = Vec::new();
+        let mut topic_next: HashMap<&str, i64> = HashMap::new();
+        for d in &self.layout.dests {
+            let found: Option<i64> = tx
+                .query_row(
+                    "SELECT next_seq FROM destinations WHERE topic = ?1 OR (topic = ?2 AND ?3)",
+                    params![d.name, d.topic, d.cluster == 0],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(next) = found {
+                let n = topic_next.entry(d.topic.as_str()).or_insert(1);
+                *n = (*n).max(next);
+            }
+        }
         for d in &self.layout.dests {
             let stream = &self.layout.streams[d.stream].name;
             let find = |name: &str| {
@@ -351,11 +367,12 @@ impl Db {
                     if id as u64 > schema::MAX_DEST_ID {
                         return Err(rusqlite::Error::IntegralValueOutOfRange(0, id));
                     }
+                    let next = topic_next.get(d.topic.as_str()).copied().unwrap_or(1);
                     tx.execute(
-                        "INSERT INTO destinations (id, topic, next_seq, stream, role, horizon) VALUES (?1, ?2, 1, ?3, ?4, 0)",
-                        params![id, d.name, stream, d.role.as_str()],
+                        "INSERT INTO destinations (id, topic, next_seq, stream, role, horizon) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+                        params![id, d.name, next, stream, d.role.as_str()],
                     )?;
-                    (id, 1, 0)
+                    (id, next, 0)
                 }
             };
             dests.push(Dest {
