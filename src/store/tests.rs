@@ -1379,6 +1379,28 @@ fn a_cluster_that_lost_confirmed_records_is_held_until_they_are_copied_back() {
 }
 
 #[test]
+fn a_cluster_that_forgot_an_idle_producer_is_not_held() {
+    let dir = Dir::new();
+    let two = two_clusters(&layout("", ""));
+    let mut db = dir.db(two.clone());
+    db.insert_batch(&rounds(&two, 2, 6), 100).unwrap();
+    db.resume(0, -1).unwrap();
+    db.delivered(0, 4, 0).unwrap();
+    // Ferry was off for 7 h (its store's clock stood still): the broker
+    // forgot the idle producer, its records are there.
+    let wall = now_ms() as i64 - 7 * 3_600_000;
+    db.conn()
+        .execute(
+            "UPDATE store_state SET value = ?1 WHERE name LIKE 'confirmed_wall:%'",
+            [wall],
+        )
+        .unwrap();
+    let out = db.resume(0, -1).unwrap();
+    assert!(out.forgotten.is_some());
+    assert_eq!(payloads(&mut db, 0).len(), 2);
+}
+
+#[test]
 fn one_cluster_that_forgot_its_producer_is_not_held() {
     let dir = Dir::new();
     let l = layout("", "");

@@ -218,8 +218,9 @@ impl Db {
     /// Whether `d`'s cluster lost records it confirmed, when ferry writes
     /// the topic to several clusters: its broker names none of them (-1,
     /// although it confirmed some less than
-    /// [`PRODUCER_FORGOTTEN_AFTER_MS`] ago, so it cannot have forgotten an
-    /// idle producer) or fewer than it confirmed. The records it lost are
+    /// [`PRODUCER_FORGOTTEN_AFTER_MS`] ago on the store's clock and on the
+    /// wall clock, so it cannot have forgotten an idle producer) or fewer
+    /// than it confirmed. The records it lost are
     /// deleted from this store (every cluster confirmed them), so they can
     /// only come back from another cluster: the destination is held (an
     /// error that changes nothing; an incident the first time) until its
@@ -244,11 +245,15 @@ impl Db {
         let held = get(state_held(id))? != 0;
         let confirmed = get(state_confirmed(id))?.max(0) as u64;
         let at = get(state_confirmed_at(id))?.max(0) as u64;
-        let idle = self.clock.now_ms().saturating_sub(at);
+        let wall = get(state_confirmed_wall(id))?;
+        // Recent on both clocks: the store's stood still while ferry was
+        // not running; the wall clock may jump (then it says nothing).
+        let recent = self.clock.now_ms().saturating_sub(at) < PRODUCER_FORGOTTEN_AFTER_MS
+            && (0..PRODUCER_FORGOTTEN_AFTER_MS as i64).contains(&(now_ms() as i64 - wall));
         let lost = confirmed > 0
             && match u64::try_from(last) {
                 Ok(last) => last < confirmed,
-                Err(_) => held || idle < PRODUCER_FORGOTTEN_AFTER_MS,
+                Err(_) => held || recent,
             };
         if !lost {
             let others = siblings.iter().map(|&i| self.dests[i].horizon).max();

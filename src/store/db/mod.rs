@@ -98,6 +98,12 @@ fn state_confirmed_at(dest_id: u64) -> String {
     format!("confirmed_at:{dest_id}")
 }
 
+/// The same moment on the wall clock: the store's clock stands still while
+/// ferry is not running, the broker's does not.
+fn state_confirmed_wall(dest_id: u64) -> String {
+    format!("confirmed_wall:{dest_id}")
+}
+
 /// The broker confirmed destination `dest_id`'s records up to `up_to` at
 /// `at` (store clock): every path that deletes delivered records says so.
 fn record_confirmed(
@@ -109,6 +115,7 @@ fn record_confirmed(
     let mut put = tx.prepare_cached(SQL_STATE_PUT)?;
     put.execute(params![state_confirmed(dest_id), up_to as i64])?;
     put.execute(params![state_confirmed_at(dest_id), at as i64])?;
+    put.execute(params![state_confirmed_wall(dest_id), now_ms() as i64])?;
     Ok(())
 }
 
