@@ -218,6 +218,29 @@ pub fn rows(r: &Value, s: &Settings) -> Vec<Row> {
             .map(|v| met(v <= 3.0 * s.payload as f64))
             .unwrap_or_default(),
     });
+    // A record stored during the outage and sent in the drain: every byte
+    // written for it, both phases.
+    let life = match (
+        num(r, &["ferry", "drain", "outage", "write_bytes"]),
+        num(r, &["ferry", "drain", "write_bytes"]),
+    ) {
+        (Some(fill), Some(drain)) => Some((fill + drain) / s.backlog as f64),
+        _ => None,
+    };
+    out.push(Row {
+        figure:
+            "ferry bytes written over a buffered record's life (stored in an outage, then drained)"
+                .into(),
+        ferry: life.map(|v| format!("{v:.0}")).unwrap_or_else(failed),
+        bound: format!("{} (payload)", s.payload),
+        ratio: life
+            .map(|v| format!("{:.1}×", v / s.payload as f64))
+            .unwrap_or_default(),
+        target: "≤ 5× payload".into(),
+        met: life
+            .map(|v| met(v <= 5.0 * s.payload as f64))
+            .unwrap_or_default(),
+    });
     out
 }
 

@@ -34,14 +34,7 @@ pub(super) fn check_integrity(path: &Path) -> Result<Option<String>, StoreError>
     match check() {
         Ok(s) if s == "ok" => Ok(None),
         Ok(s) => Ok(Some(s)),
-        Err(e)
-            if matches!(
-                e.sqlite_error_code(),
-                Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
-            ) =>
-        {
-            Ok(Some(e.to_string()))
-        }
+        Err(e) if schema::is_damage(&e) => Ok(Some(e.to_string())),
         Err(e) if is_disk_full(&e) => Err(StoreError::DiskFull),
         Err(source) => Err(StoreError::Open {
             path: path.to_path_buf(),
@@ -187,7 +180,9 @@ impl Db {
                 ),
             });
         }
+        damage_or!(conn.pragma_update(None, "page_size", 1024));
         damage_or!(conn.pragma_update(None, "journal_mode", "WAL"));
+        damage_or!(conn.pragma_update(None, "wal_autocheckpoint", 4000));
         let sync = match durability {
             Durability::Full => "FULL",
             Durability::Interval(_) => "NORMAL",

@@ -321,6 +321,9 @@ pub fn is_damage(e: &rusqlite::Error) -> bool {
         rusqlite::Error::InvalidColumnType(..)
         | rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::IntegralValueOutOfRange(..) => true,
+        // A header whose file format bytes say a format SQLite does not
+        // know: ferry never writes one.
+        rusqlite::Error::SqliteFailure(_, Some(m)) if m.contains("unsupported file format") => true,
         e => matches!(
             e.sqlite_error_code(),
             Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
