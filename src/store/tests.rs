@@ -647,6 +647,35 @@ fn fixture(dir: &Dir, version: u32) -> std::path::PathBuf {
 }
 
 #[test]
+fn a_small_store_with_larger_pages_is_rewritten_with_small_ones_and_keeps_everything() {
+    let dir = Dir::new();
+    let path = fixture(&dir, 5);
+    let page = |c: &rusqlite::Connection| -> i64 {
+        c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap()
+    };
+    let outbox = |c: &rusqlite::Connection| -> Vec<(i64, Vec<u8>)> {
+        c.prepare("SELECT key, payload FROM outbox ORDER BY key")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let (was, rows) = {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        (page(&c), outbox(&c))
+    };
+    assert_eq!(was, 4096);
+    assert!(!rows.is_empty());
+    let (db, damaged) = Db::open(&path, layout("", ""), Durability::Full).unwrap();
+    assert!(damaged.is_none());
+    assert_eq!(page(db.conn()), super::db::PAGE_SIZE);
+    assert_eq!(outbox(db.conn()), rows);
+    // A new store has them from the start.
+    assert_eq!(page(dir.db(layout("", "")).conn()), super::db::PAGE_SIZE);
+}
+
+#[test]
 fn stores_of_every_older_version_open_with_their_backlog_and_numbers() {
     for version in 1..super::schema::VERSION as u32 {
         let dir = Dir::new();

@@ -34,7 +34,7 @@ pub use desired::{
     desired_reject_reason, parse_version, Desired, DesiredOutcome, DesiredUpdate, DownlinkStart,
 };
 pub use horizon::{forgotten_detail, INCIDENT_DEDUP};
-pub use open::{utc_stamp, Damaged};
+pub use open::{utc_stamp, Damaged, PAGE_SIZE};
 pub use shedding::Shed;
 
 use dead_letters::{dead_letter, dead_letter_raw};

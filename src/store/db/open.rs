@@ -43,6 +43,21 @@ pub(super) fn check_integrity(path: &Path) -> Result<Option<String>, StoreError>
     }
 }
 
+/// The page size of a store ferry makes.
+pub const PAGE_SIZE: i64 = 1024;
+
+/// A store with other pages is rewritten at open (in memory, all or
+/// nothing) up to this size; a larger one keeps its pages.
+const REPAGE_UP_TO: u64 = 8 << 20;
+
+/// Rewrites the store with [`PAGE_SIZE`] pages (`VACUUM` outside WAL mode,
+/// where SQLite can change the page size).
+fn repage(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.pragma_update(None, "journal_mode", "DELETE")?;
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    conn.execute_batch("VACUUM")
+}
+
 /// Renames a damaged store and its WAL and shared-memory files to
 /// `<name>.damaged-<UTC time>[-wal|-shm]`; nothing is deleted.
 pub(super) fn move_aside(path: &Path, reason: String) -> Result<Damaged, StoreError> {
@@ -180,7 +195,25 @@ impl Db {
                 ),
             });
         }
-        damage_or!(conn.pragma_update(None, "page_size", 1024));
+        // No temporary files: a full disk must not stop a query.
+        damage_or!(conn.pragma_update(None, "temp_store", "MEMORY"));
+        // Small pages: a commit writes a WAL frame for every page it
+        // touches. Takes effect on a new file; a small store of an earlier
+        // ferry is rewritten with them.
+        damage_or!(conn.pragma_update(None, "page_size", PAGE_SIZE));
+        let page: i64 = damage_or!(conn.query_row("PRAGMA page_size", [], |r| r.get(0)));
+        let len = std::fs::metadata(path).map_or(0, |m| m.len());
+        if page != PAGE_SIZE && len <= REPAGE_UP_TO {
+            match repage(&conn) {
+                Ok(()) => tracing::info!(
+                    from = page,
+                    to = PAGE_SIZE,
+                    "the store was rewritten with smaller pages"
+                ),
+                Err(e) if schema::is_damage(&e) => return Ok(Err(e.to_string())),
+                Err(e) => tracing::warn!(error = %e, "the store keeps its {page}-byte pages"),
+            }
+        }
         damage_or!(conn.pragma_update(None, "journal_mode", "WAL"));
         damage_or!(conn.pragma_update(None, "wal_autocheckpoint", 4000));
         let sync = match durability {
@@ -188,8 +221,6 @@ impl Db {
             Durability::Interval(_) => "NORMAL",
         };
         damage_or!(conn.pragma_update(None, "synchronous", sync));
-        // No temporary files: a full disk must not stop a query.
-        damage_or!(conn.pragma_update(None, "temp_store", "MEMORY"));
         // Give the WAL's space back to the file system after checkpoints.
         damage_or!(conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024));
         conn.busy_timeout(Duration::from_secs(5))
