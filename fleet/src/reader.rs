@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use ferry::downlink::message::{is_after, is_empty_topic};
-use ferry::uplink::link::{subscribe, until, within};
+use ferry::uplink::link::{last_message_id, subscribe, until};
 use ferry::uplink::protocol::SubscribeOptions;
 use ferry::uplink::{connect_to_topic, Event, Protocol, UplinkError, UplinkSettings};
 use pulsar::proto::command_subscribe::SubType;
@@ -55,18 +55,7 @@ impl<'a> Reader<'a> {
             consumer_name: Some(s.producer_name.clone()),
         };
         subscribe(&mut conn, &mut proto, s, CONSUMER_ID, options).await?;
-        let (request_id, cmd) = proto.last_message_id(CONSUMER_ID);
-        conn.push(&cmd);
-        conn.flush().await?;
-        let last = until(&mut conn, &mut proto, s, |e| match e {
-            Event::LastMessageId {
-                request_id: id,
-                last,
-                ..
-            } if id == request_id => Some(last),
-            _ => None,
-        });
-        let end = within(s.operation_timeout(), "last message id", last).await?;
+        let end = last_message_id(&mut conn, &mut proto, s, CONSUMER_ID).await?;
         Ok(Reader {
             s,
             conn,

@@ -18,7 +18,7 @@ use super::message::{decode_position, encode_position, is_after, is_empty_topic,
 use crate::backoff::Backoff;
 use crate::store::db::DesiredUpdate;
 use crate::store::{DownlinkCommand, StoreHandle};
-use crate::uplink::link::{step, subscribe, until, within};
+use crate::uplink::link::{last_message_id, step, subscribe};
 use crate::uplink::lookup::connect_to_topic;
 use crate::uplink::protocol::{Event, Protocol, SubscribeOptions};
 use crate::uplink::session::bounded;
@@ -163,18 +163,7 @@ impl Reader<'_> {
             let target = if start.caught_up {
                 None
             } else {
-                let (request_id, cmd) = proto.last_message_id(CONSUMER_ID);
-                conn.push(&cmd);
-                conn.flush().await?;
-                let last = until(&mut conn, &mut proto, s, |e| match e {
-                    Event::LastMessageId {
-                        request_id: id,
-                        last,
-                        ..
-                    } if id == request_id => Some(last),
-                    _ => None,
-                });
-                Some(within(s.operation_timeout(), "last message id", last).await?)
+                Some(last_message_id(&mut conn, &mut proto, s, CONSUMER_ID).await?)
             };
             Ok::<_, UplinkError>((conn, proto, position, start.caught_up, target))
         };

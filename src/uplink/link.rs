@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use pulsar::proto::MessageIdData;
+
 use super::auth;
 use super::conn::{Conn, Endpoint};
 use super::error::UplinkError;
@@ -177,6 +179,28 @@ pub async fn subscribe(
         _ => None,
     });
     within(s.operation_timeout(), "subscribe", subscribed).await
+}
+
+/// Where `s.topic` ends now (GET_LAST_MESSAGE_ID through consumer
+/// `consumer_id`), within the operation timeout.
+pub async fn last_message_id(
+    conn: &mut Conn,
+    proto: &mut Protocol,
+    s: &UplinkSettings,
+    consumer_id: u64,
+) -> Result<MessageIdData, UplinkError> {
+    let (request_id, cmd) = proto.last_message_id(consumer_id);
+    conn.push(&cmd);
+    conn.flush().await?;
+    let last = until(conn, proto, s, |e| match e {
+        Event::LastMessageId {
+            request_id: id,
+            last,
+            ..
+        } if id == request_id => Some(last),
+        _ => None,
+    });
+    within(s.operation_timeout(), "last message id", last).await
 }
 
 #[cfg(test)]

@@ -22,18 +22,7 @@ impl Regions {
         let ns = geo.namespace(test).await;
         let topic = format!("persistent://{ns}/device-status");
         let prefix = unique(test);
-        let mut ferry = Ferry::with_streams(
-            stack,
-            test,
-            &unique("gw"),
-            &format!(
-                r#"[[streams]]
-name = "status"
-topic = "{topic}"
-subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
-"#
-            ),
-        );
+        let mut ferry = Ferry::with_status_stream(stack, test, &unique("gw"), &topic, &prefix);
         ferry.use_clusters(&geo.clusters_toml());
         Regions {
             topic,

@@ -196,18 +196,7 @@ async fn a_region_lost_for_good_is_refilled_from_the_other_and_holds_every_updat
     lines(&fleet(&config, &["provision"]));
     let topic = format!("persistent://{tenant}/fleet/{gateway}-status");
     let prefix = unique("refill");
-    let mut ferry = Ferry::with_streams(
-        stack,
-        "fleet-refill",
-        &gateway,
-        &format!(
-            r#"[[streams]]
-name = "status"
-topic = "{topic}"
-subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
-"#
-        ),
-    );
+    let mut ferry = Ferry::with_status_stream(stack, "fleet-refill", &gateway, &topic, &prefix);
     ferry.use_clusters(&geo.clusters_toml());
     ferry.start_subscribed().await;
     ferry

@@ -106,6 +106,28 @@ listen = "127.0.0.1:{metrics_port}"
 
     /// A ferry whose config has the given `[[streams]]` (TOML text) instead
     /// of the one-stream shorthand.
+    /// A ferry with one status stream: `topic`, from `<prefix>/+/state`.
+    pub fn with_status_stream(
+        stack: &Stack,
+        test: &str,
+        gateway: &str,
+        topic: &str,
+        prefix: &str,
+    ) -> Ferry {
+        Ferry::with_streams(
+            stack,
+            test,
+            gateway,
+            &format!(
+                r#"[[streams]]
+name = "status"
+topic = "{topic}"
+subscriptions = [{{ filter = "{prefix}/+/state", device_id_level = 1 }}]
+"#
+            ),
+        )
+    }
+
     pub fn with_streams(stack: &Stack, test: &str, gateway: &str, streams: &str) -> Ferry {
         let ferry = Ferry::new(stack, test, gateway, "unused/+/x", "persistent://a/b/c", "");
         let text = std::fs::read_to_string(&ferry.config).unwrap();
