@@ -7,7 +7,9 @@
 //! the next connection, forever: one poison message blocks everything behind
 //! it. So rumqttc connects to the guard (a Unix socket in the abstract
 //! namespace that only this process may use), and the guard connects to the
-//! broker and copies bytes both ways. Client to broker: unchanged. Broker to
+//! broker and copies bytes both ways. Client to broker: unchanged, with the
+//! PUBACKs ferry writes itself put between rumqttc's packets
+//! ([`super::ack_line`]). Broker to
 //! client: it follows MQTT 3.1.1 framing (fixed header, remaining length)
 //! and rewrites a PUBLISH that
 //!
@@ -35,6 +37,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use super::ack_line::{ack_line, splice, AckLine, UpFramer};
 
 /// The largest `store.max_payload_bytes` ferry accepts.
 const MAX_PAYLOAD: usize = crate::config::MAX_PAYLOAD_BYTES;
@@ -403,6 +407,8 @@ pub struct Guard {
     mark: Mark,
     upstream_error: Arc<Mutex<Option<String>>>,
     relays: TaskTracker,
+    /// The ack line of the newest relay (see [`super::ack_line`]).
+    line: Arc<Mutex<Option<AckLine>>>,
 }
 
 impl Guard {
@@ -418,11 +424,15 @@ impl Guard {
         let mark = Mark::random();
         let upstream_error = Arc::new(Mutex::new(None));
         let relays = TaskTracker::new();
+        let line = Arc::new(Mutex::new(None));
         tokio::spawn(accept(
             listener,
             broker,
-            mark,
-            upstream_error.clone(),
+            Relay {
+                mark,
+                errors: upstream_error.clone(),
+                line: line.clone(),
+            },
             relays.clone(),
             shutdown,
         ));
@@ -431,6 +441,7 @@ impl Guard {
             mark,
             upstream_error,
             relays,
+            line,
         })
     }
 
@@ -451,6 +462,14 @@ impl Guard {
         self.mark
     }
 
+    /// The ack line of the newest connection. Called at a CONNACK, it is
+    /// the line of the connection that CONNACK came on: rumqttc makes one
+    /// connection per client, and the lane makes the next client only after
+    /// the previous connection ended.
+    pub fn ack_line(&self) -> Option<AckLine> {
+        self.line.lock().ok()?.clone()
+    }
+
     /// Why the guard last failed to reach the broker, once.
     pub fn take_upstream_error(&self) -> Option<String> {
         self.upstream_error.lock().ok()?.take()
@@ -461,11 +480,18 @@ impl Guard {
 /// gives up on the whole CONNECT after 5 s anyway.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What every relay of a guard shares.
+#[derive(Clone)]
+struct Relay {
+    mark: Mark,
+    errors: Arc<Mutex<Option<String>>>,
+    line: Arc<Mutex<Option<AckLine>>>,
+}
+
 async fn accept(
     listener: UnixListener,
     broker: (String, u16),
-    mark: Mark,
-    errors: Arc<Mutex<Option<String>>>,
+    shared: Relay,
     relays: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -491,7 +517,7 @@ async fn accept(
                 continue;
             }
         }
-        relays.spawn(relay(client, broker.clone(), mark, errors.clone()));
+        relays.spawn(relay(client, broker.clone(), shared.clone()));
     }
 }
 
@@ -500,8 +526,7 @@ async fn accept(
 async fn relay(
     client: UnixStream,
     (host, port): (String, u16),
-    mark: Mark,
-    errors: Arc<Mutex<Option<String>>>,
+    Relay { mark, errors, line }: Relay,
 ) {
     let broker = format!("{host}:{port}");
     let connect = TcpStream::connect((host.as_str(), port));
@@ -521,10 +546,46 @@ async fn relay(
     };
     set(&errors, None);
     let _ = upstream.set_nodelay(true);
+    // Before any byte passes: the CONNACK of this connection finds its line.
+    let (acks, mut taker) = ack_line();
+    if let Ok(mut l) = line.lock() {
+        *l = Some(acks);
+    }
     let (mut client_rx, mut client_tx) = client.into_split();
     let (mut broker_rx, mut broker_tx) = upstream.into_split();
     let up = async {
-        let _ = tokio::io::copy(&mut client_rx, &mut broker_tx).await;
+        let mut framer = UpFramer::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let (mut pending, mut out) = (Vec::new(), Vec::new());
+        let mut lines = true;
+        loop {
+            tokio::select! {
+                biased;
+                more = taker.take(&mut pending), if lines => {
+                    lines = more;
+                    if !framer.at_start() || pending.is_empty() {
+                        continue;
+                    }
+                    if broker_tx.write_all(&pending).await.is_err() {
+                        break;
+                    }
+                    pending.clear();
+                }
+                r = client_rx.read(&mut buf) => {
+                    let n = match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    // Acks handed over before these bytes were written
+                    // go before the first packet that starts in them.
+                    taker.take_ready(&mut pending);
+                    splice(&mut framer, &buf[..n], &mut pending, &mut out);
+                    if broker_tx.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
         let _ = broker_tx.shutdown().await;
     };
     let down = async {

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::ack_line::AckLine;
 use super::guard::{self, Guard, Mark};
 use super::intake::{self, Budget};
 use super::state::{AckBarrier, Reconnect, Subscriptions};
@@ -175,10 +176,10 @@ struct Session {
     barrier: Arc<Mutex<AckBarrier>>,
     /// Tells `send_acks` that a barrier was answered.
     answered: Arc<Notify>,
-    /// The client of the current connection, with its epoch, from its
-    /// CONNACK until it ends: `send_acks` sends an ack only through the
-    /// client of the connection it belongs to.
-    current: watch::Sender<Option<(u64, AsyncClient)>>,
+    /// The client and ack line of the current connection, with its epoch,
+    /// from its CONNACK until it ends: `send_acks` sends an ack only on the
+    /// line of the connection it belongs to.
+    current: watch::Sender<Option<(u64, AsyncClient, AckLine)>>,
 }
 
 impl Session {
@@ -262,7 +263,12 @@ impl Session {
                     let n = self.shared.epochs.fetch_add(1, Ordering::AcqRel) + 1;
                     self.epoch.store(n, Ordering::Release);
                     self.barrier.lock().expect("barrier lock").connected(n);
-                    self.current.send_replace(Some((n, client.clone())));
+                    match self.guard.ack_line() {
+                        Some(line) => {
+                            self.current.send_replace(Some((n, client.clone(), line)));
+                        }
+                        None => tracing::error!("mqtt guard: no ack line for this connection; nothing is acknowledged on it"),
+                    }
                     // Messages held back from earlier connections will be
                     // redelivered on this one.
                     self.store.new_epoch(self.index, n, ack.session_present)?;
@@ -373,19 +379,21 @@ impl Session {
 }
 
 /// Sends the PUBACK of every committed message of the current connection
-/// through that connection's own client (none between connections, or
-/// while ingest is paused), and after them the acknowledgement barrier.
-/// Acks come one batch per commit, so a barrier follows every ack of each
-/// commit it confirms (a commit whose acks were still arriving when the
-/// barrier went out would be confirmed with some of them unsent: a crash
-/// then, and their redeliveries would be taken for new messages).
+/// on that connection's ack line (none between connections, or while
+/// ingest is paused), all that is ready in one run, and after them the
+/// acknowledgement barrier through the connection's client. Acks come one
+/// batch per commit, so a barrier follows every ack of each commit it
+/// confirms (a commit whose acks were still arriving when the barrier went
+/// out would be confirmed with some of them unsent: a crash then, and their
+/// redeliveries would be taken for new messages).
 async fn send_acks(
-    current: watch::Receiver<Option<(u64, AsyncClient)>>,
+    current: watch::Receiver<Option<(u64, AsyncClient, AckLine)>>,
     mut acks: UnboundedReceiver<Vec<AckToken>>,
     committed: Arc<AtomicU64>,
     barrier: Arc<Mutex<AckBarrier>>,
     answered: Arc<Notify>,
 ) {
+    let mut pkids = Vec::new();
     loop {
         let first = tokio::select! {
             a = acks.recv() => match a {
@@ -394,25 +402,25 @@ async fn send_acks(
             },
             _ = answered.notified() => None,
         };
-        // The client is the one of `epoch`: if that connection ends
+        // The line is the one of `epoch`: if that connection ends
         // meanwhile, what is handed to it is dropped with it.
-        let Some((epoch, client)) = current.borrow().clone() else {
+        let Some((epoch, client, line)) = current.borrow().clone() else {
             continue;
         };
         let mut next = first;
+        let mut gen = 0;
         while let Some(batch) = next.take().or_else(|| acks.try_recv().ok()) {
-            for a in batch {
-                if a.epoch != epoch {
-                    continue;
-                }
-                committed.store(a.epoch, Ordering::Release);
-                let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
-                p.pkid = a.pkid;
-                // A closed client means its connection is gone; the broker
-                // redelivers the message and it is acked then.
-                if client.ack(&p).await.is_ok() {
-                    barrier.lock().expect("barrier lock").acked(a.epoch, a.gen);
-                }
+            for a in batch.into_iter().filter(|a| a.epoch == epoch) {
+                pkids.push(a.pkid);
+                gen = gen.max(a.gen);
+            }
+        }
+        if !pkids.is_empty() {
+            committed.store(epoch, Ordering::Release);
+            // A line whose relay is gone means its connection is gone; the
+            // broker redelivers those messages and they are acked then.
+            if line.send(std::mem::take(&mut pkids)) {
+                barrier.lock().expect("barrier lock").acked(epoch, gen);
             }
         }
         let send = barrier.lock().expect("barrier lock").send_now(epoch);

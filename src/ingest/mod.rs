@@ -7,7 +7,9 @@
 //! made durable. Two tasks share the work, as rumqttc requires: one polls the
 //! event loop and hands messages to the store; the other receives the store's
 //! commit confirmations and sends the acks. Acking from the polling task
-//! could deadlock it (rumqttc #1025).
+//! could deadlock it (rumqttc #1025). The acks do not go through rumqttc,
+//! which writes each on its own, but on the connection's [`ack_line`]: the
+//! acks of a commit in one write.
 //!
 //! Acks carry the connection epoch they belong to. An ack left over from an
 //! earlier connection is dropped: the broker redelivers that message with
@@ -35,6 +37,7 @@
 //! backoff starts over only after a connection proved good: it stayed up
 //! for [`STABLE_AFTER`] or delivered a message that was committed.
 
+mod ack_line;
 pub mod guard;
 pub mod intake;
 mod lane;
