@@ -13,7 +13,7 @@ use crate::bare::{raw_pump, RawProducer};
 use crate::harness::unique;
 use crate::mqtt::{publish_updates, subscribe, Pace, Updates};
 use crate::pulsar_crate::{arrivals, latency_summary, pump, raw_producer};
-use crate::{best_of, device_ids, payload, Ctx, Settings};
+use crate::{another_pass, best_of, device_ids, payload, Ctx, Settings};
 use ferry::config::Config;
 use ferry::layout::Layout;
 use ferry::store::db::Db;
@@ -27,8 +27,8 @@ pub async fn ceiling_a_crate(ctx: &mut Ctx) -> Result<Value, String> {
     let (n, warm) = (ctx.s.n, (ctx.s.n / 10).min(10_000));
     pump(&mut producer, &ctx.s, 0, warm).await?;
     let mut passes = Vec::new();
-    for k in 0..ctx.s.passes {
-        let first = warm + k * n;
+    while another_pass(&ctx.s, &passes) {
+        let first = warm + passes.len() as u64 * n;
         let started = Instant::now();
         pump(&mut producer, &ctx.s, first, first + n).await?;
         let secs = started.elapsed().as_secs_f64();
@@ -48,8 +48,8 @@ pub async fn ceiling_a_bare(ctx: &mut Ctx) -> Result<Value, String> {
     let (n, warm) = (ctx.s.n, (ctx.s.n / 10).min(10_000));
     raw_pump(&mut p, &ctx.s, 0, warm).await?;
     let mut passes = Vec::new();
-    for k in 0..ctx.s.passes {
-        let first = warm + k * n;
+    while another_pass(&ctx.s, &passes) {
+        let first = warm + passes.len() as u64 * n;
         let started = Instant::now();
         raw_pump(&mut p, &ctx.s, first, first + n).await?;
         let secs = started.elapsed().as_secs_f64();
@@ -64,7 +64,7 @@ pub async fn ceiling_a_bare(ctx: &mut Ctx) -> Result<Value, String> {
 /// Ceiling B: raw MQTT QoS 1 rate through Mosquitto to one subscriber.
 pub async fn ceiling_b(ctx: &mut Ctx) -> Result<Value, String> {
     let mut passes = Vec::new();
-    for _ in 0..ctx.s.passes {
+    while another_pass(&ctx.s, &passes) {
         passes.push(ceiling_b_pass(ctx).await?);
     }
     Ok(best_of(passes))
@@ -105,7 +105,7 @@ pub async fn ceiling_b_pass(ctx: &mut Ctx) -> Result<Value, String> {
 /// Ceiling C, best of the passes.
 pub fn ceiling_c_best(ctx: &Ctx, batch: usize, delete: bool) -> Result<Value, String> {
     let mut passes = Vec::new();
-    for _ in 0..ctx.s.passes {
+    while another_pass(&ctx.s, &passes) {
         passes.push(ceiling_c(&ctx.out_dir, &ctx.s, batch, delete)?);
     }
     Ok(best_of(passes))
@@ -296,7 +296,8 @@ pub async fn ceiling_p(ctx: &mut Ctx) -> Result<Value, String> {
     let n = ctx.s.n;
     let (sub, mut confirmed, task) = forwarder(ctx, &format!("{prefix}/+/state"), &topic).await?;
     let mut passes = Vec::new();
-    for k in 0..ctx.s.passes {
+    while another_pass(&ctx.s, &passes) {
+        let k = passes.len() as u64;
         let started = Instant::now();
         let updates = Updates::new(ctx, &prefix, n, Pace::Burst).starting_at(k * n);
         let publishing = tokio::spawn(publish_updates(updates));

@@ -145,6 +145,12 @@ impl Updates {
         self.first = first;
         self
     }
+
+    /// Payloads of `size` bytes instead of `BENCH_PAYLOAD`.
+    pub fn sized(mut self, size: usize) -> Updates {
+        self.size = size;
+        self
+    }
 }
 
 /// Publishes the updates; returns when the broker acknowledged all of them,

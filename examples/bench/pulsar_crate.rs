@@ -1,8 +1,9 @@
 //! The `pulsar` crate's side of the benchmark: its producer (ceiling A1),
-//! sending messages shaped as ferry's, and a consumer that times each
-//! message's arrival (latency lines).
+//! sending messages shaped as ferry's, a consumer that times each
+//! message's arrival (latency lines), and a reader that keeps no payloads
+//! (large payloads).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,7 +12,7 @@ use pulsar::producer::{Message, ProducerOptions};
 use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
 use serde_json::{json, Value};
 
-use crate::harness::{unique, Stack};
+use crate::harness::{unique, Received, Stack};
 use crate::{device_ids, now_us, payload, payload_time_us, Settings};
 
 pub async fn pulsar_client(stack: &Stack) -> Pulsar<TokioExecutor> {
@@ -199,4 +200,72 @@ pub fn latency_summary(arr: &[Arrival]) -> Value {
         "max_ms": total.last().copied().unwrap_or(f64::NAN),
         "legs_ms": legs,
     })
+}
+
+/// Reads `topic` from its start as the harness's `read_topic` does (until
+/// `expected` arrived, then 3 s more for anything extra; an entry handed
+/// again after a resubscribe counts once; gives up after `idle` without a
+/// message), but keeps of each payload only its device update number (as
+/// `{"n":..}`, for the harness's `tally`), so that gigabytes of payload are
+/// not held. Also returns how many payloads were not `size` bytes long.
+pub async fn read_slim(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    expected: u64,
+    size: usize,
+    idle: Duration,
+) -> Result<(Vec<Received>, usize), String> {
+    let mut consumer = pulsar
+        .consumer()
+        .with_topic(topic)
+        .with_subscription(unique("bench-reader"))
+        .with_subscription_type(SubType::Exclusive)
+        .with_options(ConsumerOptions {
+            initial_position: InitialPosition::Earliest,
+            durable: Some(false),
+            ..Default::default()
+        })
+        .build::<Vec<u8>>()
+        .await
+        .map_err(|e| format!("consumer: {e}"))?;
+    let grace = Duration::from_secs(3);
+    let (mut out, mut ids, mut wrong_size) = (Vec::new(), BTreeSet::new(), 0usize);
+    loop {
+        let wait = if out.len() as u64 >= expected {
+            grace
+        } else {
+            idle
+        };
+        match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(msg))) => {
+                let _ = consumer.ack(&msg).await;
+                let id = msg.message_id();
+                let message_id = (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1));
+                if !ids.insert(message_id) {
+                    continue;
+                }
+                let data = &msg.payload.data;
+                if data.len() != size {
+                    wrong_size += 1;
+                }
+                let n = serde_json::from_slice::<Value>(data)
+                    .ok()
+                    .and_then(|v| v["n"].as_u64())
+                    .ok_or_else(|| format!("{topic}: a payload without its update number"))?;
+                let meta = msg.metadata();
+                out.push(Received {
+                    key: meta.partition_key.clone().unwrap_or_default(),
+                    payload: format!("{{\"n\":{n}}}").into_bytes(),
+                    sequence_id: meta.sequence_id,
+                    message_id,
+                    publish_time: meta.publish_time,
+                    properties: BTreeMap::new(),
+                });
+            }
+            Ok(Some(Err(e))) => return Err(format!("{topic}: consumer: {e}")),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = consumer.close().await;
+    Ok((out, wrong_size))
 }
