@@ -227,6 +227,11 @@ pub async fn start_ferry(
     if let Ok(ms) = std::env::var("BENCH_COMMIT_WAIT_MS") {
         ferry.add_settings("store", &format!("commit_max_wait_ms = {ms}"));
     }
+    // `BENCH_DURABILITY` sets `store.durability` ("full", the default, or
+    // "interval").
+    if let Ok(d) = std::env::var("BENCH_DURABILITY") {
+        ferry.add_settings("store", &format!("durability = {d:?}"));
+    }
     ferry.start();
     let pid = ferry_pid(&ferry)?;
     ferry
