@@ -15,12 +15,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use pulsar::consumer::InitialPosition;
-use pulsar::{ConsumerOptions, SubType};
 use serde_json::{json, Value};
 
 use crate::bare::{raw_pump, RawProducer};
-use crate::harness::{ferry_bin, free_port, scrape_port, unique, Namespace, Stack};
+use crate::harness::{
+    ferry_bin, free_port, reader_from_start, scrape_port, unique, Namespace, Stack,
+};
 use crate::{Ctx, Settings};
 
 /// The `ferry-fleet` binary beside `ferry`.
@@ -65,18 +65,7 @@ async fn fill(ctx: &Ctx, topic: &str, n: u64, devices: usize) -> Result<(), Stri
 /// Reads and acknowledges `n` messages of `topic` from its start: updates
 /// per second from the first message to the last.
 async fn raw_consume(ctx: &Ctx, topic: &str, n: u64) -> Result<f64, String> {
-    let mut consumer = ctx
-        .pulsar
-        .consumer()
-        .with_topic(topic)
-        .with_subscription(unique("bench-raw"))
-        .with_subscription_type(SubType::Exclusive)
-        .with_options(ConsumerOptions {
-            initial_position: InitialPosition::Earliest,
-            durable: Some(false),
-            ..Default::default()
-        })
-        .build::<Vec<u8>>()
+    let mut consumer = reader_from_start(&ctx.pulsar, topic, "bench-raw", false)
         .await
         .map_err(|e| format!("consumer: {e}"))?;
     let mut first: Option<Instant> = None;

@@ -7,12 +7,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use futures::StreamExt;
-use pulsar::consumer::InitialPosition;
 use pulsar::producer::{Message, ProducerOptions};
-use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
+use pulsar::{Pulsar, TokioExecutor};
 use serde_json::{json, Value};
 
-use crate::harness::{unique, Received, Stack};
+use crate::harness::{reader_from_start, unique, Received, Stack};
 use crate::{device_ids, now_us, payload, payload_time_us, Settings};
 
 pub async fn pulsar_client(stack: &Stack) -> Pulsar<TokioExecutor> {
@@ -116,17 +115,7 @@ pub async fn arrivals(
     expected: u64,
     idle: Duration,
 ) -> tokio::task::JoinHandle<Vec<Arrival>> {
-    let mut consumer = pulsar
-        .consumer()
-        .with_topic(topic)
-        .with_subscription(unique("bench-latency"))
-        .with_subscription_type(SubType::Exclusive)
-        .with_options(ConsumerOptions {
-            initial_position: InitialPosition::Earliest,
-            durable: Some(false),
-            ..Default::default()
-        })
-        .build::<Vec<u8>>()
+    let mut consumer = reader_from_start(pulsar, topic, "bench-latency", false)
         .await
         .expect("pulsar consumer");
     tokio::spawn(async move {
@@ -215,17 +204,7 @@ pub async fn read_slim(
     size: usize,
     idle: Duration,
 ) -> Result<(Vec<Received>, usize), String> {
-    let mut consumer = pulsar
-        .consumer()
-        .with_topic(topic)
-        .with_subscription(unique("bench-reader"))
-        .with_subscription_type(SubType::Exclusive)
-        .with_options(ConsumerOptions {
-            initial_position: InitialPosition::Earliest,
-            durable: Some(false),
-            ..Default::default()
-        })
-        .build::<Vec<u8>>()
+    let mut consumer = reader_from_start(pulsar, topic, "bench-reader", false)
         .await
         .map_err(|e| format!("consumer: {e}"))?;
     let grace = Duration::from_secs(3);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use pulsar::consumer::InitialPosition;
-use pulsar::{ConsumerOptions, Pulsar, SubType, TokioExecutor};
+use pulsar::{Consumer, ConsumerOptions, Pulsar, SubType, TokioExecutor};
 
 use super::{unique, Region, Secure, Stack};
 
@@ -115,18 +115,18 @@ fn show_crate_warnings() {
     }
 }
 
-async fn read_with(
-    pulsar: Pulsar<TokioExecutor>,
+/// A consumer of `topic` from its start, on an exclusive subscription of
+/// its own (`name` and a unique suffix) that the broker does not keep.
+pub async fn reader_from_start(
+    pulsar: &Pulsar<TokioExecutor>,
     topic: &str,
+    name: &str,
     compacted: bool,
-    expected: usize,
-    idle: Duration,
-) -> Vec<Received> {
-    show_crate_warnings();
-    let mut consumer = pulsar
+) -> Result<Consumer<Vec<u8>, TokioExecutor>, pulsar::Error> {
+    pulsar
         .consumer()
         .with_topic(topic)
-        .with_subscription(unique("reader"))
+        .with_subscription(unique(name))
         .with_subscription_type(SubType::Exclusive)
         .with_options(ConsumerOptions {
             initial_position: InitialPosition::Earliest,
@@ -135,6 +135,18 @@ async fn read_with(
             ..Default::default()
         })
         .build::<Vec<u8>>()
+        .await
+}
+
+async fn read_with(
+    pulsar: Pulsar<TokioExecutor>,
+    topic: &str,
+    compacted: bool,
+    expected: usize,
+    idle: Duration,
+) -> Vec<Received> {
+    show_crate_warnings();
+    let mut consumer = reader_from_start(&pulsar, topic, "reader", compacted)
         .await
         .expect("pulsar consumer");
     let grace = Duration::from_secs(3);
