@@ -3,7 +3,7 @@
 //! message's arrival (latency lines), and a reader that keeps no payloads
 //! (large payloads).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,7 +11,7 @@ use pulsar::producer::{Message, ProducerOptions};
 use pulsar::{Pulsar, TokioExecutor};
 use serde_json::{json, Value};
 
-use crate::harness::{reader_from_start, unique, Received, Stack};
+use crate::harness::{read_each, reader_from_start, unique, Received, Stack};
 use crate::{device_ids, now_us, payload, payload_time_us, Settings};
 
 pub async fn pulsar_client(stack: &Stack) -> Pulsar<TokioExecutor> {
@@ -191,10 +191,8 @@ pub fn latency_summary(arr: &[Arrival]) -> Value {
     })
 }
 
-/// Reads `topic` from its start as the harness's `read_topic` does (until
-/// `expected` arrived, then 3 s more for anything extra; an entry handed
-/// again after a resubscribe counts once; gives up after `idle` without a
-/// message), but keeps of each payload only its device update number (as
+/// Reads `topic` from its start with the harness's `read_each`, as
+/// `read_topic` does, but keeps of each payload only its device update number (as
 /// `{"n":..}`, for the harness's `tally`), so that gigabytes of payload are
 /// not held. Also returns how many payloads were not `size` bytes long.
 pub async fn read_slim(
@@ -204,47 +202,18 @@ pub async fn read_slim(
     size: usize,
     idle: Duration,
 ) -> Result<(Vec<Received>, usize), String> {
-    let mut consumer = reader_from_start(pulsar, topic, "bench-reader", false)
-        .await
-        .map_err(|e| format!("consumer: {e}"))?;
-    let grace = Duration::from_secs(3);
-    let (mut out, mut ids, mut wrong_size) = (Vec::new(), BTreeSet::new(), 0usize);
-    loop {
-        let wait = if out.len() as u64 >= expected {
-            grace
-        } else {
-            idle
-        };
-        match tokio::time::timeout(wait, consumer.next()).await {
-            Ok(Some(Ok(msg))) => {
-                let _ = consumer.ack(&msg).await;
-                let id = msg.message_id();
-                let message_id = (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1));
-                if !ids.insert(message_id) {
-                    continue;
-                }
-                let data = &msg.payload.data;
-                if data.len() != size {
-                    wrong_size += 1;
-                }
-                let n = serde_json::from_slice::<Value>(data)
-                    .ok()
-                    .and_then(|v| v["n"].as_u64())
-                    .ok_or_else(|| format!("{topic}: a payload without its update number"))?;
-                let meta = msg.metadata();
-                out.push(Received {
-                    key: meta.partition_key.clone().unwrap_or_default(),
-                    payload: format!("{{\"n\":{n}}}").into_bytes(),
-                    sequence_id: meta.sequence_id,
-                    message_id,
-                    publish_time: meta.publish_time,
-                    properties: BTreeMap::new(),
-                });
-            }
-            Ok(Some(Err(e))) => return Err(format!("{topic}: consumer: {e}")),
-            Ok(None) | Err(_) => break,
+    let mut wrong_size = 0usize;
+    let out = read_each(pulsar, topic, false, expected as usize, idle, |msg| {
+        let data = &msg.payload.data;
+        if data.len() != size {
+            wrong_size += 1;
         }
-    }
-    let _ = consumer.close().await;
+        let n = serde_json::from_slice::<Value>(data)
+            .ok()
+            .and_then(|v| v["n"].as_u64())
+            .ok_or_else(|| format!("{topic}: a payload without its update number"))?;
+        Ok(format!("{{\"n\":{n}}}").into_bytes())
+    })
+    .await?;
     Ok((out, wrong_size))
 }

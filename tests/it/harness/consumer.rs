@@ -146,9 +146,27 @@ async fn read_with(
     idle: Duration,
 ) -> Vec<Received> {
     show_crate_warnings();
-    let mut consumer = reader_from_start(&pulsar, topic, "reader", compacted)
+    read_each(&pulsar, topic, compacted, expected, idle, |msg| {
+        Ok(msg.payload.data.clone())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Reads `topic` from its start until `expected` arrived, then 3 s more
+/// for anything extra (gives up after `idle` without a message); `payload`
+/// makes what is kept of each message's payload (an error ends the read).
+pub async fn read_each(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    compacted: bool,
+    expected: usize,
+    idle: Duration,
+    mut payload: impl FnMut(&pulsar::consumer::Message<Vec<u8>>) -> Result<Vec<u8>, String>,
+) -> Result<Vec<Received>, String> {
+    let mut consumer = reader_from_start(pulsar, topic, "reader", compacted)
         .await
-        .expect("pulsar consumer");
+        .map_err(|e| format!("{topic}: pulsar consumer: {e}"))?;
     let grace = Duration::from_secs(3);
     let mut out = Vec::new();
     // The `pulsar` crate's consumer subscribes again from its start
@@ -178,10 +196,10 @@ async fn read_with(
                         .iter()
                         .map(|kv| (kv.key.clone(), kv.value.clone()))
                         .collect(),
-                    payload: msg.payload.data.clone(),
+                    payload: payload(&msg)?,
                 });
             }
-            Ok(Some(Err(e))) => panic!("consumer error: {e}"),
+            Ok(Some(Err(e))) => return Err(format!("consumer error: {e}")),
             Ok(None) | Err(_) => break,
         }
     }
@@ -190,7 +208,7 @@ async fn read_with(
             "[reader] {topic}: the consumer was handed {again} entries it already had (same message id; counted once)"
         );
     }
-    out
+    Ok(out)
 }
 
 /// What arrived, compared with what the devices published.
